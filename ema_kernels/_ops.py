@@ -1,0 +1,78 @@
+"""Backend registry: which implementation of the fused updates runs for a given device.
+
+Every backend is a module of ``ema_kernels.backends`` exposing ``NAME``,
+``availability(device_type) -> (ok, reason)``, ``adam_ema(...)`` and ``sgd_ema(...)`` with the
+interface documented in :mod:`ema_kernels.backends.reference`.  Modules are imported lazily, so
+importing ema_kernels never touches triton, the compiled extension or a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import List, Tuple
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cpp")
+_MODULES = {
+    "reference": "ema_kernels.backends.reference",
+    "triton": "ema_kernels.backends.triton_kernels",
+    "cuda": "ema_kernels.backends.cuda",
+    "cpp": "ema_kernels.backends.cpp",
+}
+# Preference order of ``backend="auto"`` per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+ENV_VAR = "EMA_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why and how to fix it."""
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(_MODULES[name]), ""
+    except ImportError as e:  # a backend whose module or dependency is missing
+        return None, f"its module could not be imported ({e})"
+
+
+def availability(name: str, device_type: str) -> Tuple[bool, str]:
+    """``(ok, reason)`` for running backend ``name`` on tensors of ``device_type``."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+    mod, why = _load(name)
+    if mod is None:
+        return False, why
+    return mod.availability(device_type)
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Backends usable for tensors on ``device``, in the order ``backend="auto"`` prefers them."""
+    device_type = torch.device(device).type
+    order = list(_AUTO_ORDER.get(device_type, ("reference",)))
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        order.append("triton")  # runs, but only as a test vehicle: never auto's choice on CPU
+    return [b for b in order if availability(b, device_type)[0]]
+
+
+def resolve(name: str, device) -> object:
+    """The backend module that runs ``name`` (or ``"auto"``) on ``device``; raises if it can't."""
+    device_type = torch.device(device).type
+    if name == "auto":
+        env = os.environ.get(ENV_VAR)
+        if env:
+            if env not in BACKENDS and env != "auto":
+                raise ValueError(f"{ENV_VAR}={env!r} is not a backend; choose one of "
+                                 f"{('auto',) + BACKENDS}")
+            name = env
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(device_type, ("reference",)):
+            if availability(cand, device_type)[0]:
+                return _load(cand)[0]
+        return _load("reference")[0]
+    ok, why = availability(name, device_type)
+    if not ok:
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot run on {device_type} tensors: {why}. "
+            f"Use backend='auto' or one of {available_backends(device)}.")
+    return _load(name)[0]

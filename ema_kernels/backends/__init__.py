@@ -1,0 +1,1 @@
+"""Implementations of the fused updates, one module per backend (see ``ema_kernels._ops``)."""
