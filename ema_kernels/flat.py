@@ -62,6 +62,7 @@ class Bucket:
                 p.data = pv
                 p.grad = gv
             self._expected_ptrs = [v.data_ptr() for v in self.param_views]
+            self._grad_ptrs = [v.data_ptr() for v in self.grad_views]
         else:
             self.param_flat = self.grad_flat = None
             self.param_views = self.grad_views = None
@@ -89,7 +90,9 @@ class Bucket:
         """True when every gradient is still our view of the flat gradient buffer."""
         if not self.flat_params:
             return False
-        return all(p.grad is gv for p, gv in zip(self.params, self.grad_views))
+        # Identity, then storage: `p.grad.data = t` keeps the object but moves its storage.
+        return all(p.grad is gv for p, gv in zip(self.params, self.grad_views)) \
+            and [gv.data_ptr() for gv in self.grad_views] == self._grad_ptrs
 
     def check_storage(self) -> None:
         """Raise if a parameter no longer lives where the optimizer put it (stale buffer)."""
@@ -106,6 +109,8 @@ class Bucket:
         """Zero the flat gradient buffer in one op and point every ``.grad`` at its view."""
         if zero:
             self.grad_flat.zero_()
+        if [gv.data_ptr() for gv in self.grad_views] != self._grad_ptrs:
+            self.grad_views = self.views(self.grad_flat)
         for p, gv in zip(self.params, self.grad_views):
             if p.grad is not gv:
                 p.grad = gv

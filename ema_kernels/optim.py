@@ -75,6 +75,10 @@ class _EMAOptimizer(torch.optim.Optimizer):
             raise NotImplementedError(
                 "capturable=True (reading lr/step/EMA decay from device tensors for CUDA-graph "
                 "capture) is not implemented yet; use capturable=False")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("optimizer parameters must be an ordered collection (a list or "
+                            "model.parameters()), not a set: a set's order changes between runs "
+                            "and the state dict is indexed by position")
         if backend not in _BACKEND_NAMES:
             raise ValueError(f"backend={backend!r} is not a backend; choose one of {_BACKEND_NAMES}")
         self.backend = backend
