@@ -17,6 +17,25 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+try:  # DTensor (FSDP2 shards); absent from torch builds without distributed support
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel updates: a DTensor's local shard (read fresh: its owner, e.g. FSDP2,
+    may re-point it), else the detached tensor itself."""
+    if is_dtensor(t):
+        lt = getattr(t, "_local_tensor", None)
+        return (lt if lt is not None else t.to_local()).detach()
+    return t.detach()
+
+
 # Offsets are multiples of 16 elements: 16-byte aligned for every storage dtype (fp16 included)
 # and 64-byte aligned for the fp32 state, i.e. a parameter never shares a cache line start.
 ALIGN = 16
@@ -36,12 +55,15 @@ class Bucket:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], flat_params: bool = True):
         self.params: List[torch.nn.Parameter] = list(params)
-        self.device = self.params[0].device
+        # DTensor parameters (FSDP2) keep their storage: the state covers the local shards.
+        self.is_dtensor = is_dtensor(self.params[0])
+        locals_ = [local(p) for p in self.params]
+        self.device = locals_[0].device
         self.dtype = self.params[0].dtype
         self.state_dtype = state_dtype_for(self.dtype)
-        self.flat_params = flat_params
-        self.shapes = [p.shape for p in self.params]
-        self.numels = [p.numel() for p in self.params]
+        self.flat_params = flat_params and not self.is_dtensor
+        self.shapes = [t.shape for t in locals_]
+        self.numels = [t.numel() for t in locals_]
         self.offsets: List[int] = []
         total = 0
         for n in self.numels:
@@ -50,7 +72,7 @@ class Bucket:
         self.total = total
         self.state: Dict[str, torch.Tensor] = {}      # role -> flat buffer
         self.state_views: Dict[str, List[torch.Tensor]] = {}
-        if flat_params:
+        if self.flat_params:
             self.param_flat = torch.zeros(total, device=self.device, dtype=self.dtype)
             self.grad_flat = torch.zeros(total, device=self.device, dtype=self.dtype)
             self.param_views = self.views(self.param_flat)
@@ -66,7 +88,7 @@ class Bucket:
         else:
             self.param_flat = self.grad_flat = None
             self.param_views = self.grad_views = None
-            self._expected_ptrs = [p.data_ptr() for p in self.params]
+            self._expected_ptrs = None
 
     # -- views -------------------------------------------------------------------------------
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -80,7 +102,7 @@ class Bucket:
             views = self.views(flat)
             if init == "params":
                 for v, p in zip(views, self.params):
-                    v.copy_(p.detach())
+                    v.copy_(local(p))
             self.state[role] = flat
             self.state_views[role] = views
         return self.state[role]
@@ -94,8 +116,29 @@ class Bucket:
         return all(p.grad is gv for p, gv in zip(self.params, self.grad_views)) \
             and [gv.data_ptr() for gv in self.grad_views] == self._grad_ptrs
 
+    def locals(self) -> List[torch.Tensor]:
+        """The tensors the kernels update, one per parameter (local shards for DTensors)."""
+        return [local(p) for p in self.params]
+
+    def as_public(self, p: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """A state/EMA view as users see it: a DTensor laid out like ``p`` for DTensor
+        parameters (same mesh and placements, never gathered), else the view itself."""
+        if not is_dtensor(p):
+            return view
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
     def check_storage(self) -> None:
         """Raise if a parameter no longer lives where the optimizer put it (stale buffer)."""
+        if not self.flat_params:  # read where they lie: only the layout must still match
+            for i, t in enumerate(self.locals()):
+                if t.shape != self.shapes[i] or t.dtype != self.dtype or t.device != self.device:
+                    raise RuntimeError(
+                        f"parameter {i} of a param group changed from {tuple(self.shapes[i])} "
+                        f"{self.dtype} on {self.device} to {tuple(t.shape)} {t.dtype} on "
+                        f"{t.device} after the optimizer was built; build it after moving or "
+                        f"casting the model")
+            return
         for i, p in enumerate(self.params):
             if p.data_ptr() != self._expected_ptrs[i] or p.shape != self.shapes[i] \
                     or p.dtype != self.dtype:

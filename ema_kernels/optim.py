@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _ops, scaling
-from .flat import Bucket
+from .flat import Bucket, is_dtensor, local
 
 __all__ = ["AdamW", "Adam", "SGD"]
 
@@ -180,8 +180,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
         self._group_data.append(_GroupData(buckets, frozen))
         self.param_groups.append(group)
         for b in buckets:
-            b.published = False
-            self._refresh_state_views(group, b)
+            self._ensure_state(b, group)
 
     # ---------------------------------------------------------------- helpers ---------------
     def _has_ema(self, group) -> bool:
@@ -197,35 +196,29 @@ class _EMAOptimizer(torch.optim.Optimizer):
         return out
 
     def _ensure_state(self, bucket: Bucket, group) -> None:
-        """Allocate the bucket's optimizer state (zeros) and per-parameter step counters."""
-        if getattr(bucket, "steps", None) is None:
+        """Allocate the bucket's optimizer state (zeros, step 0) and publish it in
+        ``self.state[p]`` as views (no copies), like torch.optim after a first step.
+
+        State exists from construction on (torch allocates it at the first step): then
+        ``state_dict()`` always has the full structure, which torch.distributed.checkpoint
+        needs as the template it loads into, and a step-0 entry behaves exactly like no entry.
+        """
+        fresh = getattr(bucket, "steps", None) is None
+        if fresh:
             bucket.steps = np.zeros(len(bucket.params), dtype=np.float32)
             bucket.steps_t = torch.from_numpy(bucket.steps)  # shares memory with the numpy array
-        for role in self._roles(group):
+        missing = [r for r in self._roles(group) if r not in bucket.state]
+        for role in missing:
             bucket.new_state(role)
+        if fresh or missing:
+            for i, p in enumerate(bucket.params):
+                st = self.state[p]
+                if "ema" in bucket.state_views:
+                    st["ema"] = bucket.as_public(p, bucket.state_views["ema"][i])
+                self._public_state(st, bucket, i, group)
 
     def _roles(self, group) -> tuple:  # pragma: no cover - overridden
         raise NotImplementedError
-
-    def _refresh_state_views(self, group, bucket: Bucket) -> None:
-        """Expose the flat state through ``self.state[p]`` like torch.optim (views, no copies).
-
-        The views never change once made, so this only works until every parameter of the
-        bucket has state; after that it costs nothing per step.
-        """
-        if bucket.published:
-            return
-        for i, p in enumerate(bucket.params):
-            st = self.state[p]
-            if "ema" in bucket.state_views:
-                st["ema"] = bucket.state_views["ema"][i]
-            if getattr(bucket, "steps", None) is not None and bucket.steps[i] > 0:
-                self._public_state(st, bucket, i, group)
-            else:
-                for k in [k for k in st if k != "ema"]:
-                    del st[k]
-        bucket.published = getattr(bucket, "steps", None) is not None \
-            and bool(bucket.steps.min() > 0)
 
     def _public_state(self, st, bucket, i, group):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -289,9 +282,8 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 if buffer_weight is None:
                     buffer_weight = ema_weight
             for b, backend, grads in bucket_plans:
-                self._ensure_state(b, group)
+                self._ensure_state(b, group)  # no-op unless a group key added a state role
                 self._step_bucket(group, hp, b, backend, grads, ema_weight, grad_scale)
-                self._refresh_state_views(group, b)
             group["base_steps"] = s_after
             group["steps"] = steps
         if buffer_weight is not None:
@@ -304,6 +296,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(b.params):
             g = p.grad
             if g is not None:
+                g, p = local(g), local(p)
                 if g.is_sparse:
                     raise RuntimeError(f"parameter {i} (shape {tuple(p.shape)}) has a sparse "
                                        f"gradient: ema_kernels optimizers need dense gradients")
@@ -343,13 +336,13 @@ class _EMAOptimizer(torch.optim.Optimizer):
             skipped = [i for i, g in enumerate(grads) if g is None]
             if skipped and ema_weight is not None and emas is not None:
                 # The EMA clock is the group's: parameters that took no step still average.
-                backend.ema_only([b.params[i].detach() for i in skipped],
+                backend.ema_only([local(b.params[i]) for i in skipped],
                                  [emas[i] for i in skipped], ema_weight)
         by_step: Dict[int, List[int]] = {}
         for i in idx:
             by_step.setdefault(int(b.steps[i]), []).append(i)
         for t, ids in sorted(by_step.items()):
-            self._update(backend, group, hp, [b.params[i].detach() for i in ids],
+            self._update(backend, group, hp, [local(b.params[i]) for i in ids],
                          [grads[i] for i in ids],
                          {r: [b.state_views[r][i] for i in ids] for r in self._roles(group)},
                          [emas[i] for i in ids] if emas is not None else None,
@@ -398,7 +391,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 if loc is None or "ema" not in loc[0].state_views:
                     out.append(None)
                 else:
-                    out.append(loc[0].state_views["ema"][loc[1]])
+                    out.append(loc[0].as_public(p, loc[0].state_views["ema"][loc[1]]))
         return out
 
     @contextlib.contextmanager
@@ -419,9 +412,9 @@ class _EMAOptimizer(torch.optim.Optimizer):
                     saved.append((b.param_flat, b.param_flat.clone()))
                     b.param_flat.copy_(b.state["ema"])
                 else:
-                    for p, z in zip(b.params, b.state_views["ema"]):
-                        saved.append((p.detach(), p.detach().clone()))
-                        p.detach().copy_(z)
+                    for t, z in zip(b.locals(), b.state_views["ema"]):
+                        saved.append((t, t.clone()))
+                        t.copy_(z)
         self._swapped = True
         try:
             yield self
@@ -440,6 +433,13 @@ class _EMAOptimizer(torch.optim.Optimizer):
         EMA in that step, like timm's ModelEmaV3); integer buffers are copied. For 16-bit
         models the teacher's parameters are the fp32 EMA (run it under autocast).
         """
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise NotImplementedError(
+                "ema_module() of a sharded (FSDP2/DTensor) model is not supported: a deep copy "
+                "would duplicate FSDP's internal state. Use `with opt.swap_ema(): "
+                "teacher_out = model(x)` for teacher forward passes (the shards hold the EMA "
+                "inside the block and FSDP gathers them as usual), or opt.ema_parameters(), "
+                "which are DTensors laid out like the parameters")
         where = self._locate()
         memo = {}
         for p in model.parameters():
@@ -482,12 +482,10 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 if loc is not None:
                     b, i = loc
                     st = {}
-                    if getattr(b, "steps", None) is not None and b.steps[i] > 0:
-                        self._public_state(st, b, i, g)
-                        st = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                              for k, v in st.items()}
+                    self._public_state(st, b, i, g)
+                    st = {k: v.clone() for k, v in st.items()}
                     if "ema" in b.state_views:
-                        st["ema"] = b.state_views["ema"][i].clone()
+                        st["ema"] = b.as_public(p, b.state_views["ema"][i]).clone()
                     if st:
                         state[index] = st
                 ids.append(index)
@@ -535,13 +533,9 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 self._load_param_state(g, b, i, p, st)
                 if "ema" in b.state_views:
                     z = b.state_views["ema"][i]
-                    z.copy_(st["ema"] if "ema" in st else p.detach())
+                    z.copy_(local(st["ema"]) if "ema" in st else local(p))
         for k, g in enumerate(merged):
             self.param_groups[k].update(g)
-        for g, gd in zip(self.param_groups, self._group_data):
-            for b in gd.buckets:
-                b.published = False
-                self._refresh_state_views(g, b)
 
     def _load_param_state(self, group, b, i, p, st):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -584,7 +578,7 @@ class _AdamBase(_EMAOptimizer):
     def _public_state(self, st, b, i, group):
         st["step"] = b.steps_t[i]
         for role in self._roles(group):
-            st[role] = b.state_views[role][i]
+            st[role] = b.as_public(b.params[i], b.state_views[role][i])
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale):
@@ -603,7 +597,7 @@ class _AdamBase(_EMAOptimizer):
         b.steps[i] = float(st["step"]) if "step" in st else 0.0
         for role in self._roles(group):
             if role in st:
-                b.state_views[role][i].copy_(st[role])
+                b.state_views[role][i].copy_(local(st[role]))
             else:
                 b.state_views[role][i].zero_()
 
@@ -679,8 +673,11 @@ class SGD(_EMAOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _public_state(self, st, b, i, group):
+        # "step" (not in torch.optim.SGD's state; torch ignores it) records whether the
+        # momentum buffer holds anything yet: the first step initialises it to the gradient.
+        st["step"] = b.steps_t[i]
         if group["momentum"] != 0:
-            st["momentum_buffer"] = b.state_views["momentum_buffer"][i]
+            st["momentum_buffer"] = b.as_public(b.params[i], b.state_views["momentum_buffer"][i])
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale):
@@ -694,9 +691,10 @@ class SGD(_EMAOptimizer):
     def _load_param_state(self, group, b, i, p, st):
         buf = st.get("momentum_buffer")
         self._ensure_state(b, group)
-        if buf is not None and group["momentum"] != 0:
-            b.state_views["momentum_buffer"][i].copy_(buf)
-            b.steps[i] = max(float(b.steps[i]), 1.0)
-        elif group["momentum"] != 0:
-            b.state_views["momentum_buffer"][i].zero_()
-            b.steps[i] = 0.0
+        # torch.optim.SGD saves no step: a saved buffer means it was initialised.
+        b.steps[i] = float(st["step"]) if "step" in st else float(buf is not None)
+        if group["momentum"] != 0:
+            if buf is not None:
+                b.state_views["momentum_buffer"][i].copy_(local(buf))
+            else:
+                b.state_views["momentum_buffer"][i].zero_()

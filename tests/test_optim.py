@@ -88,7 +88,8 @@ def test_state_keys_match_torch():
         t_sd, e_sd = t_opt.state_dict(), e_opt.state_dict()
         assert set(e_sd["state"]) == set(t_sd["state"]) or not t_sd["state"]
         for k, st in t_sd["state"].items():
-            assert set(e_sd["state"][k]) == set(st) | {"ema"}, case
+            # ours: torch's keys, the EMA, and a step for SGD too (its momentum-init flag)
+            assert set(e_sd["state"][k]) == set(st) | {"ema", "step"}, case
 
 
 def _hand_scaled_adam(kw, kappa, decoupled):
@@ -409,8 +410,9 @@ def test_found_inf_keyword():
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(found_inf=torch.ones(1))
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    assert opt.param_groups[0]["steps"] == 0 and not opt.state_dict()["state"][0].get(
-        "momentum_buffer")
+    st = opt.state_dict()["state"][0]
+    assert opt.param_groups[0]["steps"] == 0 and st["step"] == 0
+    assert not st["momentum_buffer"].any()
     opt.step(grad_scale=torch.full((1,), 2.0), found_inf=torch.zeros(1))
     assert opt.param_groups[0]["steps"] == 1
 
