@@ -1,0 +1,178 @@
+"""End to end: one training step of a small transformer on CPU, and the EMA's share of it.
+
+    python benchmarks/e2e_transformer.py [--steps 30] [--png benchmarks/e2e_transformer.png]
+
+The same model (same init, same batch) is trained by two optimizers, each step timed in phases
+with ``time.perf_counter`` (medians over ``--steps`` after a warm-up):
+
+- ``torch AdamW(foreach) + timm EMAv3``: ``torch.optim.AdamW(foreach=True)``, then the EMA
+  update of timm's ``ModelEmaV3`` (walk both ``state_dict()``s, one ``torch._foreach_lerp_``),
+  timed as its own phase;
+- ``ek.AdamW``: ``ema_kernels.AdamW`` — step and EMA in one pass. To time its EMA inside the
+  fused step it runs with ``ema_every=2``: odd steps move no EMA bytes, even steps update it,
+  so EMA cost = median(EMA step) − median(plain step), from interleaved steps of one run.
+
+Prints a Markdown table (forward+backward, optimizer step, EMA, total, EMA share of the step)
+and, with ``--png``, a stacked-bar figure (matplotlib, optional).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import ema_kernels as ek
+
+EMA_DECAY = 0.9999
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=1024, d=256, heads=4, layers=4, ff=1024, seq=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos[: x.shape[1]]
+        return self.head(self.norm(self.body(h)))
+
+
+def timm_v3_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """timm ModelEmaV3.apply_update_ (foreach branch), as published."""
+    ema_lerp_values, model_lerp_values = [], []
+    for ema_v, model_v in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if ema_v.is_floating_point():
+            ema_lerp_values.append(ema_v)
+            model_lerp_values.append(model_v)
+        else:
+            ema_v.copy_(model_v)
+    torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
+
+
+def measure(kind: str, base: nn.Module, batch, steps: int, warmup: int) -> dict:
+    """Median ms of each phase of a training step with optimizer ``kind`` ("torch" or "ek")."""
+    model = copy.deepcopy(base)
+    x, y = batch
+    loss_fn = nn.CrossEntropyLoss()
+    ema_model = None
+    if kind == "torch":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        ema_model = copy.deepcopy(model).requires_grad_(False)
+    else:
+        opt = ek.AdamW(model.parameters(), lr=1e-4, ema_decay=EMA_DECAY, ema_every=2)
+    fb, st, st_ema, em = [], [], [], []
+    for i in range(2 * warmup + 2 * steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        if ema_model is not None:
+            with torch.no_grad():
+                timm_v3_update(ema_model, model, EMA_DECAY)
+        t3 = time.perf_counter()
+        if i >= 2 * warmup:
+            fb.append(t1 - t0)
+            # ek: step i+1 updates the EMA when (i+1) % 2 == 0
+            (st_ema if kind == "ek" and (i + 1) % 2 == 0 else st).append(t2 - t1)
+            em.append(t3 - t2)
+    med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+    out = {"fwd_bwd_ms": med(fb), "step_ms": med(st), "ema_ms": med(em),
+           "loss": loss.detach().item()}
+    if kind == "ek":
+        out["ema_ms"] = max(0.0, med(st_ema) - out["step_ms"])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--png", default=None, help="write a stacked-bar figure (matplotlib)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = TinyLM(seq=args.seq)
+    n_params = sum(p.numel() for p in base.parameters())
+    n_tensors = len(list(base.parameters()))
+    x = torch.randint(0, 1024, (args.batch, args.seq))
+    y = torch.randint(0, 1024, (args.batch, args.seq))
+    backend = ek.available_backends("cpu")[0]
+    print(f"TinyLM: {n_params / 1e6:.2f}M parameters in {n_tensors} tensors, batch "
+          f"{args.batch}x{args.seq} tokens, CPU, {torch.get_num_threads()} threads, "
+          f"ema_kernels backend '{backend}'", file=sys.stderr)
+
+    t = measure("torch", base, (x, y), args.steps, args.warmup)
+    print("  torch done", file=sys.stderr, flush=True)
+    e = measure("ek", base, (x, y), args.steps, args.warmup)
+    print("  ema_kernels done", file=sys.stderr, flush=True)
+    rows = [
+        {"name": "torch AdamW(foreach) + timm EMAv3", "fwd_bwd_ms": t["fwd_bwd_ms"],
+         "step_ms": t["step_ms"], "ema_ms": t["ema_ms"]},
+        {"name": f"ek.AdamW[{backend}] (step+EMA fused)", "fwd_bwd_ms": e["fwd_bwd_ms"],
+         "step_ms": e["step_ms"], "ema_ms": e["ema_ms"]},
+    ]
+    print(f"| run | fwd+bwd ms | optimizer ms | EMA ms | total ms | EMA share |")
+    print(f"|:---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        r["total_ms"] = r["fwd_bwd_ms"] + r["step_ms"] + r["ema_ms"]
+        r["ema_share_pct"] = 100.0 * r["ema_ms"] / r["total_ms"]
+        print(f"| {r['name']} | {r['fwd_bwd_ms']:.2f} | {r['step_ms']:.2f} | "
+              f"{r['ema_ms']:.2f} | {r['total_ms']:.2f} | {r['ema_share_pct']:.1f}% |")
+    print(f"\n(ek's EMA ms = median EMA step − median plain step, ema_every=2; "
+          f"{n_params / 1e6:.2f}M params in {n_tensors} tensors)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("--png needs matplotlib: pip install matplotlib", file=sys.stderr)
+            return 2
+        fig, ax = plt.subplots(figsize=(8.5, 3.0))
+        names = [r["name"] for r in rows]
+        left = [0.0] * len(rows)
+        for key, label, color in (("fwd_bwd_ms", "forward+backward", "#9db4d0"),
+                                  ("step_ms", "optimizer step", "#3b6ea5"),
+                                  ("ema_ms", "EMA update", "#e07b39")):
+            vals = [r[key] for r in rows]
+            ax.barh(names, vals, left=left, label=label, color=color)
+            left = [a + b for a, b in zip(left, vals)]
+        for i, r in enumerate(rows):
+            ax.text(left[i], i, f"  EMA {r['ema_share_pct']:.1f}%", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per training step (median)")
+        ax.set_title(f"TinyLM {n_params / 1e6:.1f}M params, CPU ({torch.get_num_threads()} "
+                     f"threads): the EMA's share of a training step", fontsize=10)
+        ax.set_xlim(0, max(left) * 1.25)
+        ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3),
+                  frameon=False)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,652 @@
+"""``python -m ema_kernels bench``: an optimizer step + an EMA update, ours against the peers.
+
+Every row does the same job on the same parameters — one optimizer step and one EMA update
+ζ ← ρζ + (1−ρ)θ (on every ``ema_every``-th step) over ``--tensors`` parameter tensors holding
+``--numel`` elements in all — and is timed end to end (median of many steps after a warm-up):
+
+- ``ek[<backend>]``: ``ema_kernels.AdamW/Adam/SGD(..., backend=<backend>)``, one row per backend
+  in :func:`ema_kernels.available_backends` for the device (a backend that lands shows up by
+  itself; the Triton *interpreter* on CPU is skipped, it is a test vehicle, not a fast path);
+- ``torch fused + foreach_lerp``: ``torch.optim.X(fused=True)`` + ``torch._foreach_lerp_`` over
+  prebuilt lists — the strongest unfused baseline; the ``speedup`` column is relative to it;
+- ``torch foreach + timm EMAv3``: ``torch.optim.X(foreach=True)`` + the update of timm's
+  ``ModelEmaV3`` (walk both ``state_dict()``s, one ``_foreach_lerp_``);
+- ``torch fused + AveragedModel``: ``torch.optim.swa_utils.AveragedModel`` with
+  ``get_ema_multi_avg_fn``;
+- ``torch fused + loop EMA``: a per-tensor ``ema.lerp_(param, 1 − ρ)`` Python loop (the
+  method of ema-pytorch / torch-ema without foreach);
+- ``copy``: ``dst.copy_(src)`` over one contiguous fp32 buffer moving the *same number of bytes*
+  as the step must move (half read, half written) — the device's streaming ceiling at that
+  footprint, measured in the same run. ``pct_of_copy`` is a row's GB/s over the copy's.
+
+Bytes: ``bytes_per_param`` is what the fused step must move per parameter (see
+:func:`bytes_per_param`: fp32 AdamW+EMA = 36 B); ``gbps = bytes_per_param · numel / time`` is
+then the *effective* bandwidth of every row for the same job, whatever the row actually moves
+(the unfused baselines move more; with 16-bit parameters torch keeps its optimizer state and
+the baselines their EMA in the parameter dtype, i.e. fewer bytes and less precision than
+ema_kernels' fp32 state and EMA).
+
+Timing: CPU — ``time.perf_counter`` around batches of calls (each sample ≥ 2 ms), median;
+CUDA — ``triton.testing.do_bench`` (median; L2 flushed between calls), CUDA events if triton is
+missing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy as _copy
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["bytes_per_param", "main", "run", "Case", "row_names", "build_row", "KEYS"]
+
+KEYS = ("name", "device", "optimizer", "dtype", "numel", "tensors", "ema_every", "ms",
+        "bytes_per_param", "gbps", "pct_of_copy", "speedup")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+OPTIMIZERS = ("adamw", "adam", "sgd")
+BASELINE = "torch fused + foreach_lerp"
+COPY = "copy"
+
+# Hyperparameters of every row (the values do not change the bytes, only the numbers).
+LR = 1e-4
+EMA_DECAY = 0.9999
+SGD_MOMENTUM = 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# Bytes per parameter
+# ------------------------------------------------------------------------------------------
+def _itemsize(dtype) -> int:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    try:
+        return _ITEMSIZE[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {tuple(_ITEMSIZE)}") from None
+
+
+def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad: bool = False,
+                    momentum: float = SGD_MOMENTUM, ema: bool = True, state_dtype="fp32",
+                    ema_dtype="fp32") -> float:
+    """Bytes per parameter one fused optimizer step + EMA update must move (read + written).
+
+    Every step reads θ and g and writes θ (parameter dtype), and reads and writes each state
+    buffer (``state_dtype``): Adam/AdamW have m and v (+ v_max with AMSGrad), SGD a momentum
+    buffer when ``momentum != 0``. The EMA step reads and writes ζ (``ema_dtype``); θ is
+    already in registers, so it costs no extra read. With ``ema_every=k`` the EMA's bytes are
+    spread over the k steps (÷ k). Hand counts, fp32: AdamW+EMA 36 (read θ g m v ζ, write
+    θ m v ζ); SGD-momentum+EMA 28; bf16 parameters, fp32 state and EMA, AdamW+EMA 30.
+    """
+    opt = optimizer.lower()
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    if isinstance(ema_every, bool) or int(ema_every) != ema_every or ema_every < 1:
+        raise ValueError(f"ema_every={ema_every!r} must be an integer >= 1")
+    p, s, z = _itemsize(dtype), _itemsize(state_dtype), _itemsize(ema_dtype)
+    if opt == "sgd":
+        n_state = 1 if momentum else 0
+    else:
+        n_state = 3 if amsgrad else 2
+    step = 3 * p + 2 * s * n_state          # read θ g (+state), write θ (+state)
+    ema_bytes = 2 * z if ema else 0          # read ζ, write ζ
+    return step + ema_bytes / ema_every
+
+
+# ------------------------------------------------------------------------------------------
+# The cases and their rows
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    device: str = "cpu"
+    optimizer: str = "adamw"
+    dtype: str = "fp32"
+    numel: int = 1 << 20
+    tensors: int = 64
+    ema_every: int = 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def bytes_per_param(self) -> float:
+        return bytes_per_param(self.optimizer, self.dtype, self.ema_every)
+
+    def sizes(self) -> List[int]:
+        """``tensors`` sizes summing to ``numel`` (the first ``numel % tensors`` one larger)."""
+        k = max(1, min(self.tensors, self.numel))
+        base, extra = divmod(self.numel, k)
+        return [base + (i < extra) for i in range(k)]
+
+
+def _make_params(case: Case, seed: int = 0) -> List[torch.nn.Parameter]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for n in case.sizes():
+        p = torch.nn.Parameter(torch.randn(n, generator=gen).to(case.device, case.torch_dtype))
+        p.grad = (torch.randn(n, generator=gen) * 1e-2).to(case.device, case.torch_dtype)
+        params.append(p)
+    return params
+
+
+class _Model(torch.nn.Module):
+    """A module whose parameters are the benchmark's tensors (for the module-based EMAs)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+def _torch_hparams(case: Case) -> dict:
+    if case.optimizer == "sgd":
+        return dict(lr=LR, momentum=SGD_MOMENTUM)
+    return dict(lr=LR)
+
+
+def _torch_optimizer(case: Case, params, **mode):
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    return cls[case.optimizer](params, **_torch_hparams(case), **mode)
+
+
+def _ek_optimizer(case: Case, params, backend: str):
+    import ema_kernels as ek
+
+    cls = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD}[case.optimizer]
+    return cls(params, **_torch_hparams(case), ema_decay=EMA_DECAY, ema_every=case.ema_every,
+               backend=backend)
+
+
+def _every(k: int, step: Callable[[], None], ema: Callable[[], None]) -> Callable[[], None]:
+    """k optimizer steps and one EMA update: a call covers one EMA period."""
+    @torch.no_grad()
+    def run():
+        for _ in range(k):
+            step()
+        ema()
+    return run
+
+
+def _row_ek(backend: str):
+    def build(case: Case):
+        params = _make_params(case)
+        opt = _ek_optimizer(case, params, backend)
+        # ema_every is the optimizer's own: k calls of step() cover one EMA period.
+        k = case.ema_every
+        return _every(k, opt.step, lambda: None), (opt, params)
+    return build
+
+
+def _row_fused_lerp(case: Case):
+    params = _make_params(case)
+    opt = _torch_optimizer(case, params, fused=True)
+    cur = [p.detach() for p in params]
+    emas = [c.clone() for c in cur]
+    w = 1.0 - EMA_DECAY ** case.ema_every
+    return _every(case.ema_every, opt.step, lambda: torch._foreach_lerp_(emas, cur, w)), \
+        (opt, params, emas)
+
+
+def _row_timm_v3(case: Case):
+    """torch foreach optimizer + timm ModelEmaV3.apply_update_ (foreach branch), as published."""
+    params = _make_params(case)
+    model = _Model(params)
+    ema_model = _copy.deepcopy(model)
+    opt = _torch_optimizer(case, params, foreach=True)
+    decay = EMA_DECAY ** case.ema_every
+
+    def ema():
+        ema_lerp_values, model_lerp_values = [], []
+        for ema_v, model_v in zip(ema_model.state_dict().values(), model.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_lerp_values.append(ema_v)
+                model_lerp_values.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
+
+    return _every(case.ema_every, opt.step, ema), (opt, model, ema_model)
+
+
+def _row_averaged_model(case: Case):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    params = _make_params(case)
+    model = _Model(params)
+    avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY ** case.ema_every))
+    avg.update_parameters(model)  # the first call copies; every later one averages
+    opt = _torch_optimizer(case, params, fused=True)
+    return _every(case.ema_every, opt.step, lambda: avg.update_parameters(model)), \
+        (opt, model, avg)
+
+
+def _row_loop_ema(case: Case):
+    """Per-tensor Python loop (ema-pytorch's ``ma.lerp_(cur, 1 - decay)``, no foreach)."""
+    params = _make_params(case)
+    model = _Model(params)
+    ema_model = _copy.deepcopy(model)
+    opt = _torch_optimizer(case, params, fused=True)
+    w = 1.0 - EMA_DECAY ** case.ema_every
+
+    def ema():
+        for ma, cur in zip(ema_model.parameters(), model.parameters()):
+            ma.data.lerp_(cur.data, w)
+
+    return _every(case.ema_every, opt.step, ema), (opt, model, ema_model)
+
+
+def _row_copy(case: Case):
+    """``dst.copy_(src)``, fp32, moving as many bytes as the step must (half read, half write)."""
+    n = max(1, math.ceil(case.bytes_per_param * case.numel / 8))
+    src = torch.randn(n, device=case.device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), (src, dst)
+
+
+# name -> builder(case) -> (callable doing ema_every steps, objects to keep alive).
+# The ek rows are generated from ema_kernels.available_backends(); a baseline is one line here.
+BASELINES: Dict[str, Callable] = {
+    BASELINE: _row_fused_lerp,
+    "torch foreach + timm EMAv3": _row_timm_v3,
+    "torch fused + AveragedModel": _row_averaged_model,
+    "torch fused + loop EMA": _row_loop_ema,
+}
+
+
+def ek_backends(device: str) -> List[str]:
+    """ema_kernels backends benchmarked on ``device``: every available one, except the Triton
+    interpreter on CPU (``TRITON_INTERPRET=1`` makes it available there, as a test vehicle)."""
+    import ema_kernels as ek
+
+    names = ek.available_backends(device)
+    if torch.device(device).type == "cpu":
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+def row_names(device: str) -> List[str]:
+    """Every row of a run on ``device``, in table order."""
+    return [f"ek[{b}]" for b in ek_backends(device)] + list(BASELINES) + [COPY]
+
+
+def build_row(name: str, case: Case):
+    """``(fn, keepalive)`` for row ``name``: ``fn()`` runs ``case.ema_every`` steps + one EMA."""
+    m = re.fullmatch(r"ek\[(\w+)\]", name)
+    if m:
+        return _row_ek(m.group(1))(case)
+    if name == COPY:
+        fn, keep = _row_copy(case)
+        return fn, keep
+    return BASELINES[name](case)
+
+
+def calls_per_fn(name: str, case: Case) -> int:
+    """Optimizer steps one call of the row's ``fn`` covers (the copy is one 'step')."""
+    return 1 if name == COPY else case.ema_every
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+def _time_cpu(fn, *, warmup: int, repeats: Optional[int], target_s: float) -> float:
+    """Median seconds per call: perf_counter around batches of calls, each sample >= 2 ms."""
+    for _ in range(max(1, warmup)):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    est = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(2e-3 / est))
+    per_sample = est * inner
+    n = repeats if repeats else int(min(50, max(5, target_s / per_sample)))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def _time_cuda(fn, *, warmup: int, repeats: Optional[int], target_s: float) -> float:
+    """Median seconds per call on CUDA: triton.testing.do_bench, or CUDA events without it."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return do_bench(fn, warmup=25, rep=max(20, int(target_s * 1000)),
+                        return_mode="median") / 1e3
+    for _ in range(max(3, warmup)):
+        fn()
+    torch.cuda.synchronize()
+    n = repeats or 50
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+# ------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------
+def _free(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fmt_numel(n: int) -> str:
+    if n > 0 and n & (n - 1) == 0:
+        return f"2^{n.bit_length() - 1}"
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("k", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup: int = 2,
+        repeats: Optional[int] = None, target_s: float = 0.25,
+        progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """Benchmark every row on every case; a list of dicts with :data:`KEYS`."""
+    rows: List[dict] = []
+    plan = [(c, n) for c in cases for n in (names or row_names(c.device))]
+    for i, (case, name) in enumerate(plan, 1):
+        if progress:
+            progress(f"[{i:>{len(str(len(plan)))}}/{len(plan)}] {case.optimizer} {case.dtype} "
+                     f"numel={_fmt_numel(case.numel)} x{min(case.tensors, case.numel)} "
+                     f"ema_every={case.ema_every}  {name} ...")
+        timer = _time_cuda if torch.device(case.device).type == "cuda" else _time_cpu
+        torch.manual_seed(0)
+        try:
+            fn, keep = build_row(name, case)
+            sec = timer(fn, warmup=warmup, repeats=repeats, target_s=target_s)
+            ms = sec * 1e3 / calls_per_fn(name, case)
+        except Exception as e:  # a baseline torch does not support here: report, keep going
+            if progress:
+                progress(f"    {name}: failed ({type(e).__name__}: {e})")
+            ms = float("nan")
+        finally:
+            fn = keep = None  # noqa: F841 - release the buffers before the next row
+            _free(case.device)
+        bpp = case.bytes_per_param
+        gbps = bpp * case.numel / (ms * 1e-3) / 1e9 if ms == ms and ms > 0 else float("nan")
+        rows.append(dict(name=name, device=case.device, optimizer=case.optimizer,
+                         dtype=case.dtype, numel=case.numel,
+                         tensors=max(1, min(case.tensors, case.numel)),
+                         ema_every=case.ema_every, ms=ms, bytes_per_param=bpp, gbps=gbps,
+                         pct_of_copy=float("nan"), speedup=float("nan")))
+    _relative_columns(rows)
+    return rows
+
+
+def _relative_columns(rows: List[dict]) -> None:
+    """Fill ``pct_of_copy`` and ``speedup`` from the copy and baseline rows of the same case."""
+    def key(r):
+        return (r["device"], r["optimizer"], r["dtype"], r["numel"], r["tensors"],
+                r["ema_every"])
+    ref: Dict[tuple, dict] = {}
+    for r in rows:
+        ref.setdefault(key(r), {})[r["name"]] = r
+    for r in rows:
+        same = ref[key(r)]
+        cp, base = same.get(COPY), same.get(BASELINE)
+        if cp is not None and cp["gbps"] == cp["gbps"] and cp["gbps"] > 0:
+            r["pct_of_copy"] = 100.0 * r["gbps"] / cp["gbps"]
+        if base is not None and base["ms"] == base["ms"] and r["ms"] == r["ms"] and r["ms"] > 0:
+            r["speedup"] = base["ms"] / r["ms"]
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+def device_description(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))} (torch {torch.__version__})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads")
+
+
+def _num(x: float, fmt: str) -> str:
+    return "n/a" if x is None or x != x else format(x, fmt)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into RESULTS.md)."""
+    head = ["name", "numel", "tensors", "ms", "B/param", "GB/s", "% of copy", "speedup"]
+    out = []
+    configs = []
+    for r in rows:
+        c = (r["device"], r["optimizer"], r["dtype"], r["ema_every"])
+        if c not in configs:
+            configs.append(c)
+    for device, opt, dtype, every in configs:
+        out.append(f"device={device}  optimizer={opt}  dtype={dtype}  ema_every={every}  "
+                   f"(speedup vs '{BASELINE}')")
+        out.append("")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|")
+        for r in rows:
+            if (r["device"], r["optimizer"], r["dtype"], r["ema_every"]) != \
+                    (device, opt, dtype, every):
+                continue
+            ms, speedup = r["ms"], r["speedup"]
+            out.append("| " + " | ".join([
+                r["name"], _fmt_numel(r["numel"]), str(r["tensors"]),
+                _num(ms, ".4f" if ms == ms and ms < 0.1 else ".3f"),
+                _num(r["bytes_per_param"], "g"), _num(r["gbps"], ".2f"),
+                _num(r["pct_of_copy"], ".1f"),
+                _num(speedup, ".2f") + ("x" if speedup == speedup else ""),
+            ]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _json_value(v):
+    return None if isinstance(v, float) and v != v else v
+
+
+def write_json(rows: Sequence[dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([{k: _json_value(r[k]) for k in KEYS} for r in rows], f, indent=1)
+        f.write("\n")
+
+
+def write_plot(rows: Sequence[dict], path: str, title: str = "") -> None:
+    """GB/s vs numel, one line per row (log-log); the copy row dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = []
+    for r in rows:
+        c = (r["optimizer"], r["dtype"], r["ema_every"])
+        if c not in configs:
+            configs.append(c)
+    fig, axes = plt.subplots(1, len(configs), figsize=(7.5 * len(configs), 5), squeeze=False)
+    for ax, (opt, dtype, every) in zip(axes[0], configs):
+        sel = [r for r in rows if (r["optimizer"], r["dtype"], r["ema_every"]) == (opt, dtype,
+                                                                                  every)]
+        names = list(dict.fromkeys(r["name"] for r in sel))
+        for name in names:
+            pts = sorted((r["numel"], r["gbps"]) for r in sel if r["name"] == name
+                         and r["gbps"] == r["gbps"])
+            if not pts:
+                continue
+            style = dict(linestyle="--", color="gray") if name == COPY else \
+                dict(linewidth=2.2 if name.startswith("ek[") else 1.4)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (numel)")
+        ax.set_ylabel(f"effective GB/s ({sel[0]['bytes_per_param']:g} B/param)")
+        ax.set_title(f"{opt} + EMA, {dtype}, ema_every={every}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``2^20``, ``2**20``, ``1e6``, ``16M``, ``4k`` -> an int > 0."""
+    t = text.strip().lower().replace("_", "")
+    try:
+        m = re.fullmatch(r"(\d+)\s*(?:\^|\*\*)\s*(\d+)", t)
+        if m:
+            n = int(m.group(1)) ** int(m.group(2))
+        elif t and t[-1] in _SUFFIX:
+            n = int(float(t[:-1]) * _SUFFIX[t[-1]])
+        else:
+            n = int(float(t)) if ("e" in t or "." in t) else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (examples: 4096, 2^20, 1e6, 16M)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be >= 1")
+    return n
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return n
+
+
+def default_sizes(device: str) -> List[int]:
+    if torch.device(device).type == "cuda":
+        return [1 << e for e in (16, 18, 20, 22, 24, 26, 27)]
+    return [1 << e for e in (12, 16, 20, 22)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ema_kernels bench",
+        description="Time one optimizer step + EMA update: every available ema_kernels backend "
+                    "against torch's optimizers with the EMAs people use (foreach lerp, timm "
+                    "ModelEmaV3, AveragedModel, a per-tensor loop) and a copy of the same "
+                    "bytes. Table (Markdown) to stdout, progress to stderr.")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if a GPU is visible, else cpu")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="parameter (and gradient) dtype; ema_kernels keeps state and EMA in fp32")
+    p.add_argument("--numel", type=parse_size, nargs="+", default=None, metavar="N",
+                   help="total parameters (e.g. 2^20, 16M); several for a sweep; default a "
+                        "sweep (cpu: 2^12..2^22, cuda: 2^16..2^27)")
+    p.add_argument("--tensors", type=_positive_int, default=64, metavar="K",
+                   help="split the parameters into K tensors (default 64)")
+    p.add_argument("--ema-every", type=_positive_int, default=1, metavar="k",
+                   help="update the EMA every k-th step (bytes and times are per step)")
+    p.add_argument("--repeats", type=_positive_int, default=None,
+                   help="timed samples per row (CPU; default: as many as fit ~0.25 s, 5..50)")
+    p.add_argument("--warmup", type=_positive_int, default=2, help="warm-up calls per row (CPU)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); default: torch's default")
+    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s vs size (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _cli_order(argv: Optional[List[str]]) -> Optional[List[str]]:
+    """The tokens after ``bench`` on the command line, when ``argv`` holds exactly those tokens
+    in another order.
+
+    ``ema_kernels.__main__`` hands ``bench`` its arguments through ``parse_known_args`` with a
+    REMAINDER positional, which moves unknown flags behind the values (``--numel 2^12`` arrives
+    as ``['2^12', '--numel']``). Until that routing passes the tail through untouched, recover
+    the user's order from ``sys.argv``; any other caller's ``argv`` is used as given.
+    """
+    if argv is None or "bench" not in sys.argv:
+        return argv
+    tail = sys.argv[sys.argv.index("bench") + 1:]
+    if tail != list(argv) and sorted(tail) == sorted(argv):
+        return tail
+    return argv
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m ema_kernels bench [flags]``; returns the exit status."""
+    args = _parser().parse_args(_cli_order(argv))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible to torch "
+              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+              file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib, which is not installed: "
+                  "pip install 'ema-kernels[plot]' (or pip install matplotlib)", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.numel or default_sizes(device)
+    cases = [Case(device=device, optimizer=args.optimizer, dtype=args.dtype, numel=n,
+                  tensors=args.tensors, ema_every=args.ema_every) for n in sizes]
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    skipped = [b for b in __import__("ema_kernels").available_backends(device)
+               if b not in ek_backends(device)]
+    for b in skipped:
+        progress(f"note: backend {b!r} skipped on {device} (the Triton interpreter is a test "
+                 f"vehicle, not a fast path)")
+    desc = device_description(device)
+    progress(f"bench on {desc}")
+    t0 = time.perf_counter()
+    rows = run(cases, warmup=args.warmup, repeats=args.repeats, progress=progress)
+    progress(f"done in {time.perf_counter() - t0:.1f} s")
+
+    print(f"# {desc}")
+    print(f"# bytes/param = what the fused step must move; GB/s = B/param x numel / time; "
+          f"copy = dst.copy_(src) of the same bytes")
+    print()
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+        progress(f"wrote {args.json}")
+    if args.plot:
+        write_plot(rows, args.plot, title=desc)
+        progress(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,156 @@
+"""`python -m ema_kernels bench`: byte counts against hand counts, and a tiny run's rows/keys."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ema_kernels
+from ema_kernels import bench
+
+TINY = ["--device", "cpu", "--numel", "300", "--tensors", "3", "--repeats", "2", "--warmup", "1",
+        "--quiet"]
+
+
+# --- bytes per parameter: hand counts ------------------------------------------------------
+@pytest.mark.parametrize("optimizer, dtype, kw, expected", [
+    # read θ g m v ζ, write θ m v ζ: 5·4 + 4·4
+    ("adamw", "fp32", {}, 36),
+    ("adam", "fp32", {}, 36),
+    # + v_max read and written
+    ("adamw", "fp32", {"amsgrad": True}, 44),
+    # read θ g buf ζ, write θ buf ζ
+    ("sgd", "fp32", {}, 28),
+    # plain SGD: read θ g ζ, write θ ζ
+    ("sgd", "fp32", {"momentum": 0.0}, 20),
+    # bf16 θ g (2 B), fp32 m v ζ: read 2+2+4+4+4, write 2+4+4+4
+    ("adamw", "bf16", {}, 30),
+    ("adam", "fp16", {}, 30),
+    # bf16 θ g, fp32 buf ζ: read 2+2+4+4, write 2+4+4
+    ("sgd", "bf16", {}, 22),
+    # no EMA: AdamW alone, 28
+    ("adamw", "fp32", {"ema": False}, 28),
+    # ema_every=k: the EMA's 8 bytes spread over k steps
+    ("adamw", "fp32", {"ema_every": 4}, 28 + 8 / 4),
+    ("sgd", "fp32", {"ema_every": 2}, 20 + 8 / 2),
+    ("adamw", "bf16", {"ema_every": 8}, 22 + 8 / 8),
+    # a bf16 EMA (hypothetical ema_dtype option) moves 2+2
+    ("adamw", "bf16", {"ema_dtype": "bf16"}, 26),
+])
+def test_bytes_per_param_hand_counts(optimizer, dtype, kw, expected):
+    assert bench.bytes_per_param(optimizer, dtype, **kw) == pytest.approx(expected)
+
+
+def test_bytes_per_param_takes_torch_dtypes_and_rejects_nonsense():
+    assert bench.bytes_per_param("adamw", torch.bfloat16) == 30
+    with pytest.raises(ValueError, match="optimizer"):
+        bench.bytes_per_param("lamb", "fp32")
+    with pytest.raises(ValueError, match="dtype"):
+        bench.bytes_per_param("adamw", "fp8")
+    with pytest.raises(ValueError, match="ema_every"):
+        bench.bytes_per_param("adamw", "fp32", ema_every=0)
+
+
+def test_case_splits_numel_over_tensors():
+    assert bench.Case(numel=10, tensors=3).sizes() == [4, 3, 3]
+    assert bench.Case(numel=2, tensors=5).sizes() == [1, 1]
+    assert sum(bench.Case(numel=4097, tensors=64).sizes()) == 4097
+
+
+@pytest.mark.parametrize("text, n", [("4096", 4096), ("2^20", 1 << 20), ("2**10", 1024),
+                                     ("1e6", 10 ** 6), ("16M", 16 << 20), ("4k", 4096)])
+def test_parse_size(text, n):
+    assert bench.parse_size(text) == n
+
+
+def test_parse_size_rejects():
+    import argparse
+    for bad in ("zero", "0", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_size(bad)
+
+
+# --- a tiny run ----------------------------------------------------------------------------
+def _expected_names():
+    names = [f"ek[{b}]" for b in ema_kernels.available_backends("cpu") if b != "triton"]
+    return names + list(bench.BASELINES) + [bench.COPY]
+
+
+def _check_rows(rows, *, optimizer, dtype, ema_every, numel=300, tensors=3):
+    assert [r["name"] for r in rows] == _expected_names()
+    assert "ek[reference]" in [r["name"] for r in rows]
+    bpp = bench.bytes_per_param(optimizer, dtype, ema_every)
+    for r in rows:
+        assert list(r) == list(bench.KEYS)
+        assert (r["device"], r["optimizer"], r["dtype"]) == ("cpu", optimizer, dtype)
+        assert (r["numel"], r["tensors"], r["ema_every"]) == (numel, tensors, ema_every)
+        assert r["bytes_per_param"] == pytest.approx(bpp)
+        assert r["ms"] > 0 and math.isfinite(r["ms"]), r
+        assert r["gbps"] == pytest.approx(bpp * numel / (r["ms"] * 1e-3) / 1e9)
+        assert r["pct_of_copy"] > 0 and r["speedup"] > 0
+    by = {r["name"]: r for r in rows}
+    assert by[bench.BASELINE]["speedup"] == pytest.approx(1.0)
+    assert by[bench.COPY]["pct_of_copy"] == pytest.approx(100.0)
+
+
+def test_bench_json_has_every_row_and_key(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    _check_rows(rows, optimizer="adamw", dtype="fp32", ema_every=1)
+    out = capsys.readouterr().out
+    for name in _expected_names():
+        assert f"| {name} |" in out
+
+
+def test_bench_sgd_bf16_ema_every(tmp_path):
+    path = tmp_path / "bench.json"
+    rc = bench.main(TINY + ["--optimizer", "sgd", "--dtype", "bf16", "--ema-every", "2",
+                            "--json", str(path)])
+    assert rc == 0
+    _check_rows(json.loads(path.read_text()), optimizer="sgd", dtype="bf16", ema_every=2)
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert bench.main(TINY + ["--numel", "200", "400", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert bench.main(TINY + ["--plot", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_cuda_without_gpu_says_so(capsys):
+    assert bench.main(["--device", "cuda", "--quiet"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_order_recovers_flags_reordered_by_main(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["x", "bench", "--numel", "2^12", "--json", "p"])
+    assert bench._cli_order(["2^12", "p", "--numel", "--json"]) == ["--numel", "2^12", "--json",
+                                                                   "p"]
+    assert bench._cli_order(["--quiet"]) == ["--quiet"]  # not the command line's tokens: as given
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert bench._cli_order(["2^12", "--numel"]) == ["2^12", "--numel"]
+
+
+def test_python_m_ema_kernels_bench(tmp_path):
+    """The real command line, through ema_kernels.__main__."""
+    path = tmp_path / "bench.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "ema_kernels", "bench"] + TINY
+                          + ["--json", str(path)], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _check_rows(json.loads(path.read_text()), optimizer="adamw", dtype="fp32", ema_every=1)
