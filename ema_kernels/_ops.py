@@ -36,14 +36,25 @@ def _load(name: str):
         return None, f"its module could not be imported ({e})"
 
 
+_availability_cache: dict = {}
+
+
 def availability(name: str, device_type: str) -> Tuple[bool, str]:
-    """``(ok, reason)`` for running backend ``name`` on tensors of ``device_type``."""
+    """``(ok, reason)`` for running backend ``name`` on tensors of ``device_type``.
+
+    Cached per process: step() resolves its backend every call, and a failed import or a CUDA
+    probe would otherwise be retried each time (TRITON_INTERPRET is part of the key because
+    it decides whether Triton can run on CPU tensors).
+    """
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
-    mod, why = _load(name)
-    if mod is None:
-        return False, why
-    return mod.availability(device_type)
+    key = (name, device_type, os.environ.get("TRITON_INTERPRET"))
+    hit = _availability_cache.get(key)
+    if hit is None:
+        mod, why = _load(name)
+        hit = (False, why) if mod is None else tuple(mod.availability(device_type))
+        _availability_cache[key] = hit
+    return hit
 
 
 def available_backends(device="cpu") -> List[str]:
