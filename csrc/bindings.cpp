@@ -1,0 +1,514 @@
+// bindings.cpp -- torch.library registrations of the fused optimizer + EMA ops.
+//
+// Namespace `ema_kernels_ext` (torch.ops.ema_kernels_ext.*).  Every op mutates tensor lists in
+// place and returns nothing; the schemas declare each mutated list (`Tensor(a!)[]`) so that
+// functionalization / torch.compile see the writes.  Fake (meta) implementations are registered
+// from Python (ema_kernels/backends/cuda.py, torch.library.register_fake).
+//
+// This file validates the tensors (messages name the tensor and the problem) and hands raw
+// pointers to the kernels: fused_cpu.cpp for CPU tensors, fused_cuda.cu for CUDA tensors.  The
+// .cu file never sees a torch header.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifdef EK_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "kernels.h"
+
+#ifndef EK_CUDA_ARCHS
+#define EK_CUDA_ARCHS ""
+#endif
+
+namespace ek {
+namespace {
+
+using at::Tensor;
+using TList = std::vector<Tensor>;  // the boxed form of Tensor[] arguments
+
+const char* dtype_name(c10::ScalarType t) { return c10::toString(t); }
+
+// Validation of one op call.  `op` prefixes every message.
+struct Checker {
+  const char* op;
+  c10::Device device = c10::Device(c10::kCPU);
+  c10::ScalarType pdtype = c10::ScalarType::Float;
+
+  // params decide the device and dtype of the call.
+  void params(const at::TensorList ps) {
+    if (ps.empty()) return;
+    device = ps[0].device();
+    pdtype = ps[0].scalar_type();
+    if (pdtype == c10::ScalarType::Double) {
+      TORCH_CHECK_TYPE(false, op, ": params[0] is float64; the fused kernels (backends 'cpp' and "
+                       "'cuda') take float32, bfloat16 or float16 parameters -- use "
+                       "backend='reference' for float64");
+    }
+    TORCH_CHECK_TYPE(pdtype == c10::ScalarType::Float || pdtype == c10::ScalarType::BFloat16 ||
+                         pdtype == c10::ScalarType::Half,
+                     op, ": params[0] has dtype ", dtype_name(pdtype),
+                     "; the fused kernels take float32, bfloat16 or float16 parameters");
+    for (size_t i = 0; i < ps.size(); ++i) {
+      TORCH_CHECK_TYPE(ps[i].scalar_type() == pdtype, op, ": params[", i, "] has dtype ",
+                       dtype_name(ps[i].scalar_type()), " but params[0] has ",
+                       dtype_name(pdtype), "; one call takes one parameter dtype");
+      one(ps[i], "params", i, pdtype, ps[i].numel());
+    }
+  }
+
+  void one(const Tensor& t, const char* name, size_t i, c10::ScalarType want, int64_t numel) {
+    TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+                " but params[0] is on ", device, "; all tensors of a call share one device");
+    TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, "[", i, "] has dtype ",
+                     dtype_name(t.scalar_type()), ", expected ", dtype_name(want));
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i,
+                "] is not contiguous; the fused kernels walk contiguous memory");
+    TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(),
+                " elements but params[", i, "] has ", numel);
+  }
+
+  // A list aligned with params: same length, per-tensor dtype `want` (or the params' dtype).
+  void list(const at::TensorList ts, const at::TensorList ps, const char* name,
+            bool same_dtype_as_params) {
+    TORCH_CHECK(ts.size() == ps.size(), op, ": ", name, " has ", ts.size(),
+                " tensors but params has ", ps.size());
+    for (size_t i = 0; i < ts.size(); ++i)
+      one(ts[i], name, i, same_dtype_as_params ? pdtype : c10::ScalarType::Float, ps[i].numel());
+  }
+
+  // grad_scale / found_inf / capturable scalars: one float32 element on the params' device.
+  const float* scalar(const c10::optional<Tensor>& t, const char* name) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    return scalar(*t, name);
+  }
+  const float* scalar(const Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
+                " but the parameters are on ", device);
+    TORCH_CHECK_TYPE(t.scalar_type() == c10::ScalarType::Float, op, ": ", name,
+                     " must be a float32 tensor, got ", dtype_name(t.scalar_type()));
+    TORCH_CHECK(t.numel() == 1, op, ": ", name, " must have exactly one element, got ",
+                t.numel());
+    return t.const_data_ptr<float>();
+  }
+
+  DType kernel_dtype() const {
+    switch (pdtype) {
+      case c10::ScalarType::BFloat16: return DType::kBF16;
+      case c10::ScalarType::Half: return DType::kF16;
+      default: return DType::kF32;
+    }
+  }
+};
+
+void expect_device(const Checker& c, c10::DeviceType type, const char* which) {
+  TORCH_CHECK(c.device.type() == type, c.op, ": the ", which, " implementation got tensors on ",
+              c.device);
+}
+
+// ------------------------------------------------------------------------------------------
+// Gathering pointers
+// ------------------------------------------------------------------------------------------
+std::vector<TensorPtrs> adam_ptrs(const at::TensorList params, const at::TensorList grads,
+                                  const at::TensorList m, const at::TensorList v,
+                                  const at::TensorList vmax, const at::TensorList z,
+                                  bool amsgrad, bool has_ema) {
+  std::vector<TensorPtrs> ts(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    ts[i].p = params[i].data_ptr();
+    ts[i].g = grads[i].const_data_ptr();
+    ts[i].s0 = m[i].data_ptr<float>();
+    ts[i].s1 = v[i].data_ptr<float>();
+    ts[i].s2 = amsgrad ? vmax[i].data_ptr<float>() : nullptr;
+    ts[i].z = has_ema ? z[i].data_ptr<float>() : nullptr;
+    ts[i].n = params[i].numel();
+  }
+  return ts;
+}
+
+std::vector<TensorPtrs> sgd_ptrs(const at::TensorList params, const at::TensorList grads,
+                                 const at::TensorList bufs, const at::TensorList z,
+                                 bool has_buf, bool has_ema) {
+  std::vector<TensorPtrs> ts(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    ts[i].p = params[i].data_ptr();
+    ts[i].g = grads[i].const_data_ptr();
+    ts[i].s0 = has_buf ? bufs[i].data_ptr<float>() : nullptr;
+    ts[i].z = has_ema ? z[i].data_ptr<float>() : nullptr;
+    ts[i].n = params[i].numel();
+  }
+  return ts;
+}
+
+// ------------------------------------------------------------------------------------------
+// Adam / AdamW
+// ------------------------------------------------------------------------------------------
+struct AdamCall {
+  Checker c;
+  AdamArgs a;
+  std::vector<TensorPtrs> ts;
+};
+
+AdamCall adam_prepare(const char* op, at::TensorList params, at::TensorList grads,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList max_exp_avg_sqs, at::TensorList emas, bool has_ema,
+                      double beta1, double beta2, double eps, double weight_decay,
+                      bool decoupled, bool maximize, const c10::optional<Tensor>& grad_scale,
+                      const c10::optional<Tensor>& found_inf) {
+  AdamCall call{Checker{op}, AdamArgs(), {}};
+  Checker& c = call.c;
+  c.params(params);
+  c.list(grads, params, "grads", true);
+  c.list(exp_avgs, params, "exp_avgs", false);
+  c.list(exp_avg_sqs, params, "exp_avg_sqs", false);
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  if (amsgrad) c.list(max_exp_avg_sqs, params, "max_exp_avg_sqs", false);
+  if (has_ema) c.list(emas, params, "emas", false);
+  AdamArgs& a = call.a;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.decoupled = decoupled;
+  a.maximize = maximize;
+  a.amsgrad = amsgrad;
+  a.has_ema = has_ema;
+  a.grad_scale = c.scalar(grad_scale, "grad_scale");
+  a.found_inf = c.scalar(found_inf, "found_inf");
+  call.ts = adam_ptrs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, amsgrad,
+                      has_ema);
+  return call;
+}
+
+AdamCall adam_prepare_plain(const char* op, at::TensorList params, at::TensorList grads,
+                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList emas, double lr,
+                            double beta1, double beta2, double eps, double weight_decay,
+                            bool decoupled, bool maximize, double step_size,
+                            double bias_correction2_sqrt, c10::optional<double> ema_weight,
+                            const c10::optional<Tensor>& grad_scale,
+                            const c10::optional<Tensor>& found_inf) {
+  AdamCall call = adam_prepare(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
+                               ema_weight.has_value(), beta1, beta2, eps, weight_decay,
+                               decoupled, maximize, grad_scale, found_inf);
+  call.a.lr = lr;
+  call.a.step_size = step_size;
+  call.a.bc2_sqrt = bias_correction2_sqrt;
+  call.a.ema_w = ema_weight.value_or(0.0);
+  return call;
+}
+
+AdamCall adam_prepare_capturable(const char* op, at::TensorList params, at::TensorList grads,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                 at::TensorList max_exp_avg_sqs, at::TensorList emas,
+                                 const Tensor& lr, const Tensor& step, double beta1,
+                                 double beta2, double eps, double weight_decay, bool decoupled,
+                                 bool maximize, const c10::optional<Tensor>& ema_weight,
+                                 const c10::optional<Tensor>& grad_scale,
+                                 const c10::optional<Tensor>& found_inf) {
+  const bool has_ema = ema_weight.has_value() && ema_weight->defined();
+  AdamCall call = adam_prepare(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
+                               has_ema, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                               grad_scale, found_inf);
+  if (params.empty()) return call;
+  call.a.capturable = true;
+  call.a.cap.lr = call.c.scalar(lr, "lr");
+  call.a.cap.step = call.c.scalar(step, "step");
+  call.a.cap.ema_w = call.c.scalar(ema_weight, "ema_weight");
+  return call;
+}
+
+void adam_cpu_run(AdamCall&& call) {
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  adam_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
+}
+
+#ifdef EK_WITH_CUDA
+void adam_cuda_run(AdamCall&& call) {
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCUDA, "CUDA");
+  const c10::cuda::CUDAGuard guard(call.c.device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(call.c.device.index());
+  const char* err = adam_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, call.c.device.index(),
+                                  stream.stream());
+  TORCH_CHECK(err == nullptr, call.c.op, ": CUDA kernel launch failed: ", err);
+}
+#endif
+
+#define EK_ADAM_PLAIN_ARGS                                                                    \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,                       \
+      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList emas,        \
+      double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, \
+      bool maximize, double step_size, double bias_correction2_sqrt,                         \
+      c10::optional<double> ema_weight, const c10::optional<Tensor>& grad_scale,              \
+      const c10::optional<Tensor>& found_inf
+#define EK_ADAM_PLAIN_FWD                                                                     \
+  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1, beta2, eps,         \
+      weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weight,        \
+      grad_scale, found_inf
+
+#define EK_ADAM_CAPT_ARGS                                                                     \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,                       \
+      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList emas,        \
+      const Tensor& lr, const Tensor& step, double beta1, double beta2, double eps,           \
+      double weight_decay, bool decoupled, bool maximize,                                     \
+      const c10::optional<Tensor>& ema_weight, const c10::optional<Tensor>& grad_scale,       \
+      const c10::optional<Tensor>& found_inf
+#define EK_ADAM_CAPT_FWD                                                                      \
+  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, step, beta1, beta2, eps,   \
+      weight_decay, decoupled, maximize, ema_weight, grad_scale, found_inf
+
+void adam_ema_cpu_impl(EK_ADAM_PLAIN_ARGS) {
+  adam_cpu_run(adam_prepare_plain("adam_ema_", EK_ADAM_PLAIN_FWD));
+}
+void adam_ema_capturable_cpu_impl(EK_ADAM_CAPT_ARGS) {
+  adam_cpu_run(adam_prepare_capturable("adam_ema_capturable_", EK_ADAM_CAPT_FWD));
+}
+#ifdef EK_WITH_CUDA
+void adam_ema_cuda_impl(EK_ADAM_PLAIN_ARGS) {
+  adam_cuda_run(adam_prepare_plain("adam_ema_", EK_ADAM_PLAIN_FWD));
+}
+void adam_ema_capturable_cuda_impl(EK_ADAM_CAPT_ARGS) {
+  adam_cuda_run(adam_prepare_capturable("adam_ema_capturable_", EK_ADAM_CAPT_FWD));
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// SGD
+// ------------------------------------------------------------------------------------------
+struct SgdCall {
+  Checker c;
+  SgdArgs a;
+  std::vector<TensorPtrs> ts;
+};
+
+SgdCall sgd_prepare(const char* op, at::TensorList params, at::TensorList grads,
+                    at::TensorList momentum_buffers, at::TensorList emas, bool has_ema,
+                    double momentum, double dampening, double weight_decay, bool nesterov,
+                    bool maximize, bool first_step, const c10::optional<Tensor>& grad_scale,
+                    const c10::optional<Tensor>& found_inf) {
+  SgdCall call{Checker{op}, SgdArgs(), {}};
+  Checker& c = call.c;
+  c.params(params);
+  c.list(grads, params, "grads", true);
+  const bool has_buf = momentum != 0.0;
+  if (has_buf) c.list(momentum_buffers, params, "momentum_buffers", false);
+  if (has_ema) c.list(emas, params, "emas", false);
+  SgdArgs& a = call.a;
+  a.momentum = momentum;
+  a.dampening = dampening;
+  a.weight_decay = weight_decay;
+  a.nesterov = nesterov;
+  a.maximize = maximize;
+  a.first_step = first_step;
+  a.has_ema = has_ema;
+  a.grad_scale = c.scalar(grad_scale, "grad_scale");
+  a.found_inf = c.scalar(found_inf, "found_inf");
+  call.ts = sgd_ptrs(params, grads, momentum_buffers, emas, has_buf, has_ema);
+  return call;
+}
+
+void sgd_cpu_run(SgdCall&& call) {
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  sgd_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
+}
+
+#ifdef EK_WITH_CUDA
+void sgd_cuda_run(SgdCall&& call) {
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCUDA, "CUDA");
+  const c10::cuda::CUDAGuard guard(call.c.device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(call.c.device.index());
+  const char* err = sgd_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, call.c.device.index(),
+                                 stream.stream());
+  TORCH_CHECK(err == nullptr, call.c.op, ": CUDA kernel launch failed: ", err);
+}
+#endif
+
+#define EK_SGD_PLAIN_ARGS                                                                     \
+  at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,               \
+      at::TensorList emas, double lr, double momentum, double dampening, double weight_decay, \
+      bool nesterov, bool maximize, bool first_step, c10::optional<double> ema_weight,        \
+      const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf
+
+SgdCall sgd_prepare_plain(const char* op, EK_SGD_PLAIN_ARGS) {
+  SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas, ema_weight.has_value(),
+                             momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                             grad_scale, found_inf);
+  call.a.lr = lr;
+  call.a.ema_w = ema_weight.value_or(0.0);
+  return call;
+}
+
+#define EK_SGD_CAPT_ARGS                                                                      \
+  at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,               \
+      at::TensorList emas, const Tensor& lr, double momentum, double dampening,               \
+      double weight_decay, bool nesterov, bool maximize, bool first_step,                     \
+      const c10::optional<Tensor>& ema_weight, const c10::optional<Tensor>& grad_scale,       \
+      const c10::optional<Tensor>& found_inf
+
+SgdCall sgd_prepare_capturable(const char* op, EK_SGD_CAPT_ARGS) {
+  const bool has_ema = ema_weight.has_value() && ema_weight->defined();
+  SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas, has_ema, momentum,
+                             dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
+                             found_inf);
+  if (params.empty()) return call;
+  call.a.capturable = true;
+  call.a.cap.lr = call.c.scalar(lr, "lr");
+  call.a.cap.ema_w = call.c.scalar(ema_weight, "ema_weight");
+  return call;
+}
+
+#define EK_SGD_PLAIN_FWD                                                                      \
+  params, grads, momentum_buffers, emas, lr, momentum, dampening, weight_decay, nesterov,     \
+      maximize, first_step, ema_weight, grad_scale, found_inf
+
+void sgd_ema_cpu_impl(EK_SGD_PLAIN_ARGS) {
+  sgd_cpu_run(sgd_prepare_plain("sgd_ema_", EK_SGD_PLAIN_FWD));
+}
+void sgd_ema_capturable_cpu_impl(EK_SGD_CAPT_ARGS) {
+  sgd_cpu_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_PLAIN_FWD));
+}
+#ifdef EK_WITH_CUDA
+void sgd_ema_cuda_impl(EK_SGD_PLAIN_ARGS) {
+  sgd_cuda_run(sgd_prepare_plain("sgd_ema_", EK_SGD_PLAIN_FWD));
+}
+void sgd_ema_capturable_cuda_impl(EK_SGD_CAPT_ARGS) {
+  sgd_cuda_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_PLAIN_FWD));
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// EMA only
+// ------------------------------------------------------------------------------------------
+struct EmaCall {
+  Checker c;
+  std::vector<TensorPtrs> ts;
+};
+
+EmaCall ema_prepare(at::TensorList emas, at::TensorList params) {
+  EmaCall call{Checker{"ema_only_"}, {}};
+  call.c.params(params);
+  call.c.list(emas, params, "emas", false);
+  call.ts.resize(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    call.ts[i].p = const_cast<void*>(params[i].const_data_ptr());
+    call.ts[i].z = emas[i].data_ptr<float>();
+    call.ts[i].n = params[i].numel();
+  }
+  return call;
+}
+
+void ema_only_cpu_impl(at::TensorList emas, at::TensorList params, double ema_weight) {
+  EmaCall call = ema_prepare(emas, params);
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  ema_only_cpu(call.ts, call.c.kernel_dtype(), ema_weight);
+}
+
+#ifdef EK_WITH_CUDA
+void ema_only_cuda_impl(at::TensorList emas, at::TensorList params, double ema_weight) {
+  EmaCall call = ema_prepare(emas, params);
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCUDA, "CUDA");
+  const c10::cuda::CUDAGuard guard(call.c.device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(call.c.device.index());
+  const char* err = ema_only_cuda(call.ts, call.c.kernel_dtype(), ema_weight,
+                                  call.c.device.index(), stream.stream());
+  TORCH_CHECK(err == nullptr, "ema_only_: CUDA kernel launch failed: ", err);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Build information (what `python -m ema_kernels info` shows)
+// ------------------------------------------------------------------------------------------
+std::string build_info() {
+  std::ostringstream o;
+#ifdef EK_WITH_CUDA
+  o << "cuda=1\n";
+  o << "cuda_archs=" << EK_CUDA_ARCHS << "\n";
+  o << "cuda_arch_list=" << cuda_arch_list() << "\n";
+  o << "cuda_version=" << cuda_compiled_version() << "\n";
+#else
+  o << "cuda=0\n";
+#endif
+  o << "cpu_isa=" << cpu_isa() << "\n";
+#ifdef _OPENMP
+  o << "openmp=1\n";
+#else
+  o << "openmp=0\n";
+#endif
+  return o.str();
+}
+
+}  // namespace
+}  // namespace ek
+
+TORCH_LIBRARY(ema_kernels_ext, m) {
+  m.def(
+      "adam_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] emas, *, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
+      "float step_size, float bias_correction2_sqrt, float? ema_weight, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] emas, *, Tensor lr, "
+      "Tensor step, float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
+      "bool maximize, Tensor? ema_weight, Tensor? grad_scale=None, Tensor? found_inf=None) "
+      "-> ()");
+  m.def(
+      "sgd_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] emas, *, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step, float? ema_weight, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "sgd_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] emas, *, Tensor lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool first_step, Tensor? ema_weight, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def("ema_only_(Tensor(a!)[] emas, Tensor[] params, *, float ema_weight) -> ()");
+  m.def("build_info() -> str", &ek::build_info);
+}
+
+TORCH_LIBRARY_IMPL(ema_kernels_ext, CPU, m) {
+  m.impl("adam_ema_", &ek::adam_ema_cpu_impl);
+  m.impl("adam_ema_capturable_", &ek::adam_ema_capturable_cpu_impl);
+  m.impl("sgd_ema_", &ek::sgd_ema_cpu_impl);
+  m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cpu_impl);
+  m.impl("ema_only_", &ek::ema_only_cpu_impl);
+}
+
+#ifdef EK_WITH_CUDA
+TORCH_LIBRARY_IMPL(ema_kernels_ext, CUDA, m) {
+  m.impl("adam_ema_", &ek::adam_ema_cuda_impl);
+  m.impl("adam_ema_capturable_", &ek::adam_ema_capturable_cuda_impl);
+  m.impl("sgd_ema_", &ek::sgd_ema_cuda_impl);
+  m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cuda_impl);
+  m.impl("ema_only_", &ek::ema_only_cuda_impl);
+}
+#endif
+
+// A minimal Python module: importing ema_kernels._C loads this library, whose static
+// initialisers above register the ops.  All functionality is in torch.ops.ema_kernels_ext.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "ema_kernels compiled extension: ops registered as torch.ops.ema_kernels_ext.*",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

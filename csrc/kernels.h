@@ -1,0 +1,77 @@
+// kernels.h -- the torch-free interface between bindings.cpp and the kernels
+// (fused_cpu.cpp for CPU tensors, fused_cuda.cu for CUDA tensors).
+//
+// bindings.cpp validates the tensors and fills these plain structs; the kernel files see only
+// raw pointers, element counts and scalars, so neither includes torch or pybind headers.
+#pragma once
+
+#include <stdint.h>
+#include <vector>
+
+#include "fused_math.h"
+
+namespace ek {
+
+enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// One entry per tensor of the list (a flat buffer is a list of one).  Unused roles are nullptr
+// (vmax unless AMSGrad, z unless the EMA is updated, buf unless momentum).
+struct TensorPtrs {
+  void* p = nullptr;         // parameters, storage dtype
+  const void* g = nullptr;   // gradients, storage dtype
+  float* s0 = nullptr;       // Adam: exp_avg           SGD: momentum_buffer
+  float* s1 = nullptr;       // Adam: exp_avg_sq
+  float* s2 = nullptr;       // Adam: max_exp_avg_sq (AMSGrad)
+  float* z = nullptr;        // EMA
+  int64_t n = 0;             // elements
+};
+
+// Device-resident per-step values for the capturable kernels (all 1-element float32 tensors).
+struct CapturablePtrs {
+  const float* lr = nullptr;     // learning rate
+  const float* step = nullptr;   // Adam: the step count t (already incremented for this step)
+  const float* ema_w = nullptr;  // 1 - rho_hat (nullptr: no EMA this step)
+};
+
+struct AdamArgs {
+  // Host-side per-step values (ignored by the capturable path where `cap` gives them).
+  double lr = 0, step_size = 0, bc2_sqrt = 1, ema_w = 0;
+  // Per-group constants.
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  bool decoupled = true, maximize = false, amsgrad = false, has_ema = false;
+  bool capturable = false;
+  CapturablePtrs cap;
+  const float* grad_scale = nullptr;  // divide gradients by *grad_scale
+  const float* found_inf = nullptr;   // *found_inf != 0: change nothing
+};
+
+struct SgdArgs {
+  double lr = 0, ema_w = 0;
+  double momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false, first_step = false, has_ema = false;
+  bool capturable = false;
+  CapturablePtrs cap;
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+};
+
+// CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.
+void adam_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a);
+void sgd_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a);
+void ema_only_cpu(const std::vector<TensorPtrs>& t, DType dtype, double ema_w);
+const char* cpu_isa();  // which instruction-set variant of the CPU kernels runs here
+
+#ifdef EK_WITH_CUDA
+// CUDA (fused_cuda.cu).  `stream` is a cudaStream_t.  Return nullptr on success, else the CUDA
+// error string of the failed launch.
+const char* adam_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a,
+                          int device, void* stream);
+const char* sgd_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a,
+                         int device, void* stream);
+const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, double ema_w,
+                          int device, void* stream);
+const char* cuda_arch_list();  // __CUDA_ARCH_LIST__ of the device code in this build
+int cuda_compiled_version();   // CUDART_VERSION the kernels were compiled against
+#endif
+
+}  // namespace ek

@@ -1,0 +1,94 @@
+"""CPU backend: the compiled extension's CPU twin of the CUDA kernels (csrc/fused_cpu.cpp).
+
+Same ``fused_math.h`` as the CUDA kernels, OpenMP over cache-sized chunks, a vectorised loop
+(an AVX2 variant picked at run time where the CPU has it).  Interface: that of
+:mod:`ema_kernels.backends.reference`, plus ``ema_only`` and the capturable variants (which read
+``lr``/``step``/``ema_weight`` from one-element CPU tensors: the CPU path of the CUDA-graph-friendly
+kernels, useful to test their math without a GPU).  Importing this module loads nothing; the
+extension is loaded on first use or on ``availability()`` (see :mod:`ema_kernels.backends.cuda`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import cuda as _ext
+
+Tensor = torch.Tensor
+
+NAME = "cpp"
+
+_avail_cache: Dict[str, Tuple[bool, str]] = {}
+
+
+def availability(device_type: str) -> Tuple[bool, str]:
+    """``(ok, reason)`` for running the ``cpp`` backend on ``device_type`` tensors."""
+    if device_type != "cpu":
+        return False, (f"the 'cpp' backend runs on CPU tensors only, not {device_type} tensors "
+                       f"(on CUDA use 'cuda' or 'triton')")
+    res = _avail_cache.get(device_type)
+    if res is None:
+        try:
+            _ext.load_extension()
+        except _ext.ExtensionUnavailable as e:
+            res = (False, str(e))
+        else:
+            info = _ext._info or {}
+            res = (True, f"compiled CPU kernels ({info.get('cpu_isa', '?')}"
+                         f"{', OpenMP' if info.get('openmp') == '1' else ''})")
+        _avail_cache[device_type] = res
+    return res
+
+
+def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+             exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
+             emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
+             weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
+             bias_correction2_sqrt: float, ema_weight: Optional[float],
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """Adam / AdamW step followed by the EMA update, in one pass over memory."""
+    _ext._adam("cpp", "cpu", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr,
+               beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
+               bias_correction2_sqrt, ema_weight, grad_scale, found_inf)
+
+
+def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
+            emas: Optional[List[Tensor]], *, lr: float, momentum: float, dampening: float,
+            weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+            ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
+            found_inf: Optional[Tensor] = None) -> None:
+    """SGD step followed by the EMA update, in one pass over memory."""
+    _ext._sgd("cpp", "cpu", params, grads, momentum_buffers, emas, lr, momentum, dampening,
+              weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf)
+
+
+def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
+    """ζ += w (θ − ζ) for parameters that took no optimizer step but whose EMA clock ticked."""
+    _ext._ema_only("cpp", "cpu", params, emas, ema_weight)
+
+
+def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                        exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
+                        emas: Optional[List[Tensor]], *, lr: Tensor, step: Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float,
+                        decoupled: bool, maximize: bool, ema_weight: Optional[Tensor],
+                        grad_scale: Optional[Tensor] = None,
+                        found_inf: Optional[Tensor] = None) -> None:
+    """Adam/AdamW + EMA reading ``lr``, ``step`` (t, already incremented) and ``ema_weight``
+    (1 − ρ̂, or None) from one-element float32 tensors (see the cuda backend)."""
+    _ext._adam_capturable("cpp", "cpu", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                          emas, lr, step, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                          ema_weight, grad_scale, found_inf)
+
+
+def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
+                       momentum_buffers: Optional[List[Tensor]], emas: Optional[List[Tensor]], *,
+                       lr: Tensor, momentum: float, dampening: float, weight_decay: float,
+                       nesterov: bool, maximize: bool, first_step: bool,
+                       ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
+                       found_inf: Optional[Tensor] = None) -> None:
+    """SGD + EMA reading ``lr`` and ``ema_weight`` from one-element float32 tensors."""
+    _ext._sgd_capturable("cpp", "cpu", params, grads, momentum_buffers, emas, lr, momentum,
+                         dampening, weight_decay, nesterov, maximize, first_step, ema_weight,
+                         grad_scale, found_inf)
