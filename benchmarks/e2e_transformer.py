@@ -2,12 +2,13 @@
 
     python benchmarks/e2e_transformer.py [--steps 30] [--png benchmarks/e2e_transformer.png]
 
-The same model (same init, same batch) is trained by two optimizers, each step timed in phases
-with ``time.perf_counter`` (medians over ``--steps`` after a warm-up):
+The same model (same init, same batch) is trained by three optimizers, each step timed in phases
+with ``time.perf_counter`` (medians over 2 x ``--steps`` steps after a warm-up; the runs
+take their steps in turns, so a busy machine slows them alike):
 
-- ``torch AdamW(foreach) + timm EMAv3``: ``torch.optim.AdamW(foreach=True)``, then the EMA
-  update of timm's ``ModelEmaV3`` (walk both ``state_dict()``s, one ``torch._foreach_lerp_``),
-  timed as its own phase;
+- ``torch AdamW(foreach|fused) + timm EMAv3``: ``torch.optim.AdamW(foreach=True)`` (PyTorch's
+  default on GPUs) or ``fused=True``, then the EMA update of timm's ``ModelEmaV3`` (walk both
+  ``state_dict()``s, one ``torch._foreach_lerp_``), timed as its own phase;
 - ``ek.AdamW``: ``ema_kernels.AdamW`` — step and EMA in one pass. To time its EMA inside the
   fused step it runs with ``ema_every=2``: odd steps move no EMA bytes, even steps update it,
   so EMA cost = median(EMA step) − median(plain step), from interleaved steps of one run.
@@ -60,41 +61,51 @@ def timm_v3_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None
     torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
 
 
-def measure(kind: str, base: nn.Module, batch, steps: int, warmup: int) -> dict:
-    """Median ms of each phase of a training step with optimizer ``kind`` ("torch" or "ek")."""
-    model = copy.deepcopy(base)
-    x, y = batch
-    loss_fn = nn.CrossEntropyLoss()
-    ema_model = None
-    if kind == "torch":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        ema_model = copy.deepcopy(model).requires_grad_(False)
-    else:
-        opt = ek.AdamW(model.parameters(), lr=1e-4, ema_decay=EMA_DECAY, ema_every=2)
-    fb, st, st_ema, em = [], [], [], []
-    for i in range(2 * warmup + 2 * steps):
+class Trainer:
+    """One model + optimizer (+ EMA); ``kind``: "torch-foreach", "torch-fused" or "ek"."""
+
+    def __init__(self, kind: str, base: nn.Module, batch):
+        self.kind = kind
+        self.model = copy.deepcopy(base)
+        self.x, self.y = batch
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.ema_model = None
+        if kind.startswith("torch"):
+            mode = kind.split("-")[1]
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **{mode: True})
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+        else:
+            self.opt = ek.AdamW(self.model.parameters(), lr=1e-4, ema_decay=EMA_DECAY,
+                                ema_every=2)
+        self.fb, self.st, self.st_ema, self.em = [], [], [], []
+        self.steps = 0
+
+    def step(self, record: bool) -> None:
         t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(model(x).flatten(0, 1), y.flatten())
+        self.opt.zero_grad()
+        loss = self.loss_fn(self.model(self.x).flatten(0, 1), self.y.flatten())
         loss.backward()
         t1 = time.perf_counter()
-        opt.step()
+        self.opt.step()
         t2 = time.perf_counter()
-        if ema_model is not None:
+        if self.ema_model is not None:
             with torch.no_grad():
-                timm_v3_update(ema_model, model, EMA_DECAY)
+                timm_v3_update(self.ema_model, self.model, EMA_DECAY)
         t3 = time.perf_counter()
-        if i >= 2 * warmup:
-            fb.append(t1 - t0)
-            # ek: step i+1 updates the EMA when (i+1) % 2 == 0
-            (st_ema if kind == "ek" and (i + 1) % 2 == 0 else st).append(t2 - t1)
-            em.append(t3 - t2)
-    med = lambda v: statistics.median(v) * 1e3  # noqa: E731
-    out = {"fwd_bwd_ms": med(fb), "step_ms": med(st), "ema_ms": med(em),
-           "loss": loss.detach().item()}
-    if kind == "ek":
-        out["ema_ms"] = max(0.0, med(st_ema) - out["step_ms"])
-    return out
+        self.steps += 1
+        if record:
+            self.fb.append(t1 - t0)
+            # ek (ema_every=2): even-numbered steps update the EMA, odd ones do not
+            is_ema_step = self.kind == "ek" and self.steps % 2 == 0
+            (self.st_ema if is_ema_step else self.st).append(t2 - t1)
+            self.em.append(t3 - t2)
+
+    def result(self) -> dict:
+        med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+        out = {"fwd_bwd_ms": med(self.fb), "step_ms": med(self.st), "ema_ms": med(self.em)}
+        if self.kind == "ek":
+            out["ema_ms"] = max(0.0, med(self.st_ema) - out["step_ms"])
+        return out
 
 
 def main(argv=None) -> int:
@@ -120,16 +131,18 @@ def main(argv=None) -> int:
           f"{args.batch}x{args.seq} tokens, CPU, {torch.get_num_threads()} threads, "
           f"ema_kernels backend '{backend}'", file=sys.stderr)
 
-    t = measure("torch", base, (x, y), args.steps, args.warmup)
-    print("  torch done", file=sys.stderr, flush=True)
-    e = measure("ek", base, (x, y), args.steps, args.warmup)
-    print("  ema_kernels done", file=sys.stderr, flush=True)
-    rows = [
-        {"name": "torch AdamW(foreach) + timm EMAv3", "fwd_bwd_ms": t["fwd_bwd_ms"],
-         "step_ms": t["step_ms"], "ema_ms": t["ema_ms"]},
-        {"name": f"ek.AdamW[{backend}] (step+EMA fused)", "fwd_bwd_ms": e["fwd_bwd_ms"],
-         "step_ms": e["step_ms"], "ema_ms": e["ema_ms"]},
-    ]
+    labels = {"torch-foreach": "torch AdamW(foreach) + timm EMAv3",
+              "torch-fused": "torch AdamW(fused) + timm EMAv3",
+              "ek": f"ek.AdamW[{backend}] (step+EMA fused)"}
+    trainers = {kind: Trainer(kind, base, (x, y)) for kind in labels}
+    # Lockstep: one step of each in turn, so a busy machine slows all of them alike.
+    total = 2 * (args.warmup + args.steps)
+    for i in range(total):
+        for tr in trainers.values():
+            tr.step(record=i >= 2 * args.warmup)
+        if (i + 1) % 10 == 0 or i + 1 == total:
+            print(f"  step {i + 1}/{total}", file=sys.stderr, flush=True)
+    rows = [dict(name=labels[kind], **tr.result()) for kind, tr in trainers.items()]
     print(f"| run | fwd+bwd ms | optimizer ms | EMA ms | total ms | EMA share |")
     print(f"|:---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -137,8 +150,9 @@ def main(argv=None) -> int:
         r["ema_share_pct"] = 100.0 * r["ema_ms"] / r["total_ms"]
         print(f"| {r['name']} | {r['fwd_bwd_ms']:.2f} | {r['step_ms']:.2f} | "
               f"{r['ema_ms']:.2f} | {r['total_ms']:.2f} | {r['ema_share_pct']:.1f}% |")
-    print(f"\n(ek's EMA ms = median EMA step − median plain step, ema_every=2; "
-          f"{n_params / 1e6:.2f}M params in {n_tensors} tensors)")
+    print(f"\n(medians over {2 * args.steps} steps, the runs in lockstep; ek's EMA ms = median "
+          f"EMA step − median plain step, ema_every=2; {n_params / 1e6:.2f}M params in "
+          f"{n_tensors} tensors)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -150,7 +164,7 @@ def main(argv=None) -> int:
         except ImportError:
             print("--png needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
-        fig, ax = plt.subplots(figsize=(8.5, 3.0))
+        fig, ax = plt.subplots(figsize=(8.5, 3.3))
         names = [r["name"] for r in rows]
         left = [0.0] * len(rows)
         for key, label, color in (("fwd_bwd_ms", "forward+backward", "#9db4d0"),
