@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         ax.invert_yaxis()
         ax.set_xlabel("ms per training step (median)")
         ax.set_title(f"TinyLM {n_params / 1e6:.1f}M params, CPU ({torch.get_num_threads()} "
-                     f"threads): the EMA's share of a training step", fontsize=10)
+                     f"thread(s)): the EMA's share of a training step", fontsize=10)
         ax.set_xlim(0, max(left) * 1.25)
         ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3),
                   frameon=False)

@@ -517,8 +517,21 @@ def device_description(device: str) -> str:
                     break
     except OSError:
         pass
+    threads = torch.get_num_threads()
     return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads")
+            f"{threads} thread{'s' if threads != 1 else ''}")
+
+
+def _busy_note(device: str) -> str:
+    """A warning when other processes keep the CPUs busy (CPU timings then mislead)."""
+    if torch.device(device).type != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= 0.75 * cpus:
+        return ""
+    return (f"warning: this machine is busy (load average {load:.1f} on {cpus} CPUs): timings "
+            f"will be noisy; with several torch threads, OpenMP regions stall whenever one "
+            f"thread is descheduled (--threads 1 is steadier on a shared machine)")
 
 
 def _num(x: float, fmt: str) -> str:
@@ -725,11 +738,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                  f"vehicle, not a fast path)")
     desc = device_description(device)
     progress(f"bench on {desc}")
+    busy = _busy_note(device)
+    if busy:
+        progress(busy)
     t0 = time.perf_counter()
     rows = run(cases, warmup=args.warmup, repeats=args.repeats, progress=progress)
     progress(f"done in {time.perf_counter() - t0:.1f} s")
 
     print(f"# {desc}")
+    if hasattr(os, "getloadavg") and device == "cpu":
+        print(f"# load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"# B/param = bytes the fused step must move per parameter; GB/s = B/param x numel / "
           f"median time;\n# % of stream = GB/s over that of an in-place fp32 a += b moving the "
           f"same bytes (the copy bandwidth)")
