@@ -59,12 +59,18 @@ def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(b < 0, -mag, mag)
 
 
-def assert_ulp(actual, expected, what, max_ulp=1):
+def assert_ulp(actual, expected, what, max_ulp=1, before=None):
+    """Within `max_ulp` ulp; where the value cancels to ~0 (|e| << |e - before|), within the
+    fp32 tolerance of the change instead (the fp32 result is only 1e-6-close to the step)."""
     assert actual.dtype == expected.dtype
     a, e = actual.detach().cpu(), expected.detach().cpu()
     both_nan = torch.isnan(a.float()) & torch.isnan(e.float())
     d = (_ordered_bits(a) - _ordered_bits(e)).abs()
     d = torch.where(both_nan, torch.zeros_like(d), d)
+    if before is not None:
+        change = (e.double() - before.detach().cpu().double()).abs()
+        ok = (a.double() - e.double()).abs() <= 1e-6 * change
+        d = torch.where(ok, torch.zeros_like(d), d)
     worst = int(d.max()) if d.numel() else 0
     if worst > max_ulp:
         i = int(d.argmax())
@@ -94,7 +100,7 @@ def assert_param(actual, expected, before, what):
     if actual.dtype == torch.float32:
         assert_rel(actual, expected, before, what, 1e-6)
     else:
-        assert_ulp(actual, expected, what)
+        assert_ulp(actual, expected, what, before=before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,10 +241,23 @@ def run_case(backend_name, device, opt_name, dtype_name, size_name, mode_name, s
         params, emas, state = r_p, r_z, r_s
 
 
-@pytest.mark.parametrize("mode_name", list(MODES))
-@pytest.mark.parametrize("size_name", list(SIZES))
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def matrix():
+    """optimizer x dtype x size x mode; the 2^20+3 flat size (slow on the reference) runs every
+    optimizer and dtype with the EMA mode, and every mode with adamw/fp32 and sgd/bf16."""
+    out = []
+    for opt_name in OPTIMIZERS:
+        for dtype_name in DTYPES:
+            for size_name in SIZES:
+                for mode_name in MODES:
+                    if size_name == "n2p20p3" and mode_name != "ema" and \
+                            (opt_name, dtype_name) not in (("adamw", "f32"),
+                                                           ("sgd_mom_damp_wd", "bf16")):
+                        continue
+                    out.append((opt_name, dtype_name, size_name, mode_name))
+    return out
+
+
+@pytest.mark.parametrize("opt_name,dtype_name,size_name,mode_name", matrix())
 def test_cpp_matches_reference(opt_name, dtype_name, size_name, mode_name):
     seed = random.randrange(1 << 30)  # fresh data every run; printed on failure
     try:

@@ -115,6 +115,21 @@ def extension_info() -> Dict[str, object]:
     return info
 
 
+def describe_extension() -> str:
+    """One line for ``python -m ema_kernels info``: what the extension was built with."""
+    info = extension_info()
+    if not info["built"]:
+        return f"not available: {info['error']}"
+    cpu = f"CPU kernels {info.get('cpu_isa', '?')}{' + OpenMP' if info.get('openmp') else ''}"
+    if info["cuda"]:
+        ver = int(info.get("cuda_version", 0) or 0)
+        cuda = (f"CUDA {ver // 1000}.{(ver % 1000) // 10} kernels for archs "
+                f"{info.get('cuda_archs')} (device code {info.get('cuda_arch_list')})")
+    else:
+        cuda = "no CUDA kernels (CPU-only build)"
+    return f"ema_kernels._C built: {cuda}; {cpu}"
+
+
 def _built_archs() -> List[Tuple[int, int, bool]]:
     """(major, minor, ptx) for each arch in the build's TORCH_CUDA_ARCH_LIST."""
     out = []
