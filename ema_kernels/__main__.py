@@ -67,6 +67,10 @@ def _scale(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # bench parses its own flags, in the order given
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ema_kernels",
                                      description="Fused optimizer + EMA kernels.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -79,17 +83,13 @@ def main(argv=None) -> int:
     sc.add_argument("--eps", type=float, default=1e-8)
     sc.add_argument("--weight-decay", type=float, default=1e-2)
     sc.add_argument("--ema-decay", type=float, default=0.9999)
-    bench = sub.add_parser("bench", help="benchmark every backend against the torch baselines",
-                           add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    args, rest = parser.parse_known_args(argv)
+    sub.add_parser("bench", help="benchmark every backend against the torch baselines "
+                                 "(python -m ema_kernels bench --help for its flags)")
+    args = parser.parse_args(argv)
     try:
         if args.cmd == "info":
             return _info(args)
-        if args.cmd == "scale":
-            return _scale(args)
-        from .bench import main as bench_main
-        return bench_main(list(args.rest) + rest)
+        return _scale(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -688,26 +688,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cli_order(argv: Optional[List[str]]) -> Optional[List[str]]:
-    """The tokens after ``bench`` on the command line, when ``argv`` holds exactly those tokens
-    in another order.
-
-    ``ema_kernels.__main__`` hands ``bench`` its arguments through ``parse_known_args`` with a
-    REMAINDER positional, which moves unknown flags behind the values (``--numel 2^12`` arrives
-    as ``['2^12', '--numel']``). Until that routing passes the tail through untouched, recover
-    the user's order from ``sys.argv``; any other caller's ``argv`` is used as given.
-    """
-    if argv is None or "bench" not in sys.argv:
-        return argv
-    tail = sys.argv[sys.argv.index("bench") + 1:]
-    if tail != list(argv) and sorted(tail) == sorted(argv):
-        return tail
-    return argv
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m ema_kernels bench [flags]``; returns the exit status."""
-    args = _parser().parse_args(_cli_order(argv))
+    args = _parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible to torch "

@@ -107,6 +107,12 @@ class Bucket:
             self.state_views[role] = views
         return self.state[role]
 
+    def refresh_uniform_step(self) -> None:
+        """``uniform_step``: the common step count of all parameters, or None if they differ
+        (some skipped steps with a None grad): the flat path needs one count per launch."""
+        lo, hi = int(self.steps.min()), int(self.steps.max())
+        self.uniform_step = lo if lo == hi else None
+
     # -- checks --------------------------------------------------------------------------------
     def grads_are_flat(self) -> bool:
         """True when every gradient is still our view of the flat gradient buffer."""

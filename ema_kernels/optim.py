@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import numbers
+import os
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -92,8 +93,10 @@ class _EMAOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- validation -------------
-    def _check_hparams(self, group: Dict[str, Any], where: str) -> None:
-        """Raise ValueError/TypeError naming the bad value; never mutates anything."""
+    def _check_hparams(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        """Raise ValueError/TypeError naming the bad value; never mutates anything.
+
+        Returns the hyperparameters the update uses (scaled for the group's κ)."""
         _finite_number(f"lr ({where})", group["lr"], low=0.0)
         _finite_number(f"weight_decay ({where})", group["weight_decay"], low=0.0)
         kappa = scaling.check_kappa(group["kappa"])
@@ -108,7 +111,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
             raise TypeError(f"ema_schedule={sched!r} ({where}) must be a callable s -> rho(s), "
                             f"e.g. ema_kernels.schedules.warmup(0.9999)")
         self._check_update_hparams(group, where)
-        self._scaled(group, kappa)  # raises if κ breaks the optimizer's own rule
+        return self._scaled(group, kappa)  # raises if κ breaks the optimizer's own rule
 
     def _check_update_hparams(self, group, where):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -207,6 +210,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if fresh:
             bucket.steps = np.zeros(len(bucket.params), dtype=np.float32)
             bucket.steps_t = torch.from_numpy(bucket.steps)  # shares memory with the numpy array
+            bucket.uniform_step = 0
         missing = [r for r in self._roles(group) if r not in bucket.state]
         for role in missing:
             bucket.new_state(role)
@@ -248,13 +252,12 @@ class _EMAOptimizer(torch.optim.Optimizer):
         # 1. Plan and validate everything before any mutation.
         plans = []
         for group, gd in zip(self.param_groups, self._group_data):
-            self._check_hparams(group, where="param group")
+            hp = self._check_hparams(group, where="param group")
             kappa = float(group["kappa"])
-            hp = self._scaled(group, kappa)
             bucket_plans = []
             for b in gd.buckets:
                 b.check_storage()
-                backend = _ops.resolve(self.backend, b.device)
+                backend = self._backend_for(b)
                 if b.grads_are_flat():
                     bucket_plans.append((b, backend, None))
                 else:
@@ -290,6 +293,13 @@ class _EMAOptimizer(torch.optim.Optimizer):
             self._update_teacher_buffers(buffer_weight)
         return loss
 
+    def _backend_for(self, b: Bucket):
+        """The bucket's backend module, resolved once per (backend=, $EMA_KERNELS_BACKEND)."""
+        key = (self.backend, os.environ.get(_ops.ENV_VAR))
+        if getattr(b, "backend_key", None) != key:
+            b.backend_module, b.backend_key = _ops.resolve(self.backend, b.device), key
+        return b.backend_module
+
     def _collect_grads(self, b: Bucket) -> List[Optional[torch.Tensor]]:
         """The bucket's gradients where they lie (tensor-list path), validated."""
         grads = []
@@ -321,13 +331,14 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if grads is None:
             # Flat layout, every gradient is our view: one call over the whole buffers, or one
             # per distinct step count if some parameters were skipped earlier (None grads).
-            lo, hi = float(b.steps.min()), float(b.steps.max())
-            if lo == hi:
+            if b.uniform_step is not None:
+                lo = b.uniform_step
                 flat_emas = [b.state["ema"]] if emas is not None else None
                 self._update(backend, group, hp, [b.param_flat], [b.grad_flat],
                              {r: [b.state[r]] for r in self._roles(group)}, flat_emas,
-                             int(lo) + 1, ema_weight, grad_scale)
+                             lo + 1, ema_weight, grad_scale)
                 b.steps += 1
+                b.uniform_step = lo + 1
                 return
             grads = b.grad_views
             idx = list(range(len(b.params)))
@@ -348,6 +359,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
                          [emas[i] for i in ids] if emas is not None else None,
                          t + 1, ema_weight, grad_scale)
             b.steps[ids] += 1
+        b.refresh_uniform_step()
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale):  # pragma: no cover - overridden
@@ -531,6 +543,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 b, i = loc
                 st = saved_state.get(idx, {})
                 self._load_param_state(g, b, i, p, st)
+                b.refresh_uniform_step()
                 if "ema" in b.state_views:
                     z = b.state_views["ema"][i]
                     z.copy_(local(st["ema"]) if "ema" in st else local(p))
