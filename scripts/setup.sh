@@ -10,3 +10,5 @@ PY=${PYTHON:-python3}
 # --no-build-isolation: the extension's build imports the torch installed above.
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --disable-pip-version-check \
     --no-build-isolation -e ".[dev,plot]"
+# Say what was built and which backends work here (and why not).
+.venv/bin/python -m ema_kernels info
