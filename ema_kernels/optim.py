@@ -72,10 +72,6 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if differentiable:
             raise RuntimeError("differentiable=True is not supported: the fused update writes "
                                "parameters, state and EMA in place outside autograd")
-        if capturable:
-            raise NotImplementedError(
-                "capturable=True (reading lr/step/EMA decay from device tensors for CUDA-graph "
-                "capture) is not implemented yet; use capturable=False")
         if isinstance(params, (set, frozenset)):
             raise TypeError("optimizer parameters must be an ordered collection (a list or "
                             "model.parameters()), not a set: a set's order changes between runs "
@@ -84,10 +80,13 @@ class _EMAOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backend={backend!r} is not a backend; choose one of {_BACKEND_NAMES}")
         self.backend = backend
         self.flatten = bool(flatten)
+        # capturable: lr, the step count and 1 − ρ̂ live in device tensors the kernels read, and
+        # found_inf is never read on the host, so a step can be captured in a CUDA graph.
+        self.capturable = bool(capturable)
         self._group_data: List[_GroupData] = []
         self._swapped = False
         self._teachers: List[tuple] = []
-        defaults = dict(defaults, foreach=foreach, fused=fused, capturable=False,
+        defaults = dict(defaults, foreach=foreach, fused=fused, capturable=self.capturable,
                         differentiable=False)
         self._check_hparams(defaults, where="defaults")
         super().__init__(params, defaults)
@@ -110,6 +109,12 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if sched is not None and not callable(sched):
             raise TypeError(f"ema_schedule={sched!r} ({where}) must be a callable s -> rho(s), "
                             f"e.g. ema_kernels.schedules.warmup(0.9999)")
+        if self.capturable and (sched is not None or every != 1):
+            raise ValueError(
+                f"capturable=True ({where}) needs ema_every=1 and no ema_schedule (got "
+                f"ema_every={every!r}, ema_schedule={sched!r}): a replayed CUDA graph runs no "
+                f"Python, so the EMA decay must be the same every step. Use ema_decay=rho, or "
+                f"capturable=False")
         self._check_update_hparams(group, where)
         return self._scaled(group, kappa)  # raises if κ breaks the optimizer's own rule
 
@@ -211,6 +216,14 @@ class _EMAOptimizer(torch.optim.Optimizer):
             bucket.steps = np.zeros(len(bucket.params), dtype=np.float32)
             bucket.steps_t = torch.from_numpy(bucket.steps)  # shares memory with the numpy array
             bucket.uniform_step = 0
+            if self.capturable:
+                # The step count the kernels read lives on the device (one per bucket: the
+                # capturable path steps every parameter together); the host array only counts
+                # calls. Each parameter's public "step" is a view of it.
+                dev = dict(device=bucket.device, dtype=torch.float32)
+                bucket.cap_step, bucket.cap_lr = torch.zeros(1, **dev), torch.zeros(1, **dev)
+                bucket.cap_ema_weight = torch.zeros(1, **dev)
+                bucket.steps_t = bucket.cap_step.expand(len(bucket.params))
         missing = [r for r in self._roles(group) if r not in bucket.state]
         for role in missing:
             bucket.new_state(role)
@@ -263,7 +276,11 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 else:
                     bucket_plans.append((b, backend, self._collect_grads(b)))
             plans.append((group, gd, kappa, hp, bucket_plans))
-        if found_inf is not None and bool(found_inf.item()):
+        if self.capturable:
+            for _, _, _, _, bucket_plans in plans:
+                for b, backend, grads in bucket_plans:
+                    self._check_capturable(b, backend, grads)
+        elif found_inf is not None and bool(found_inf.item()):
             return loss  # one host sync: the counters and schedules live on the host
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = grad_scale.to(torch.float32).reshape(1)
@@ -286,12 +303,58 @@ class _EMAOptimizer(torch.optim.Optimizer):
                     buffer_weight = ema_weight
             for b, backend, grads in bucket_plans:
                 self._ensure_state(b, group)  # no-op unless a group key added a state role
-                self._step_bucket(group, hp, b, backend, grads, ema_weight, grad_scale)
+                if self.capturable:
+                    self._step_bucket_capturable(group, hp, b, backend, grads, ema_weight,
+                                                 grad_scale, found_inf)
+                else:
+                    self._step_bucket(group, hp, b, backend, grads, ema_weight, grad_scale)
             group["base_steps"] = s_after
             group["steps"] = steps
         if buffer_weight is not None:
             self._update_teacher_buffers(buffer_weight)
         return loss
+
+    def _check_capturable(self, b: Bucket, backend, grads) -> None:
+        if not hasattr(backend, "adam_ema_capturable"):
+            raise _ops.BackendUnavailableError(
+                f"capturable=True needs the device-tensor kernels of the 'cuda' (GPU) or 'cpp' "
+                f"(CPU) backend; backend {backend.NAME!r} has none. Build the extension "
+                f"(pip install --no-build-isolation -e .) or use capturable=False")
+        if grads is not None and any(g is None for g in grads):
+            raise RuntimeError(
+                "capturable=True steps every parameter of a bucket together (one device step "
+                "count), but some parameters have no gradient (grad None). Use "
+                "opt.zero_grad() (set_to_none=False, the default) or capturable=False")
+
+    def _step_bucket_capturable(self, group, hp, b: Bucket, backend, grads, ema_weight,
+                                grad_scale, found_inf) -> None:
+        """One launch reading lr, t and 1 − ρ̂ from device tensors; no host synchronisation.
+
+        The device step count is incremented before and decremented by ``found_inf`` after the
+        kernel (which itself writes nothing on such a step), as torch's capturable Adam does.
+        """
+        emas = b.state_views.get("ema") if ema_weight is not None else None
+        if grads is None:
+            params, grads, idx = [b.param_flat], [b.grad_flat], None
+            state = {r: [b.state[r]] for r in self._roles(group)}
+            emas = [b.state["ema"]] if emas is not None else None
+        else:
+            params = b.locals()
+            state = {r: b.state_views[r] for r in self._roles(group)}
+        b.cap_lr.fill_(hp["lr"])
+        if ema_weight is not None:
+            b.cap_ema_weight.fill_(ema_weight)
+        b.cap_step.add_(1)
+        self._update_capturable(backend, group, hp, b, params, grads, state, emas,
+                                b.cap_ema_weight if ema_weight is not None else None,
+                                grad_scale, found_inf)
+        if found_inf is not None:
+            b.cap_step.sub_(found_inf.to(b.cap_step.dtype).reshape(1))
+        b.steps += 1  # calls, not applied steps: the device count is the truth here
+
+    def _update_capturable(self, backend, group, hp, b, params, grads, state, emas, ema_weight,
+                           grad_scale, found_inf):  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def _backend_for(self, b: Bucket):
         """The bucket's backend module, resolved once per (backend=, $EMA_KERNELS_BACKEND)."""
@@ -544,6 +607,8 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 st = saved_state.get(idx, {})
                 self._load_param_state(g, b, i, p, st)
                 b.refresh_uniform_step()
+                if self.capturable:  # one device count per bucket: the loaded (common) step
+                    b.cap_step.fill_(float(b.steps.max()))
                 if "ema" in b.state_views:
                     z = b.state_views["ema"][i]
                     z.copy_(local(st["ema"]) if "ema" in st else local(p))
@@ -604,6 +669,16 @@ class _AdamBase(_EMAOptimizer):
             maximize=bool(group["maximize"]), step_size=hp["lr"] / (1.0 - beta1 ** step),
             bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=None)
+
+    def _update_capturable(self, backend, group, hp, b, params, grads, state, emas, ema_weight,
+                           grad_scale, found_inf):
+        beta1, beta2 = hp["betas"]
+        backend.adam_ema_capturable(
+            params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            emas, lr=b.cap_lr, step=b.cap_step, beta1=beta1, beta2=beta2, eps=hp["eps"],
+            weight_decay=hp["weight_decay"], decoupled=self._decoupled,
+            maximize=bool(group["maximize"]), ema_weight=ema_weight, grad_scale=grad_scale,
+            found_inf=found_inf)
 
     def _load_param_state(self, group, b, i, p, st):
         self._ensure_state(b, group)
@@ -700,6 +775,15 @@ class SGD(_EMAOptimizer):
             weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=None)
+
+    def _update_capturable(self, backend, group, hp, b, params, grads, state, emas, ema_weight,
+                           grad_scale, found_inf):
+        backend.sgd_ema_capturable(
+            params, grads, state.get("momentum_buffer"), emas, lr=b.cap_lr,
+            momentum=hp["momentum"], dampening=hp["dampening"],
+            weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]), first_step=bool(b.steps.max() == 0),
+            ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
 
     def _load_param_state(self, group, b, i, p, st):
         buf = st.get("momentum_buffer")
