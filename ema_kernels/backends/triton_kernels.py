@@ -1,0 +1,653 @@
+"""Triton backend: the fused optimizer step + EMA update as ``@triton.jit`` kernels.
+
+Same interface and math as :mod:`ema_kernels.backends.reference` (read its docstring): every
+element of θ, g, the optimizer state and ζ is read once and written once, in float32 registers
+whatever the storage dtype, in the reference's order of operations.
+
+Two entry points share the per-element math (``_adam_math`` / ``_sgd_math``):
+
+- **flat** (the lists hold one tensor, e.g. a flat buffer): one launch, ``BLOCK`` elements per
+  program, 64-bit offsets, full blocks unmasked (so accesses vectorise: 16 bytes for fp32,
+  8 bytes for bf16/fp16, all streams in one register layout) and a masked tail block.
+- **tensor list** (several tensors): a table of int64 addresses per role (θ, g, state..., ζ), the
+  tensors' sizes and a chunk table (tensor index, chunk start) built on the host and copied to the
+  device in one small transfer (cached by content, so a steady-state step copies nothing), so any
+  number of tensors goes in one launch per parameter dtype.  A tensor with an address that is not
+  16-byte aligned (an odd-offset view) gets its own flat launch instead.
+
+Per-step values (lr, step size, bias corrections, betas, eps, weight decay, ρ̂ weight, momentum,
+Nesterov, first step, "divide by grad_scale") are runtime arguments; only the flags that decide
+which bytes move (EMA on this step, AMSGrad, momentum) and the parameter dtype are
+``tl.constexpr``: 16 kernels per dtype at most, compiled once.  ``grad_scale`` / ``found_inf``
+are read inside the kernel (cached device stand-ins 1.0 / 0.0 when absent): no host sync, and
+a step with a non-zero ``found_inf`` writes nothing.
+
+bf16 stores round to nearest even by bit manipulation (Triton's interpreter truncates in its
+fp32→bf16 cast), so interpreted and compiled kernels round the same way as torch.
+
+On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before this module is
+imported), which is how the test-suite checks them without a GPU; ``aot_variants`` /
+``aot_compile`` compile every kernel variant ahead of time for a GPU architecture without one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+NAME = "triton"
+
+try:  # importing triton does not touch a device; decorating a kernel compiles nothing
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = ""
+except Exception as _e:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+
+# Launch configuration: a fixed choice, no autotuning.  2048 elements per program are 8 KB per
+# fp32 stream: 8 elements per thread with 8 warps, as two runs of 4, i.e. two 16-byte accesses
+# per fp32 stream (two 8-byte ones per bf16/fp16 stream) per thread, all loads issued before any
+# math: 32-192 bytes in flight per thread, 36-116 registers and no spills on sm_80/sm_90
+# (see the AOT test).  ``BLOCK`` is read at launch time; tests under the interpreter raise it.
+BLOCK = 2048
+NUM_WARPS = 8
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TABLE_CACHE_SIZE = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+    # Helpers are few on purpose: the interpreter pays ~1 ms per @triton.jit call per program.
+
+    @triton.jit
+    def _store_param(p_ptr, offs, theta, mask):
+        """Store θ in the parameter's dtype (round to nearest even); return θ as stored, fp32."""
+        if p_ptr.dtype.element_ty == tl.bfloat16:
+            bits = theta.to(tl.uint32, bitcast=True)
+            lsb = (bits >> 16) & 1
+            rounded = (bits + 0x7FFF + lsb) >> 16
+            rounded = tl.where(theta != theta, 0x7FC0, rounded)  # NaN stays a quiet NaN
+            tl.store(p_ptr + offs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+            stored = (rounded << 16).to(tl.float32, bitcast=True)
+        elif p_ptr.dtype.element_ty == tl.float16:
+            half = theta.to(tl.float16)  # cvt.rn on GPUs, numpy's RNE in the interpreter
+            tl.store(p_ptr + offs, half, mask=mask)
+            stored = half.to(tl.float32)
+        else:
+            tl.store(p_ptr + offs, theta, mask=mask)
+            stored = theta
+        return stored
+
+    @triton.jit
+    def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, mask, scale,
+                   beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign, neg_step_size,
+                   bc2_sqrt, ema_w, has_scale, HAS_EMA: tl.constexpr, AMSGRAD: tl.constexpr):
+        # All loads first: stores cannot be proven not to alias later loads, so issuing the
+        # loads up front keeps every stream's requests in flight together.
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask)
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=mask)
+        if HAS_EMA:
+            z = tl.load(z_ptr + offs, mask=mask)
+
+        if has_scale != 0:                      # a uniform branch: no division without AMP
+            g = tl.div_rn(g, scale)
+        g = g * grad_sign                       # ±1: exact negation for maximize
+        theta = theta * decay                   # decoupled: 1 − lr·λ; otherwise exactly 1
+        if l2_wd != 0.0:
+            g = g + l2_wd * theta
+        # m.lerp_(g, 1 − β1), ATen's two-sided formula (exact at weight 1)
+        diff = g - m
+        m = tl.where(tl.abs(beta1_w) < 0.5, m + beta1_w * diff, g - diff * (1.0 - beta1_w))
+        v = v * beta2 + (beta2_w * g) * g
+        if AMSGRAD:
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            denom = tl.sqrt_rn(vmax)
+        else:
+            denom = tl.sqrt_rn(v)
+        denom = tl.div_rn(denom, bc2_sqrt) + eps
+        theta = theta + tl.div_rn(neg_step_size * m, denom)
+
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax, mask=mask)
+        stored = _store_param(p_ptr, offs, theta, mask)
+        if HAS_EMA:  # ζ.lerp_(θ as stored, 1 − ρ̂)
+            diff = stored - z
+            z = tl.where(tl.abs(ema_w) < 0.5, z + ema_w * diff, stored - diff * (1.0 - ema_w))
+            tl.store(z_ptr + offs, z, mask=mask)
+
+    @triton.jit
+    def _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, mask, scale, grad_sign, weight_decay,
+                  momentum, dampening_w, neg_lr, nesterov, first_step, ema_w, has_scale,
+                  HAS_EMA: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        if HAS_EMA:
+            z = tl.load(z_ptr + offs, mask=mask)
+
+        if has_scale != 0:
+            g = tl.div_rn(g, scale)
+        g = g * grad_sign
+        if weight_decay != 0.0:
+            g = g + weight_decay * theta
+        if HAS_MOMENTUM:
+            if first_step != 0:                 # the buffer holds nothing yet: not read
+                buf = g
+            else:
+                buf = tl.load(b_ptr + offs, mask=mask)
+                buf = buf * momentum + dampening_w * g
+            tl.store(b_ptr + offs, buf, mask=mask)
+            if nesterov != 0:
+                g = g + momentum * buf
+            else:
+                g = buf
+        theta = theta + neg_lr * g
+
+        stored = _store_param(p_ptr, offs, theta, mask)
+        if HAS_EMA:
+            diff = stored - z
+            z = tl.where(tl.abs(ema_w) < 0.5, z + ema_w * diff, stored - diff * (1.0 - ema_w))
+            tl.store(z_ptr + offs, z, mask=mask)
+
+    # Offsets are hinted as runs of 4 contiguous elements: every stream then has 4 elements per
+    # thread in ONE register layout (16-byte fp32, 8-byte bf16/fp16 accesses).  Left alone,
+    # Triton gives 16-bit streams 8 elements per thread but fp32 stores 4, and converts between
+    # the two layouts through shared memory on every store.
+
+    _NO_SPEC = ["n", "nesterov", "first_step", "has_scale", "n_tensors", "n_chunks"]
+
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, grad_scale_ptr,
+                          found_inf_ptr, n, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
+                          grad_sign, neg_step_size, bc2_sqrt, ema_w, has_scale,
+                          HAS_EMA: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK   # 64-bit offsets
+        offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+        # GradScaler's tensors (or the host's stand-ins), read on the device: no host sync
+        scale = tl.load(grad_scale_ptr)
+        if tl.load(found_inf_ptr) == 0.0:
+            if start + BLOCK <= n:  # full block: unmasked, vectorised
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, None, scale,
+                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
+                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+            else:
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, offs < n, scale,
+                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
+                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z_ptr, grad_scale_ptr, found_inf_ptr, n,
+                         grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
+                         first_step, ema_w, has_scale, HAS_EMA: tl.constexpr,
+                         HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+        scale = tl.load(grad_scale_ptr)
+        if tl.load(found_inf_ptr) == 0.0:
+            if start + BLOCK <= n:
+                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, None, scale, grad_sign,
+                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
+                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+            else:
+                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, offs < n, scale, grad_sign,
+                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
+                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+
+    # Tensor-list kernels.  The table (int64): one row of n_tensors addresses per role, a row of
+    # sizes, then n_chunks chunk tensor indices and n_chunks chunk starts (multiples of BLOCK).
+    # The host sends only tensors whose addresses are all 16-byte aligned (the others take the
+    # flat kernel), so the pointers are hinted 16-byte aligned and the accesses vectorise.
+
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _adam_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
+                          beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign, neg_step_size,
+                          bc2_sqrt, ema_w, has_scale, P_DTYPE: tl.constexpr,
+                          HAS_EMA: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+        # rows: θ, g, m, v, vmax, ζ, sizes
+        pid = tl.program_id(0)
+        t = tl.load(table_ptr + 7 * n_tensors + pid)
+        start = tl.multiple_of(tl.load(table_ptr + 7 * n_tensors + n_chunks + pid), BLOCK)
+        numel = tl.load(table_ptr + 6 * n_tensors + t)
+        scale = tl.load(grad_scale_ptr)
+        if tl.load(found_inf_ptr) == 0.0:
+            row = table_ptr + t
+            p_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
+            g_ptr = tl.multiple_of(tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
+            m_ptr = tl.multiple_of(tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)),
+                                   16)
+            v_ptr = tl.multiple_of(tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)),
+                                   16)
+            vmax_ptr = m_ptr
+            if AMSGRAD:
+                vmax_ptr = tl.multiple_of(
+                    tl.load(row + 4 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            z_ptr = m_ptr
+            if HAS_EMA:
+                z_ptr = tl.multiple_of(
+                    tl.load(row + 5 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+            if start + BLOCK <= numel:
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, None, scale,
+                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
+                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+            else:
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, offs < numel,
+                           scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
+                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _sgd_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
+                         grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
+                         first_step, ema_w, has_scale, P_DTYPE: tl.constexpr,
+                         HAS_EMA: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+        # rows: θ, g, momentum buffer, ζ, sizes
+        pid = tl.program_id(0)
+        t = tl.load(table_ptr + 5 * n_tensors + pid)
+        start = tl.multiple_of(tl.load(table_ptr + 5 * n_tensors + n_chunks + pid), BLOCK)
+        numel = tl.load(table_ptr + 4 * n_tensors + t)
+        scale = tl.load(grad_scale_ptr)
+        if tl.load(found_inf_ptr) == 0.0:
+            row = table_ptr + t
+            p_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
+            g_ptr = tl.multiple_of(tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
+            b_ptr = p_ptr
+            if HAS_MOMENTUM:
+                b_ptr = tl.multiple_of(
+                    tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            z_ptr = p_ptr
+            if HAS_EMA:
+                z_ptr = tl.multiple_of(
+                    tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+            if start + BLOCK <= numel:
+                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, None, scale, grad_sign,
+                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
+                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+            else:
+                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, offs < numel, scale, grad_sign,
+                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
+                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------------
+def _interpreted() -> bool:
+    """Were the kernels decorated under TRITON_INTERPRET=1 (i.e. do they run on the CPU)?"""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_adam_flat_kernel, InterpretedFunction)
+
+
+def availability(device_type: str) -> Tuple[bool, str]:
+    """``(ok, reason)`` for running the Triton kernels on tensors of ``device_type``."""
+    if triton is None:
+        return False, (f"triton cannot be imported ({_IMPORT_ERROR}); install it with "
+                       f"`pip install triton` (Linux)")
+    env = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False, ("torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
+                           "build); use backend='cpp' or 'reference'")
+        if _interpreted():
+            return True, (f"triton {triton.__version__} under TRITON_INTERPRET=1: the kernels "
+                          f"are interpreted on the host (slow, for tests)")
+        return True, f"triton {triton.__version__}"
+    if device_type == "cpu":
+        if not env:
+            return False, ("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its "
+                           "interpreter, a test vehicle); use backend='cpp' or 'reference' "
+                           "for CPU tensors")
+        if not _interpreted():
+            return False, ("TRITON_INTERPRET=1 was set after ema_kernels.backends.triton_kernels "
+                           "was imported; set it before importing triton or ema_kernels, or use "
+                           "backend='cpp' or 'reference' for CPU tensors")
+        return True, (f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): slow, "
+                      f"for tests")
+    return False, f"Triton does not run on {device_type} tensors; use backend='reference'"
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and launch helpers
+# ----------------------------------------------------------------------------------------------
+def _check_lists(what: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+                 states: Sequence[Tuple[str, Optional[Sequence[Tensor]]]],
+                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> torch.device:
+    """Cheap structural checks with messages that name the problem; returns the device."""
+    if triton is None:
+        raise RuntimeError(availability("cuda")[1])
+    n = len(params)
+    device = params[0].device
+    ok, why = availability(device.type)
+    if not ok:
+        raise RuntimeError(f"{what}: the triton backend cannot run on {device.type} tensors: "
+                           f"{why}")
+    if len(grads) != n:
+        raise ValueError(f"{what}: {n} params but {len(grads)} grads")
+    for name, lst in states:
+        if lst is not None and len(lst) != n:
+            raise ValueError(f"{what}: {n} params but {len(lst)} {name}")
+    for i in range(n):
+        p, g = params[i], grads[i]
+        if p.dtype not in _PARAM_DTYPES:
+            if p.dtype == torch.float64:
+                raise TypeError(f"{what}: params[{i}] is float64; the triton backend supports "
+                                f"float32, bfloat16 and float16 parameters: use "
+                                f"backend='reference' for float64")
+            raise TypeError(f"{what}: params[{i}] has dtype {p.dtype}; the triton backend "
+                            f"supports float32, bfloat16 and float16 parameters")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{what}: grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}; "
+                            f"gradients must have their parameter's dtype")
+        numel = p.numel()
+        for name, t in (("params", p), ("grads", g)):
+            if t.device != device:
+                raise ValueError(f"{what}: {name}[{i}] is on {t.device}, params[0] on {device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{what}: {name}[{i}] is not contiguous")
+        if g.numel() != numel:
+            raise ValueError(f"{what}: grads[{i}] has {g.numel()} elements, params[{i}] "
+                             f"{numel}")
+        for name, lst in states:
+            if lst is None:
+                continue
+            s = lst[i]
+            if s.dtype != torch.float32:
+                raise TypeError(f"{what}: {name}[{i}] is {s.dtype}; optimizer state and EMA "
+                                f"must be float32")
+            if s.device != device:
+                raise ValueError(f"{what}: {name}[{i}] is on {s.device}, params[0] on {device}")
+            if not s.is_contiguous():
+                raise ValueError(f"{what}: {name}[{i}] is not contiguous")
+            if s.numel() != numel:
+                raise ValueError(f"{what}: {name}[{i}] has {s.numel()} elements, params[{i}] "
+                                 f"{numel}")
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        if t.numel() != 1 or t.dtype != torch.float32:
+            raise ValueError(f"{what}: {name} must be a one-element float32 tensor, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device}, params on {device}")
+    return device
+
+
+_const_cache: Dict[Tuple[torch.device, float], Tensor] = {}
+
+
+def _const(device: torch.device, value: float) -> Tensor:
+    """A cached one-element float32 tensor (stands in for a missing grad_scale / found_inf)."""
+    key = (device, value)
+    t = _const_cache.get(key)
+    if t is None:
+        t = torch.full((1,), value, dtype=torch.float32, device=device)
+        _const_cache[key] = t
+    return t
+
+
+def _amp_tensors(device, grad_scale, found_inf):
+    """``(has_scale, grad_scale, found_inf)``: cached device stand-ins for absent tensors.
+
+    The kernels always read both scalars (8 bytes per program) and divide only when
+    ``has_scale``: one compiled variant serves steps with and without a GradScaler.
+    """
+    has_scale = grad_scale is not None
+    if grad_scale is None:
+        grad_scale = _const(device, 1.0)
+    if found_inf is None:
+        found_inf = _const(device, 0.0)
+    return int(has_scale), grad_scale, found_inf
+
+
+class _DeviceGuard:
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = None
+        if device.type == "cuda" and device.index is not None \
+                and device.index != torch.cuda.current_device():
+            self.ctx = torch.cuda.device(device.index)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+_table_cache: Dict[tuple, Tuple[Tensor, int]] = {}
+
+
+def _table(addrs: List[List[int]], numels: List[int], device: torch.device):
+    """The address / size / chunk table of a tensor-list launch, on ``device``.
+
+    Layout (int64): ``roles × n`` addresses (0 for an absent role), ``n`` sizes, ``C`` chunk
+    tensor indices, ``C`` chunk starts (multiples of BLOCK).  Built on the host with a few
+    vectorised torch ops and sent in one host→device copy; the device table is cached by its
+    content (addresses and sizes), so a steady-state step with the same tensors copies nothing.
+    """
+    flat_addrs = [a for row in addrs for a in row]
+    key = (device, BLOCK, tuple(flat_addrs), tuple(numels))
+    hit = _table_cache.get(key)
+    if hit is not None:
+        return hit
+    n = len(numels)
+    counts = torch.tensor([(k + BLOCK - 1) // BLOCK for k in numels], dtype=torch.int64)
+    n_chunks = int(counts.sum())
+    chunk_t = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    chunk_start = (torch.arange(n_chunks, dtype=torch.int64) - first[chunk_t]) * BLOCK
+    host = torch.cat([torch.tensor(flat_addrs + numels, dtype=torch.int64), chunk_t, chunk_start])
+    table = host if device.type == "cpu" else host.to(device, non_blocking=True)
+    if len(_table_cache) >= _TABLE_CACHE_SIZE:
+        _table_cache.pop(next(iter(_table_cache)))
+    _table_cache[key] = hit = (table, n_chunks)
+    return hit
+
+
+_TL_DTYPES = {}
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
+
+
+def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], device,
+            grad_scale, found_inf, scalars: dict, flags: dict) -> None:
+    """Run the update over ``roles`` = [params, grads, state..., emas] (``None``: role absent).
+
+    One tensor: the flat kernel.  Several: one tensor-list launch per parameter dtype for the
+    tensors whose every address is 16-byte aligned (the list kernel assumes it, so its accesses
+    vectorise); a tensor with a misaligned address (an odd-offset view) gets its own flat launch.
+    """
+    params = roles[0]
+
+    def flat(i):
+        n = params[i].numel()
+        flat_kernel[(triton.cdiv(n, BLOCK),)](
+            *[None if r is None else r[i] for r in roles], grad_scale, found_inf, n,
+            **scalars, **flags, num_warps=NUM_WARPS)
+
+    with _DeviceGuard(device):
+        if len(params) == 1:
+            if params[0].numel() > 0:
+                flat(0)
+            return
+        addrs = [None if r is None else [t.data_ptr() for t in r] for r in roles]
+        numels = [p.numel() for p in params]
+        groups: Dict[torch.dtype, List[int]] = {}
+        for i, p in enumerate(params):
+            if numels[i] == 0:
+                continue
+            if all(a is None or a[i] % 16 == 0 for a in addrs):
+                groups.setdefault(p.dtype, []).append(i)
+            else:
+                flat(i)
+        for dtype, idx in groups.items():
+            if len(idx) == 1:
+                flat(idx[0])
+                continue
+            sub = [[0] * len(idx) if a is None else [a[i] for i in idx] for a in addrs]
+            table, n_chunks = _table(sub, [numels[i] for i in idx], device)
+            list_kernel[(n_chunks,)](table, len(idx), n_chunks, grad_scale, found_inf,
+                                     **scalars, P_DTYPE=_TL_DTYPES[dtype], **flags,
+                                     num_warps=NUM_WARPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend interface
+# ----------------------------------------------------------------------------------------------
+def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+             exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
+             emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
+             weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
+             bias_correction2_sqrt: float, ema_weight: Optional[float],
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """Adam / AdamW step followed by the EMA update (see the reference backend's docstring)."""
+    if len(params) == 0:
+        return
+    has_ema = ema_weight is not None
+    if has_ema and emas is None:
+        raise ValueError("adam_ema: ema_weight is set but emas is None")
+    emas = emas if has_ema else None
+    device = _check_lists("adam_ema", params, grads,
+                          [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                           ("max_exp_avg_sqs", max_exp_avg_sqs), ("emas", emas)],
+                          grad_scale, found_inf)
+    has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
+    # Host scalars as torch forms them (Python doubles); Triton passes them as float32, as
+    # torch casts a Python scalar to the float32 compute type of the reference's ops.
+    scalars = dict(
+        beta1_w=1.0 - beta1, beta2=beta2, beta2_w=1.0 - beta2, eps=eps,
+        decay=(1.0 - lr * weight_decay) if (decoupled and weight_decay != 0) else 1.0,
+        l2_wd=0.0 if decoupled else weight_decay, grad_sign=-1.0 if maximize else 1.0,
+        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt,
+        ema_w=ema_weight if has_ema else 0.0, has_scale=has_scale)
+    flags = dict(HAS_EMA=has_ema, AMSGRAD=max_exp_avg_sqs is not None, BLOCK=BLOCK)
+    _launch(_adam_flat_kernel, _adam_list_kernel,
+            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas], device,
+            grad_scale, found_inf, scalars, flags)
+
+
+def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
+            emas: Optional[List[Tensor]], *, lr: float, momentum: float, dampening: float,
+            weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+            ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
+            found_inf: Optional[Tensor] = None) -> None:
+    """SGD step followed by the EMA update (see the reference backend's docstring)."""
+    if len(params) == 0:
+        return
+    has_ema = ema_weight is not None
+    if has_ema and emas is None:
+        raise ValueError("sgd_ema: ema_weight is set but emas is None")
+    emas = emas if has_ema else None
+    has_momentum = momentum != 0
+    if has_momentum and momentum_buffers is None:
+        raise ValueError("sgd_ema: momentum is non-zero but momentum_buffers is None")
+    momentum_buffers = momentum_buffers if has_momentum else None
+    device = _check_lists("sgd_ema", params, grads,
+                          [("momentum_buffers", momentum_buffers), ("emas", emas)],
+                          grad_scale, found_inf)
+    has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
+    scalars = dict(grad_sign=-1.0 if maximize else 1.0, weight_decay=weight_decay,
+                   momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
+                   nesterov=int(bool(nesterov)), first_step=int(bool(first_step)),
+                   ema_w=ema_weight if has_ema else 0.0, has_scale=has_scale)
+    flags = dict(HAS_EMA=has_ema, HAS_MOMENTUM=has_momentum, BLOCK=BLOCK)
+    _launch(_sgd_flat_kernel, _sgd_list_kernel, [params, grads, momentum_buffers, emas], device,
+            grad_scale, found_inf, scalars, flags)
+
+
+def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
+    """ζ += w (θ − ζ) for parameters that took no optimizer step but whose EMA clock ticked."""
+    if len(params) != len(emas):
+        raise ValueError(f"ema_only: {len(params)} params but {len(emas)} emas")
+    if not params:
+        return
+    sources = [p if p.dtype == z.dtype else p.to(z.dtype) for p, z in zip(params, emas)]
+    torch._foreach_lerp_(list(emas), sources, ema_weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU needed): every kernel variant the launchers can produce
+# ----------------------------------------------------------------------------------------------
+_TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_variants():
+    """Yield ``(label, kernel, signature, constexprs, attrs)`` for every kernel variant.
+
+    Variants: parameter dtype x {flat, list} x {AdamW/Adam, SGD} x the structural constexprs
+    (EMA on this step; AMSGrad or momentum).  Flat kernels get the 16-byte pointer alignment the
+    JIT specialises on for ordinary (allocator- or flat-buffer-aligned) tensors; list kernels
+    hint it themselves.
+    """
+    import itertools
+    adam_scalars = ("beta1_w", "beta2", "beta2_w", "eps", "decay", "l2_wd", "grad_sign",
+                    "neg_step_size", "bc2_sqrt", "ema_w")
+    sgd_scalars = ("grad_sign", "weight_decay", "momentum", "dampening_w", "neg_lr")
+    for dtype in _PARAM_DTYPES:
+        pt, ty = "*" + _TY[dtype], _TY[dtype]
+        amp = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+        for ema, ams in itertools.product((False, True), repeat=2):
+            flags = dict(HAS_EMA=ema, AMSGRAD=ams, BLOCK=BLOCK)
+            tail = dict({k: "fp32" for k in adam_scalars}, has_scale="i32")
+            sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", v_ptr="*fp32",
+                       vmax_ptr="*fp32" if ams else "constexpr",
+                       z_ptr="*fp32" if ema else "constexpr", **amp, n="i32", **tail)
+            yield _variant(f"adam_flat[{ty},ema={ema},amsgrad={ams}]", _adam_flat_kernel, sig,
+                           flags)
+            sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
+            yield _variant(f"adam_list[{ty},ema={ema},amsgrad={ams}]", _adam_list_kernel, sig,
+                           dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+        for ema, mom in itertools.product((False, True), repeat=2):
+            flags = dict(HAS_EMA=ema, HAS_MOMENTUM=mom, BLOCK=BLOCK)
+            tail = dict({k: "fp32" for k in sgd_scalars}, nesterov="i32", first_step="i32",
+                        ema_w="fp32", has_scale="i32")
+            sig = dict(p_ptr=pt, g_ptr=pt, b_ptr="*fp32" if mom else "constexpr",
+                       z_ptr="*fp32" if ema else "constexpr", **amp, n="i32", **tail)
+            yield _variant(f"sgd_flat[{ty},ema={ema},momentum={mom}]", _sgd_flat_kernel, sig,
+                           flags)
+            sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
+            yield _variant(f"sgd_list[{ty},ema={ema},momentum={mom}]", _sgd_list_kernel, sig,
+                           dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+
+
+def _variant(label, kernel, sig, flags):
+    """Complete a signature: absent pointers are constexpr None, flags constexpr values."""
+    const = {k: None for k, v in sig.items() if v == "constexpr"}
+    const.update(flags)
+    sig = dict(sig, **{k: "constexpr" for k in flags})
+    missing = set(kernel.arg_names) - set(sig)
+    assert not missing, (label, missing)
+    return label, kernel, sig, const, _aligned_attrs(kernel, sig)
+
+
+def _aligned_attrs(kernel, sig):
+    """16-byte divisibility for every pointer argument (what the JIT infers for aligned data)."""
+    return {(kernel.arg_names.index(k),): [["tt.divisibility", 16]]
+            for k, v in sig.items() if v.startswith("*")}
+
+
+def aot_compile(kernel, signature, constexprs, attrs, arch: int = 90):
+    """Compile one variant for ``sm_<arch>`` without a GPU; returns triton's CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    ordered = {k: signature[k] for k in kernel.arg_names}
+    src = ASTSource(kernel, ordered, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": NUM_WARPS})
