@@ -72,10 +72,6 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if differentiable:
             raise RuntimeError("differentiable=True is not supported: the fused update writes "
                                "parameters, state and EMA in place outside autograd")
-        if isinstance(params, (set, frozenset)):
-            raise TypeError("optimizer parameters must be an ordered collection (a list or "
-                            "model.parameters()), not a set: a set's order changes between runs "
-                            "and the state dict is indexed by position")
         if backend not in _BACKEND_NAMES:
             raise ValueError(f"backend={backend!r} is not a backend; choose one of {_BACKEND_NAMES}")
         self.backend = backend
@@ -89,7 +85,23 @@ class _EMAOptimizer(torch.optim.Optimizer):
         defaults = dict(defaults, foreach=foreach, fused=fused, capturable=self.capturable,
                         differentiable=False)
         self._check_hparams(defaults, where="defaults")
-        super().__init__(params, defaults)
+        # Validate every group before packing any: a failed construction must leave the
+        # parameters where they were, not half-moved into buffers of an optimizer never built.
+        groups = [params] if isinstance(params, torch.Tensor) else params
+        if isinstance(groups, (set, frozenset)):
+            groups = {"params": groups}  # rejected below with the message about sets
+        groups = [groups] if isinstance(groups, dict) else list(groups)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list: pass at least one "
+                             "parameter (e.g. model.parameters())")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        taken: set = set()
+        checked = []
+        for k, g in enumerate(groups):
+            checked.append(self._validated_group(g, defaults, taken, k))
+            taken.update(id(p) for p in checked[-1]["params"])
+        super().__init__(checked, defaults)  # the checked groups: generators are consumed
 
     # ---------------------------------------------------------------- validation -------------
     def _check_hparams(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -125,54 +137,64 @@ class _EMAOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- param groups -----------
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a group (torch.optim semantics); its parameters are packed into flat buffers."""
+    def _validated_group(self, param_group, defaults, taken: set, index: int) -> Dict[str, Any]:
+        """The group as it will be stored, after every check; mutates nothing.
+
+        ``taken`` holds the ids of parameters already in other groups."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
-        elif isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, "
-                            "but the ordering of tensors in sets will change between runs. "
-                            "Please use a list instead.")
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError("optimizer parameters must be an ordered collection (a list or "
+                            "model.parameters()), not a set: a set's order changes between runs "
+                            "and the state dict is indexed by position")
         else:
             params = list(params)
         if params and all(isinstance(p, tuple) and len(p) == 2 for p in params):
             param_group = dict(param_group, param_names=[n for n, _ in params])
             params = [p for _, p in params]  # model.named_parameters(), as torch >= 2.6 takes
         if len(params) == 0:
-            raise ValueError("a param group has an empty parameter list: pass at least one "
-                             "parameter (e.g. model.parameters())")
+            raise ValueError(f"param group {index} has an empty parameter list: pass at least "
+                             f"one parameter (e.g. model.parameters())")
         seen = set()
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"parameter {i} of the group is a {type(p).__name__}, not a Tensor")
+                raise TypeError(f"parameter {i} of param group {index} is a "
+                                f"{type(p).__name__}, not a Tensor")
             if not p.is_leaf:
-                raise ValueError(f"parameter {i} of the group is not a leaf tensor: optimize "
-                                 f"the nn.Parameter itself, not a result computed from it")
+                raise ValueError(f"parameter {i} of param group {index} is not a leaf tensor: "
+                                 f"optimize the nn.Parameter itself, not a result computed "
+                                 f"from it")
             if p.is_complex():
-                raise TypeError(f"parameter {i} of the group is complex ({p.dtype}): ema_kernels "
-                                f"supports real floating-point parameters only; view complex "
-                                f"parameters as real (torch.view_as_real) before optimizing")
+                raise TypeError(f"parameter {i} of param group {index} is complex ({p.dtype}): "
+                                f"ema_kernels supports real floating-point parameters only; "
+                                f"view complex parameters as real (torch.view_as_real)")
             if not p.is_floating_point():
-                raise TypeError(f"parameter {i} of the group has dtype {p.dtype}: parameters "
-                                f"must be floating point (fp32, bf16, fp16 or fp64)")
+                raise TypeError(f"parameter {i} of param group {index} has dtype {p.dtype}: "
+                                f"parameters must be floating point (fp32, bf16, fp16 or fp64)")
             if p.is_sparse:
-                raise TypeError(f"parameter {i} of the group is sparse: not supported")
+                raise TypeError(f"parameter {i} of param group {index} is sparse: not supported")
             if id(p) in seen:
-                raise ValueError(f"parameter {i} appears twice in the same param group: "
+                raise ValueError(f"parameter {i} appears twice in param group {index}: "
                                  f"pass each parameter once")
+            if id(p) in taken:
+                raise ValueError(f"parameter {i} of param group {index} appears in more than "
+                                 f"one parameter group: each parameter may belong to one "
+                                 f"group only")
             seen.add(id(p))
-        for g in self.param_groups:
-            for p in g["params"]:
-                if id(p) in seen:
-                    raise ValueError("some parameters appear in more than one parameter group: "
-                                     "each parameter may belong to one group only")
         group = dict(param_group, params=params)
-        for k, v in self.defaults.items():
+        for k, v in defaults.items():
             group.setdefault(k, v)
-        self._check_hparams(group, where=f"param group {len(self.param_groups)}")
+        self._check_hparams(group, where=f"param group {index}")
+        return group
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group (torch.optim semantics); its parameters are packed into flat buffers."""
+        taken = {id(p) for g in self.param_groups for p in g["params"]}
+        group = self._validated_group(param_group, self.defaults, taken, len(self.param_groups))
+        params = group["params"]
         # Validation passed: from here on we mutate.
         for c in _COUNTERS:
             group.setdefault(c, 0.0 if c != "steps" else 0)
@@ -275,9 +297,9 @@ class _EMAOptimizer(torch.optim.Optimizer):
                     bucket_plans.append((b, backend, None))
                 else:
                     bucket_plans.append((b, backend, self._collect_grads(b)))
-            plans.append((group, gd, kappa, hp, bucket_plans))
+            plans.append((group, hp, self._ema_plan(group, kappa), bucket_plans))
         if self.capturable:
-            for _, _, _, _, bucket_plans in plans:
+            for *_, bucket_plans in plans:
                 for b, backend, grads in bucket_plans:
                     self._check_capturable(b, backend, grads)
         elif found_inf is not None and bool(found_inf.item()):
@@ -287,17 +309,8 @@ class _EMAOptimizer(torch.optim.Optimizer):
 
         # 2. Execute.
         buffer_weight = None
-        for group, gd, kappa, hp, bucket_plans in plans:
-            s_before = float(group["base_steps"])
-            s_after = s_before + kappa
-            steps = int(group["steps"]) + 1
-            ema_weight = None
-            if self._has_ema(group) and steps % int(group["ema_every"]) == 0:
-                sched = group["ema_schedule"]
-                rho = scaling.check_rho(sched(s_before) if sched is not None
-                                        else group["ema_decay"], "ema_schedule(s)")
-                covered = s_after - float(group["ema_base_steps"])
-                ema_weight = 1.0 - rho ** covered
+        for group, hp, (ema_weight, s_after, steps), bucket_plans in plans:
+            if ema_weight is not None:
                 group["ema_base_steps"] = s_after
                 if buffer_weight is None:
                     buffer_weight = ema_weight
@@ -313,6 +326,23 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if buffer_weight is not None:
             self._update_teacher_buffers(buffer_weight)
         return loss
+
+    def _ema_plan(self, group, kappa: float):
+        """``(ema_weight or None, s after this step, group step count after it)``.
+
+        Pure: the schedule is called (and its value checked) while planning, so a schedule
+        that fails or returns a bad ρ stops the step before anything has moved."""
+        s_before = float(group["base_steps"])
+        s_after = s_before + kappa
+        steps = int(group["steps"]) + 1
+        ema_weight = None
+        if self._has_ema(group) and steps % int(group["ema_every"]) == 0:
+            sched = group["ema_schedule"]
+            rho = scaling.check_rho(sched(s_before) if sched is not None
+                                    else group["ema_decay"], "ema_schedule(s)")
+            covered = s_after - float(group["ema_base_steps"])
+            ema_weight = 1.0 - rho ** covered
+        return ema_weight, s_after, steps
 
     def _check_capturable(self, b: Bucket, backend, grads) -> None:
         if not hasattr(backend, "adam_ema_capturable"):
@@ -360,7 +390,18 @@ class _EMAOptimizer(torch.optim.Optimizer):
         """The bucket's backend module, resolved once per (backend=, $EMA_KERNELS_BACKEND)."""
         key = (self.backend, os.environ.get(_ops.ENV_VAR))
         if getattr(b, "backend_key", None) != key:
-            b.backend_module, b.backend_key = _ops.resolve(self.backend, b.device), key
+            mod = _ops.resolve(self.backend, b.device)
+            if b.dtype == torch.float64 and mod.NAME != "reference":
+                # The kernels take fp32/bf16/fp16; "auto" means the best backend that can run
+                # these tensors, a backend asked for by name must say it cannot.
+                if self.backend == "auto" and not key[1]:
+                    mod = _ops.resolve("reference", b.device)
+                else:
+                    raise TypeError(
+                        f"backend {mod.NAME!r} runs fp32, bf16 and fp16 parameters; this "
+                        f"optimizer has float64 parameters ({len(b.params)} in one bucket). "
+                        f"Use backend='reference' (or 'auto') for float64")
+            b.backend_module, b.backend_key = mod, key
         return b.backend_module
 
     def _collect_grads(self, b: Bucket) -> List[Optional[torch.Tensor]]:
