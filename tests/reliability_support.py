@@ -21,6 +21,7 @@ does not turn a last-bit difference into a huge relative error.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from typing import Any, Dict, List, Optional
@@ -65,7 +66,10 @@ OTHER_BACKENDS = [b for b in BACKENDS if b != "reference"]
 SLOW_BACKENDS = {"triton"}  # the interpreter: ~5 ms per 2048-element program, ~13 ms per tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OPTIMIZERS = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD}
+OPTIMIZERS = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD,
+              # torch's Adam(decoupled_weight_decay=True) is AdamW
+              "adam_dwd": functools.partial(ek.Adam, decoupled_weight_decay=True)}
+DECOUPLED = ("adamw", "adam_dwd")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,7 +419,7 @@ def oracle_step(problem, pre, gvecs, found_inf=None, grad_scale=None):
     term with its absolute value), ``ema_w`` (1 − ρ̂ of this step or None), and the counters.
     """
     kind = problem["opt"]
-    decoupled = kind == "adamw"
+    decoupled = kind in DECOUPLED
     sched = make_schedule(problem["schedule"])
     skipped = found_inf is not None and float(found_inf) != 0.0
     gs = 1.0 if grad_scale is None else float(grad_scale)

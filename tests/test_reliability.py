@@ -192,6 +192,39 @@ def test_checkpoint_written_under_one_backend_loads_under_another(src, dst):
             torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
 
 
+MISMATCHES = {
+    # (parameter index in the checkpoint, key, replacement): a checkpoint of another model
+    "exp_avg of another size": (3, "exp_avg", torch.zeros(7)),
+    "exp_avg that would broadcast": (0, "exp_avg", torch.ones(9)),  # into (17, 9): silent
+    "ema of another shape": (4, "ema", torch.zeros(17, 4)),
+    "momentum-free state for Adam": (5, "exp_avg_sq", torch.zeros(())),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loading_a_mismatched_checkpoint_raises_and_changes_nothing(backend, case):
+    """A checkpoint whose tensors do not fit the parameters must be refused with a message that
+    names the parameter and the entry, before anything is loaded (not half-loaded, and never
+    broadcast into the state)."""
+    idx, key, value = MISMATCHES[case]
+    model = make_model(70)
+    opt = ek.AdamW(model.parameters(), lr=1e-2, ema_decay=0.9, backend=backend)
+    train_step(model, opt, inputs(1)[0])
+    sd = opt.state_dict()
+    bad = {"param_groups": sd["param_groups"],
+           "state": {i: {k: (v + 1 if isinstance(v, torch.Tensor) and k != "step" else v)
+                         for k, v in st.items()} for i, st in sd["state"].items()}}
+    bad["state"][idx][key] = value
+    params = list(model.parameters())
+    before = rs.snapshot(params, opt)
+    with pytest.raises((ValueError, RuntimeError)) as e:
+        opt.load_state_dict(bad)
+    msg = str(e.value)
+    assert key in msg and str(idx) in msg, f"unclear message: {msg}"
+    rs.assert_snapshots_equal(before, rs.snapshot(params, opt), f"failed load ({case})")
+
+
 TORCH_CASES = {
     "adamw-amsgrad": (torch.optim.AdamW, ek.AdamW, dict(lr=1e-2, amsgrad=True,
                                                         weight_decay=0.05)),
