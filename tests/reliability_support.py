@@ -177,6 +177,7 @@ def problems(draw, max_tensors: int = 6, max_steps: int = 5, opt=None, dtypes=No
                     kappa=draw(st.sampled_from(kappas)) if progressive else None)
         steps.append(step)
     return dict(opt=opt, hp=hp, schedule=schedule, flatten=flatten, groups=groups, steps=steps,
+                views=draw(st.sampled_from([False, False, False, True])),
                 seed=draw(st.integers(0, 2 ** 31 - 1)),
                 init_scale=draw(st.sampled_from([1e-2, 1.0, 10.0])),
                 grad_scale_mag=draw(st.sampled_from([1e-3, 1.0, 30.0])))
@@ -187,7 +188,7 @@ def describe(problem) -> str:
     sizes = [[(tuple(t["shape"]), str(t["dtype"]).replace("torch.", ""), t["requires_grad"])
               for t in g["tensors"]] for g in problem["groups"]]
     return (f"{problem['opt']} hp={problem['hp']} sched={problem['schedule']} "
-            f"flatten={problem['flatten']} groups={sizes} "
+            f"flatten={problem['flatten']} views={problem.get('views', False)} groups={sizes} "
             f"overrides={[g['overrides'] for g in problem['groups']]} steps={problem['steps']}")
 
 
@@ -225,15 +226,36 @@ def step_grads(problem, k: int) -> List[torch.Tensor]:
     return _random_split(problem, problem["seed"] * 7 + 1000 + k, fn)
 
 
+def odd_views(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Copies of ``tensors`` that are views into one shared buffer per dtype, each starting at
+    an odd element offset (so at a data pointer that is not 16-byte aligned)."""
+    out = []
+    for dt in {t.dtype for t in tensors}:
+        idx = [i for i, t in enumerate(tensors) if t.dtype == dt]
+        total = sum(tensors[i].numel() + 1 for i in idx) + 1
+        buf = torch.zeros(total, dtype=dt)
+        off = 1
+        for i in idx:
+            n = tensors[i].numel()
+            v = buf[off:off + n].view(tensors[i].shape)
+            v.copy_(tensors[i])
+            out.append((i, v))
+            off += n + 1
+    return [v for _, v in sorted(out, key=lambda iv: iv[0])]
+
+
 def build(problem, backend: str, params: Optional[List[torch.Tensor]] = None, **extra):
-    """``(params, optimizer)`` for the problem: fresh Parameters (copies of ``params``)."""
+    """``(params, optimizer)`` for the problem: fresh Parameters (copies of ``params``; with
+    ``problem["views"]``, views at odd offsets into shared buffers, as parameters that alias a
+    bigger tensor are)."""
     init = params if params is not None else initial_params(problem)
+    init = odd_views(init) if problem.get("views") else [t.detach().clone() for t in init]
     ps, k = [], 0
     groups = []
     for g in problem["groups"]:
         gp = []
         for t in g["tensors"]:
-            p = torch.nn.Parameter(init[k].detach().clone(), requires_grad=t["requires_grad"])
+            p = torch.nn.Parameter(init[k].detach(), requires_grad=t["requires_grad"])
             gp.append(p)
             ps.append(p)
             k += 1
@@ -266,9 +288,12 @@ def apply_grads(problem, k: int, ps, opt, grads=None) -> None:
     mode = step["mode"]
     if mode == "list" or not problem["flatten"]:
         opt.zero_grad(set_to_none=True)
+        present = [g for p, g in zip(ps, grads) if p.requires_grad and g is not None]
+        fresh = iter(odd_views(present) if problem.get("views") else
+                     [g.clone() for g in present])
         for p, g in zip(ps, grads):
             if p.requires_grad and g is not None:
-                p.grad = g.clone()
+                p.grad = next(fresh)
         return
     opt.zero_grad(set_to_none=False)
     with torch.no_grad():

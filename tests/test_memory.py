@@ -87,10 +87,10 @@ CASES = {
 MEASURED = {}
 
 
-def _measure(backend, case, dtype, mode, amp, n=N_PARAMS):
+def _measure(backend, case, dtype, mode, amp, n=N_PARAMS, flatten=True):
     cls, kw = CASES[case]
     model = make_model(dtype, n)
-    opt = cls(model.parameters(), backend=backend, ema_decay=0.999, **kw)
+    opt = cls(model.parameters(), backend=backend, ema_decay=0.999, flatten=flatten, **kw)
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
     extra = {}
@@ -126,6 +126,17 @@ def test_step_allocates_nothing_proportional_to_the_model(backend, case, dtype, 
     # the first step: at most the reference's fixed scratch (3 chunks per compute dtype)
     scratch = 3 * reference_backend._CHUNK * 4 if backend == "reference" else 0
     assert first[0] <= scratch + FRACTION * model_bytes
+
+
+@pytest.mark.parametrize("backend", [b for b in rs.BACKENDS if b not in rs.SLOW_BACKENDS])
+def test_tensor_list_layout_allocates_nothing_proportional(backend):
+    """flatten=False (parameters stay where they are, e.g. FSDP shards): same bound."""
+    n_params, _, (total, count, peak) = _measure(backend, "adamw-amsgrad", torch.float32,
+                                                 "list", True, flatten=False)
+    MEASURED[(backend, "adamw-amsgrad", "flatten=False", "list", True)] = (total, count, peak)
+    assert total <= FRACTION * 4 * n_params, (backend, total, count)
+    if backend != "reference":
+        assert total == 0
 
 
 def test_reference_scratch_does_not_grow_with_the_model():
