@@ -15,11 +15,12 @@ None, user-replaced gradients, flatten=False; 1-5 steps with found_inf / grad_sc
   DESIGN.md tolerances.
 
 Examples: ``HYPOTHESIS_PROFILE=ci`` (default, derandomized) runs 200 problems per backend set,
-``local`` ten times more with fresh randomness, ``dev`` a tenth.
+``local`` ten times more with fresh randomness, ``dev`` a tenth (50 per optimizer in ci).
 """
 import pytest
 import torch
 from hypothesis import given, note
+from hypothesis import strategies as st
 
 import reliability_support as rs
 
@@ -28,18 +29,25 @@ import reliability_support as rs
 EXAMPLES = 200
 
 
-@rs.hsettings(EXAMPLES)
-@given(problem=rs.problems())
-def test_every_backend_equals_reference_and_reference_equals_float64(problem):
+OPTS = ["adamw", "adam", "sgd", "adam_dwd"]  # adam_dwd: Adam(decoupled_weight_decay=True)
+
+
+@pytest.mark.parametrize("opt", OPTS)
+@rs.hsettings(EXAMPLES // len(OPTS))
+@given(data=st.data())
+def test_every_backend_equals_reference_and_reference_equals_float64(opt, data):
+    problem = data.draw(rs.problems(opt=opt), label="problem")
     note(rs.describe(problem))
     counts = rs.run_problem(problem, rs.BACKENDS)
     assert counts["reference"] == len(problem["steps"])
 
 
 # Without the slow interpreter: more tensors per group and more examples per run.
-@rs.hsettings(60)
-@given(problem=rs.problems(max_tensors=24))
-def test_compiled_backends_many_tensors(problem):
+@pytest.mark.parametrize("opt", OPTS)
+@rs.hsettings(100 // len(OPTS))
+@given(data=st.data())
+def test_compiled_backends_many_tensors(opt, data):
+    problem = data.draw(rs.problems(opt=opt, max_tensors=24), label="problem")
     note(rs.describe(problem))
     rs.run_problem(problem, [b for b in rs.BACKENDS if b not in rs.SLOW_BACKENDS])
 
