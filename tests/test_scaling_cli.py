@@ -87,3 +87,17 @@ def test_cli_info_and_scale():
     assert "0.8" in sgd.stdout
     bad = _cli("scale", "--kappa", "100", "--optimizer", "adam")
     assert bad.returncode == 2 and "beta1" in bad.stderr
+
+
+def test_auto_prefers_cuda_then_triton_for_cuda_tensors(monkeypatch):
+    """auto on CUDA tensors: the extension when built, else Triton (no GPU needed to check)."""
+    real = _ops.availability
+    state = {"cuda": (True, "built"), "triton": (True, "ok"), "reference": (True, "ok")}
+    monkeypatch.setattr(_ops, "availability",
+                        lambda name, dt: state[name] if dt == "cuda" else real(name, dt))
+    monkeypatch.delenv("EMA_KERNELS_BACKEND", raising=False)
+    assert _ops.resolve("auto", "cuda").NAME == "cuda"
+    state["cuda"] = (False, "extension not built")
+    assert _ops.resolve("auto", "cuda").NAME == "triton"
+    state["triton"] = (False, "no triton")
+    assert _ops.resolve("auto", "cuda").NAME == "reference"
