@@ -639,6 +639,8 @@ class _EMAOptimizer(torch.optim.Optimizer):
             self._check_hparams(g, where=f"loaded param group {k}")
         where = self._locate()
         saved_state = state_dict["state"]
+        self._check_loaded_state(merged, groups, saved_state, where)
+        touched = {}
         for g, theirs in zip(merged, groups):
             for p, idx in zip(g["params"], theirs["params"]):
                 loc = where.get(p)
@@ -647,14 +649,54 @@ class _EMAOptimizer(torch.optim.Optimizer):
                 b, i = loc
                 st = saved_state.get(idx, {})
                 self._load_param_state(g, b, i, p, st)
-                b.refresh_uniform_step()
-                if self.capturable:  # one device count per bucket: the loaded (common) step
-                    b.cap_step.fill_(float(b.steps.max()))
+                touched[id(b)] = b
                 if "ema" in b.state_views:
                     z = b.state_views["ema"][i]
                     z.copy_(local(st["ema"]) if "ema" in st else local(p))
+        for b in touched.values():
+            b.refresh_uniform_step()
+            if self.capturable:  # one device count per bucket (checked equal above)
+                b.cap_step.fill_(float(b.steps.max()))
         for k, g in enumerate(merged):
             self.param_groups[k].update(g)
+
+    def _check_loaded_state(self, merged, groups, saved_state, where) -> None:
+        """Refuse a checkpoint that does not fit, before anything is loaded: every tensor must
+        have its parameter's shape (copy_ would broadcast a smaller one silently)."""
+        for g, theirs in zip(merged, groups):
+            roles = set(self._roles(g)) | {"ema"}
+            for p, idx in zip(g["params"], theirs["params"]):
+                loc = where.get(p)
+                st = saved_state.get(idx, {})
+                if loc is None or not st:
+                    continue
+                b, i = loc
+                for key, v in st.items():
+                    if key == "step":
+                        if isinstance(v, torch.Tensor) and v.numel() != 1:
+                            raise ValueError(f"loaded state of parameter {idx}: 'step' has "
+                                             f"shape {tuple(v.shape)}, expected a scalar")
+                        continue
+                    if key not in roles or v is None:
+                        continue  # e.g. another optimizer's entry: ignored, as torch does
+                    shape = tuple(local(v).shape)
+                    if shape != tuple(b.shapes[i]):
+                        raise ValueError(
+                            f"loaded state of parameter {idx}: {key!r} has shape {shape}, but "
+                            f"the parameter has shape {tuple(b.shapes[i])} — this checkpoint "
+                            f"was written for another model or parameter order")
+            if self.capturable:
+                by_bucket: Dict[int, set] = {}
+                for p, idx in zip(g["params"], theirs["params"]):
+                    loc = where.get(p)
+                    if loc is not None:
+                        step = saved_state.get(idx, {}).get("step", 0.0)
+                        by_bucket.setdefault(id(loc[0]), set()).add(float(step))
+                if any(len(v) > 1 for v in by_bucket.values()):
+                    raise ValueError(
+                        "the checkpoint's parameters took different numbers of steps (some had "
+                        "no gradient on some step), but capturable=True keeps one device step "
+                        "count per bucket; load it with capturable=False")
 
     def _load_param_state(self, group, b, i, p, st):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -669,7 +711,10 @@ class _AdamBase(_EMAOptimizer):
                  flatten=True, foreach=None, fused=None, capturable=False,
                  differentiable=False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=bool(amsgrad), maximize=bool(maximize), ema_decay=ema_decay,
+                        amsgrad=bool(amsgrad), maximize=bool(maximize),
+                        # saved with the groups so torch.optim.Adam loading our checkpoint
+                        # keeps AdamW's decoupled decay (the class decides ours)
+                        decoupled_weight_decay=self._decoupled, ema_decay=ema_decay,
                         ema_every=ema_every, ema_schedule=ema_schedule, kappa=kappa,
                         scale_optimizer=bool(scale_optimizer))
         super().__init__(params, defaults, backend=backend, flatten=flatten, foreach=foreach,
@@ -786,6 +831,12 @@ class SGD(_EMAOptimizer):
     def _check_update_hparams(self, group, where):
         momentum = _finite_number(f"momentum ({where})", group["momentum"], low=0.0)
         dampening = _finite_number(f"dampening ({where})", group["dampening"])
+        if self.capturable and momentum != 0 and dampening != 0:
+            raise ValueError(
+                f"capturable=True SGD ({where}) needs dampening=0 (got {group['dampening']!r}): "
+                f"torch initialises the momentum buffer undampened on the first applied step, "
+                f"and under capturable=True which step that is (found_inf) is known only on "
+                f"the device. Use dampening=0 or capturable=False")
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError(f"nesterov=True ({where}) requires momentum > 0 and dampening = 0 "
                              f"(got momentum={group['momentum']!r}, "
@@ -823,7 +874,10 @@ class SGD(_EMAOptimizer):
             params, grads, state.get("momentum_buffer"), emas, lr=b.cap_lr,
             momentum=hp["momentum"], dampening=hp["dampening"],
             weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
-            maximize=bool(group["maximize"]), first_step=bool(b.steps.max() == 0),
+            # Never first_step: which step is the first *applied* one is known only on the
+            # device (found_inf). With dampening 0 (enforced) a zero buffer updated as
+            # momentum·0 + d is exactly torch's first-step buf = d.
+            maximize=bool(group["maximize"]), first_step=False,
             ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
 
     def _load_param_state(self, group, b, i, p, st):
