@@ -107,7 +107,8 @@ def _valid_kappas(opt: str, betas, choices=(0.5, 1.0, 2.0, 3.0)):
 def problems(draw, max_tensors: int = 6, max_steps: int = 5, opt=None, dtypes=None,
              allow_amp: bool = True, capturable: bool = False):
     """A random optimizer problem (see module docstring).  ``capturable=True``: what that mode
-    supports (ema_every=1, no schedule, every trainable parameter gets a gradient)."""
+    supports (ema_every=1, no schedule, SGD without dampening, every trainable parameter gets
+    a gradient)."""
     opt = opt or draw(st.sampled_from(sorted(OPTIMIZERS)))
     dtype_set = dtypes or draw(st.sampled_from(
         [(torch.float32,), (torch.bfloat16,), (torch.float16,), (torch.float32, torch.bfloat16),
@@ -118,7 +119,10 @@ def problems(draw, max_tensors: int = 6, max_steps: int = 5, opt=None, dtypes=No
         momentum = draw(st.sampled_from([0.5, 0.9]) if nesterov
                         else st.sampled_from([0.0, 0.5, 0.9]))
         hp.update(momentum=momentum, nesterov=nesterov,
-                  dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.1, 0.5])),
+                  # capturable=True SGD requires dampening=0 (the first applied step, which
+                  # initialises the buffer undampened, is known only on the device)
+                  dampening=0.0 if (nesterov or capturable)
+                  else draw(st.sampled_from([0.0, 0.1, 0.5])),
                   weight_decay=draw(st.sampled_from([0.0, 0.0, 1e-2, 0.1])))
     else:
         betas = (draw(st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.99])),
