@@ -143,8 +143,8 @@ def main(argv=None) -> int:
         if (i + 1) % 10 == 0 or i + 1 == total:
             print(f"  step {i + 1}/{total}", file=sys.stderr, flush=True)
     rows = [dict(name=labels[kind], **tr.result()) for kind, tr in trainers.items()]
-    print(f"| run | fwd+bwd ms | optimizer ms | EMA ms | total ms | EMA share |")
-    print(f"|:---|---:|---:|---:|---:|---:|")
+    print("| run | fwd+bwd ms | optimizer ms | EMA ms | total ms | EMA share |")
+    print("|:---|---:|---:|---:|---:|---:|")
     for r in rows:
         r["total_ms"] = r["fwd_bwd_ms"] + r["step_ms"] + r["ema_ms"]
         r["ema_share_pct"] = 100.0 * r["ema_ms"] / r["total_ms"]

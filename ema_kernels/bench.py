@@ -51,7 +51,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -731,9 +731,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# {desc}")
     if hasattr(os, "getloadavg") and device == "cpu":
         print(f"# load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"# B/param = bytes the fused step must move per parameter; GB/s = B/param x numel / "
-          f"median time;\n# % of stream = GB/s over that of an in-place fp32 a += b moving the "
-          f"same bytes (the copy bandwidth)")
+    print("# B/param = bytes the fused step must move per parameter; GB/s = B/param x numel / "
+          "median time;\n# % of stream = GB/s over that of an in-place fp32 a += b moving the "
+          "same bytes (the copy bandwidth)")
     print()
     print(format_table(rows))
     if args.json:

@@ -10,7 +10,7 @@ import copy
 import math
 import numbers
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -365,7 +365,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
         """
         emas = b.state_views.get("ema") if ema_weight is not None else None
         if grads is None:
-            params, grads, idx = [b.param_flat], [b.grad_flat], None
+            params, grads = [b.param_flat], [b.grad_flat]
             state = {r: [b.state[r]] for r in self._roles(group)}
             emas = [b.state["ema"]] if emas is not None else None
         else:

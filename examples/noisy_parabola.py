@@ -20,7 +20,6 @@ closed form E[ζ](t) as a dashed line, and print max_t |E[ζ]_κ − E[ζ]_{κ=1
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -273,7 +273,6 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     res = run_all(total_samples=args.samples, seed=args.seed, backend=args.backend, verbose=True)
-    ref = res["k1"][1]
     print(f"{'run':<40s}{'final EMA loss':>16s}{'final model loss':>18s}{'mean gap to k=1':>17s}")
     for name in ("k1", "k8_full", "k8_fixed", "progressive", "cos_k1", "cos_k8"):
         s, ema, raw = res[name]

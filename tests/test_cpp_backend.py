@@ -169,7 +169,6 @@ def run_case(backend_name, device, opt_name, dtype_name, size_name, mode_name, s
     sizes = _sizes(size_name, rng)
     params, mk = _make_tensors(sizes, dtype, device, seed, unaligned)
     randn = lambda k, g: torch.randn(k, generator=g)  # noqa: E731
-    rand = lambda k, g: torch.rand(k, generator=g)  # noqa: E731
     emas = [mk(n, torch.float32, randn) for n in sizes]
     amsgrad = cfg.pop("amsgrad", False)
     if kind == "adam":

@@ -1,6 +1,4 @@
 """The scaling rules, the backend registry and the command line."""
-import math
-import os
 import subprocess
 import sys
 
