@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 import ema_kernels as ek
+from ema_kernels.bench import timm_v3_update
 
 EMA_DECAY = 0.9999
 
@@ -47,18 +48,6 @@ class TinyLM(nn.Module):
     def forward(self, x):
         h = self.emb(x) + self.pos[: x.shape[1]]
         return self.head(self.norm(self.body(h)))
-
-
-def timm_v3_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """timm ModelEmaV3.apply_update_ (foreach branch), as published."""
-    ema_lerp_values, model_lerp_values = [], []
-    for ema_v, model_v in zip(ema_model.state_dict().values(), model.state_dict().values()):
-        if ema_v.is_floating_point():
-            ema_lerp_values.append(ema_v)
-            model_lerp_values.append(model_v)
-        else:
-            ema_v.copy_(model_v)
-    torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
 
 
 class Trainer:

@@ -206,6 +206,19 @@ def _row_fused_lerp(case: Case):
         (opt, params, emas)
 
 
+def timm_v3_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """timm ModelEmaV3.apply_update_ (foreach branch), as published: one _foreach_lerp_ over the
+    floating-point entries of both state dicts, integer buffers copied."""
+    ema_lerp_values, model_lerp_values = [], []
+    for ema_v, model_v in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if ema_v.is_floating_point():
+            ema_lerp_values.append(ema_v)
+            model_lerp_values.append(model_v)
+        else:
+            ema_v.copy_(model_v)
+    torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
+
+
 def _row_timm_v3(case: Case):
     """torch foreach optimizer + timm ModelEmaV3.apply_update_ (foreach branch), as published."""
     params = _make_params(case)
@@ -213,18 +226,8 @@ def _row_timm_v3(case: Case):
     ema_model = _copy.deepcopy(model)
     opt = _torch_optimizer(case, params, foreach=True)
     decay = EMA_DECAY ** case.ema_every
-
-    def ema():
-        ema_lerp_values, model_lerp_values = [], []
-        for ema_v, model_v in zip(ema_model.state_dict().values(), model.state_dict().values()):
-            if ema_v.is_floating_point():
-                ema_lerp_values.append(ema_v)
-                model_lerp_values.append(model_v)
-            else:
-                ema_v.copy_(model_v)
-        torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
-
-    return _every(case.ema_every, opt.step, ema), (opt, model, ema_model)
+    return _every(case.ema_every, opt.step, lambda: timm_v3_update(ema_model, model, decay)), \
+        (opt, model, ema_model)
 
 
 def _row_averaged_model(case: Case):
