@@ -168,12 +168,21 @@ def _torch_optimizer(case: Case, params, **mode):
     return cls[case.optimizer](params, **_torch_hparams(case), **mode)
 
 
-def _ek_optimizer(case: Case, params, backend: str):
+def _ek_optimizer(case: Case, params, backend: str, flatten: bool = False):
     import ema_kernels as ek
 
     cls = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD}[case.optimizer]
-    return cls(params, **_torch_hparams(case), ema_decay=EMA_DECAY, ema_every=case.ema_every,
-               backend=backend)
+    grads = [p.grad for p in params]
+    opt = cls(params, **_torch_hparams(case), ema_decay=EMA_DECAY, ema_every=case.ema_every,
+              backend=backend, flatten=flatten)
+    if flatten:
+        # The flat layout's fast path: gradients are views of one buffer (bound by
+        # zero_grad(set_to_none=False)), as a training loop using that mode has them.
+        opt.zero_grad(set_to_none=False)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad.copy_(g)
+    return opt
 
 
 def _every(k: int, step: Callable[[], None], ema: Callable[[], None]) -> Callable[[], None]:
@@ -186,10 +195,10 @@ def _every(k: int, step: Callable[[], None], ema: Callable[[], None]) -> Callabl
     return run
 
 
-def _row_ek(backend: str):
+def _row_ek(backend: str, flatten: bool = False):
     def build(case: Case):
         params = _make_params(case)
-        opt = _ek_optimizer(case, params, backend)
+        opt = _ek_optimizer(case, params, backend, flatten)
         # ema_every is the optimizer's own: k calls of step() cover one EMA period.
         k = case.ema_every
         return _every(k, opt.step, lambda: None), (opt, params)
@@ -288,14 +297,17 @@ def ek_backends(device: str) -> List[str]:
 
 def row_names(device: str) -> List[str]:
     """Every row of a run on ``device``, in table order."""
-    return [f"ek[{b}]" for b in ek_backends(device)] + list(BASELINES) + [COPY]
+    names = []
+    for b in ek_backends(device):
+        names += [f"ek[{b}]", f"ek[{b},flat]"]  # default layout, then flatten=True
+    return names + list(BASELINES) + [COPY]
 
 
 def build_row(name: str, case: Case):
     """``(fn, keepalive)`` for row ``name``: ``fn()`` runs ``case.ema_every`` steps + one EMA."""
-    m = re.fullmatch(r"ek\[(\w+)\]", name)
+    m = re.fullmatch(r"ek\[(\w+)(,flat)?\]", name)
     if m:
-        return _row_ek(m.group(1))(case)
+        return _row_ek(m.group(1), flatten=m.group(2) is not None)(case)
     if name == COPY:
         fn, keep = _row_copy(case)
         return fn, keep

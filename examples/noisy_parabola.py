@@ -111,7 +111,7 @@ def simulate(kappa: int, rule: str = "ours", replicas: int = 10_000, base_steps:
         # Per-sample noise for the κ samples of this batch; the batch gradient is their mean.
         eps = torch.randn(kappa, replicas, generator=gen)
         noise = eps[0] if kappa == 1 else eps.mean(0)
-        theta.grad.copy_(theta.detach() * a + sigma * noise)  # p.grad: a view of the flat buffer
+        theta.grad = theta.detach() * a + sigma * noise
         opt.step()
         z = zeta.double()
         mean[i] = z.mean().item()

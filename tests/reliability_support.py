@@ -362,7 +362,8 @@ def snapshot(ps, opt) -> Dict[str, Any]:
         groups.append({k: copy.deepcopy(v) for k, v in g.items()
                        if k not in ("params", "ema_schedule")})
         idx = [pos[id(p)] for p in g["params"]]
-        tr = [i for i in idx if ps[i] in opt.state and opt.state[ps[i]]]
+        # trainable: the parameters with a step count (a frozen one has at most its EMA)
+        tr = [i for i in idx if ps[i] in opt.state and "step" in opt.state[ps[i]]]
         numels = [ps[i].numel() for i in tr]
         vec = dict(index=tr, numels=numels)
         vec["theta"] = _cat64([ps[i] for i in tr])
@@ -384,7 +385,7 @@ def snapshot(ps, opt) -> Dict[str, Any]:
         vec["no_ema_view"] = "ema" not in keys and all(emas[i] is None for i in idx)
         vecs.append(vec)
     frozen = {i: p.detach().clone() for i, p in enumerate(ps)
-              if not (p in opt.state and opt.state[p])}
+              if not (p in opt.state and "step" in opt.state[p])}
     return dict(groups=groups, vecs=vecs, frozen=frozen, state_keys=keys_all)
 
 

@@ -173,7 +173,7 @@ def test_gpu_step_allocates_nothing(case):  # pragma: no cover - GPU machines on
         opt = cls(model.parameters(), backend=backend, ema_decay=0.999, **kw)
         n = sum(p.numel() for p in model.parameters())
         for p in model.parameters():
-            p.grad.normal_()
+            p.grad = torch.randn_like(p)
         opt.step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -61,7 +61,7 @@ def test_env_override_reaches_the_optimizer(monkeypatch):
     monkeypatch.setenv("EMA_KERNELS_BACKEND", "cuda")  # cannot run on CPU tensors
     p = torch.nn.Parameter(torch.randn(4))
     opt = ek.AdamW([p])
-    p.grad.fill_(1.0)
+    p.grad = torch.full_like(p, 1.0)
     with pytest.raises(ek.BackendUnavailableError, match="cannot run on cpu"):
         opt.step()
 

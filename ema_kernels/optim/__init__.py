@@ -1,0 +1,16 @@
+"""The optimizers: AdamW, Adam and SGD that also keep EMAs of the weights, in the same pass.
+
+Where things are:
+
+- :mod:`.adam`, :mod:`.sgd` — one file per update rule (defaults, group keys, scaling glue);
+- :mod:`.base` — construction, param groups, the parameter sets, ``zero_grad``, pickling;
+- :mod:`.checks` — validation of parameters, groups and hyperparameters (torch's cases);
+- :mod:`.layout` — where state lives (per parameter by default; ``flatten=True`` buffers);
+- :mod:`.stepping` — ``step()``: planning, then one fused launch per parameter set;
+- :mod:`.ema_api` — ``ema_parameters``, ``swap_ema``, ``ema_module`` (teachers);
+- :mod:`.checkpoint` — ``state_dict``/``load_state_dict`` and their hooks.
+"""
+from .adam import Adam, AdamW
+from .sgd import SGD
+
+__all__ = ["AdamW", "Adam", "SGD"]

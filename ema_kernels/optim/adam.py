@@ -1,0 +1,106 @@
+"""Adam and AdamW: torch.optim's update rules (and defaults, group keys) fused with the EMA.
+
+The glue between a group's hyperparameters and the backends' ``adam_ema`` launches; the math is
+in ``ema_kernels.backends`` (the reference is the readable one).
+"""
+from __future__ import annotations
+
+from .. import scaling
+from . import checks
+from .base import EMAOptimizer
+
+__all__ = ["AdamW", "Adam"]
+
+
+class _AdamBase(EMAOptimizer):
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, ema_decay=0.9999, ema_every=1,
+                 ema_schedule=None, kappa=1.0, scale_optimizer=True, backend="auto",
+                 flatten=False, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=bool(amsgrad), maximize=bool(maximize),
+                        # saved with the groups so torch.optim.Adam loading our checkpoint
+                        # keeps AdamW's decoupled decay (the class decides ours)
+                        decoupled_weight_decay=self._decoupled, ema_decay=ema_decay,
+                        ema_every=ema_every, ema_schedule=ema_schedule, kappa=kappa,
+                        scale_optimizer=bool(scale_optimizer))
+        super().__init__(params, defaults, backend=backend, flatten=flatten, foreach=foreach,
+                         fused=fused, capturable=capturable, differentiable=differentiable)
+
+    def _check_update_hparams(self, group, where):
+        checks.finite_number(f"eps ({where})", group["eps"], low=0.0)
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"betas={betas!r} ({where}) must be a pair (beta1, beta2)")
+        for i, b in enumerate(betas):
+            checks.finite_number(f"betas[{i}] ({where})", b, low=0.0, high=1.0)
+
+    def _scaled(self, group, kappa):
+        if group["scale_optimizer"]:
+            return scaling.adam(group["lr"], group["betas"], group["eps"],
+                                group["weight_decay"], kappa, decoupled=self._decoupled)
+        return {"lr": float(group["lr"]), "betas": tuple(float(b) for b in group["betas"]),
+                "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+
+    def _roles(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] \
+            else ("exp_avg", "exp_avg_sq")
+
+    def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
+                grad_scale):
+        beta1, beta2 = hp["betas"]
+        backend.adam_ema(
+            params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            emas if ema_weight is not None else None,
+            lr=hp["lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
+            weight_decay=hp["weight_decay"], decoupled=self._decoupled,
+            maximize=bool(group["maximize"]), step_size=hp["lr"] / (1.0 - beta1 ** step),
+            bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
+            grad_scale=grad_scale, found_inf=None)
+
+    def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
+                           grad_scale, found_inf):
+        beta1, beta2 = hp["betas"]
+        backend.adam_ema_capturable(
+            params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            emas, lr=ts.cap["lr"], step=ts.cap["step"], beta1=beta1, beta2=beta2, eps=hp["eps"],
+            weight_decay=hp["weight_decay"], decoupled=self._decoupled,
+            maximize=bool(group["maximize"]), ema_weight=ema_weight, grad_scale=grad_scale,
+            found_inf=found_inf)
+
+class AdamW(_AdamBase):
+    """torch.optim.AdamW (decoupled weight decay) fused with an EMA of the weights.
+
+    Same math, defaults and group keys as ``torch.optim.AdamW``, plus:
+
+    - ``ema_decay`` ρ at the base batch in [0, 1] (``None`` in a group: no EMA for it),
+    - ``ema_every`` k: update the EMA every k-th step with ρ raised to the base steps covered,
+    - ``ema_schedule`` callable ``s -> ρ(s)`` (see :mod:`ema_kernels.schedules`),
+    - ``kappa`` κ: batch-size scale; the EMA uses ρ^κ per step and, with
+      ``scale_optimizer=True``, lr·√κ, β → 1 − κ(1 − β), ε/√κ, weight decay·√κ,
+    - ``backend``: ``"auto" | "reference" | "triton" | "cuda" | "cpp"``,
+    - ``flatten``: False (default) leaves parameters in their own storage; True packs them
+      into one flat buffer per (device, dtype) (see README, "Layout").
+    """
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, **kwargs)
+
+
+class Adam(_AdamBase):
+    """torch.optim.Adam (L2 weight decay added to the gradient) fused with an EMA of the
+    weights; see :class:`AdamW` for the EMA and scaling keywords. ``decoupled_weight_decay=True``
+    makes it AdamW, as in torch."""
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, decoupled_weight_decay=False, **kwargs):
+        self._decoupled = bool(decoupled_weight_decay)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, **kwargs)

@@ -1,0 +1,180 @@
+"""``state_dict()`` / ``load_state_dict()``: torch.optim's format, hooks and loading rules.
+
+The format is torch.optim's (``state`` by parameter index, ``param_groups`` with ``params`` as
+indices, ``param_names`` when the groups are named) plus ``ema`` per parameter: a torch.optim
+AdamW/Adam/SGD checkpoint loads into the matching ema_kernels optimizer (the EMAs then start from
+the current parameters) and ours into torch's. The four torch hook registries
+(``register_state_dict_pre_hook`` …) are called exactly where torch calls them.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+import torch
+
+from . import layout
+
+# Group keys a loaded checkpoint never overrides: the parameters themselves, the schedule (an
+# object, not saved) and torch's implementation switches (ours are always fused).
+_KEEP_OURS = ("params", "ema_schedule", "foreach", "fused", "capturable", "differentiable",
+              "decoupled_weight_decay")
+
+
+class CheckpointMixin:
+    """Checkpoints of :class:`~.base.EMAOptimizer`."""
+
+    @torch._disable_dynamo
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's format plus an ``ema`` entry per parameter of an EMA-keeping group.
+
+        Tensors are the state itself, as torch returns them (copies only where ours are views
+        of a shared buffer — ``flatten=True``, the step counts — so that saving one entry never
+        writes a whole buffer)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        self._ensure_sets()
+        mappings: Dict[int, int] = {}
+        start = 0
+        groups = []
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k not in ("params", "ema_schedule")}
+            mappings.update({id(p): i for i, p in enumerate(g["params"], start)
+                             if id(p) not in mappings})
+            packed["params"] = [mappings[id(p)] for p in g["params"]]
+            start += len(packed["params"])
+            groups.append(packed)
+        state = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                out = {}
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and (k == "step" or self.flatten):
+                        v = v.clone()
+                    out[k] = v
+                state[mappings[id(p)]] = out
+        sd = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load our own or a torch.optim (AdamW/Adam/SGD) state dict.
+
+        Hyperparameters and counters saved in the groups replace ours; keys the checkpoint
+        lacks (a torch checkpoint has no EMA settings) keep their current values, and
+        ``ema_schedule`` (not saved) is kept; ``param_names`` are taken from the checkpoint when
+        it has them, as torch does. A parameter without an ``ema`` entry starts its EMA from its
+        current value. A checkpoint that does not fit is refused before anything is loaded."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has a different number of parameter groups "
+                             f"({len(groups)}) than the optimizer ({len(self.param_groups)})")
+        for k, (ours, theirs) in enumerate(zip(self.param_groups, groups)):
+            if len(ours["params"]) != len(theirs["params"]):
+                raise ValueError(f"loaded state dict contains a parameter group that doesn't "
+                                 f"match the size of optimizer's group: param group {k} has "
+                                 f"{len(theirs['params'])} parameters in the checkpoint, "
+                                 f"{len(ours['params'])} in the optimizer")
+        merged = []
+        for ours, theirs in zip(self.param_groups, groups):
+            g = dict(ours)
+            for key, v in theirs.items():
+                if key not in _KEEP_OURS:
+                    g[key] = copy.deepcopy(v)
+            merged.append(g)
+        for k, g in enumerate(merged):
+            self._check_hparams(g, where=f"loaded param group {k}")
+        saved_state = state_dict["state"]
+        self._check_loaded_state(merged, groups, saved_state)
+        # Everything fits: load. State tensors are written in place (teachers and
+        # ema_parameters() stay live); missing ones are made by _build_sets.
+        for k, g in enumerate(merged):
+            self.param_groups[k].update(g)
+        for g, theirs in zip(self.param_groups, groups):
+            has_ema = self._has_ema(g)
+            roles = set(self._roles(g))
+            for p, idx in zip(g["params"], theirs["params"]):
+                saved = saved_state.get(idx, {})
+                st = self.state.get(p)
+                if st is None:
+                    st = {}
+                new = {}
+                for key, v in saved.items():
+                    if key == "step":
+                        new["step"] = torch.tensor(float(v), dtype=torch.float32) \
+                            if not isinstance(v, torch.Tensor) else v.detach().to("cpu", torch.float32).reshape(())
+                    elif key in roles or key == "ema":
+                        cur = st.get(key)
+                        v = layout.local(v)
+                        if cur is not None:
+                            layout.local(cur).copy_(v)
+                            new[key] = cur
+                        else:
+                            t = layout.new_state_like(p)
+                            layout.local(t).copy_(v)
+                            new[key] = t
+                    else:
+                        new[key] = v  # another optimizer's entry: kept, as torch does
+                if has_ema and "ema" not in new:
+                    cur = st.get("ema")
+                    if cur is not None:
+                        layout.local(cur).copy_(layout.local(p))
+                        new["ema"] = cur
+                if saved and "step" not in new and any(r in new for r in roles):
+                    # torch.optim.SGD saves no step: a saved buffer means it was initialised
+                    new["step"] = torch.tensor(1.0)
+                for r in roles:
+                    if r not in new and r in st:
+                        layout.local(st[r]).zero_()
+                        new[r] = st[r]
+                if new:
+                    self.state[p] = new
+                else:
+                    self.state.pop(p, None)
+        self._sets = None
+        self._build_sets()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_loaded_state(self, merged, groups, saved_state) -> None:
+        """Refuse a checkpoint that does not fit, before anything is loaded: every tensor must
+        have its parameter's shape (copy_ would broadcast a smaller one silently)."""
+        for g, theirs in zip(merged, groups):
+            roles = set(self._roles(g)) | {"ema"}
+            steps = set()
+            for p, idx in zip(g["params"], theirs["params"]):
+                st = saved_state.get(idx, {})
+                for key, v in st.items():
+                    if key == "step":
+                        if isinstance(v, torch.Tensor) and v.numel() != 1:
+                            raise ValueError(f"loaded state of parameter {idx}: 'step' has "
+                                             f"shape {tuple(v.shape)}, expected a scalar")
+                        steps.add(float(v))
+                        continue
+                    if key not in roles or v is None:
+                        continue
+                    shape = tuple(layout.local(v).shape)
+                    want = tuple(layout.local(p).shape)
+                    if shape != want:
+                        raise ValueError(
+                            f"loaded state of parameter {idx}: {key!r} has shape {shape}, but "
+                            f"the parameter has shape {want} — this checkpoint was written for "
+                            f"another model or parameter order")
+            if self.capturable and len(steps) > 1:
+                raise ValueError(
+                    "the checkpoint's parameters took different numbers of steps (some had "
+                    "no gradient on some step), but capturable=True keeps one device step "
+                    "count per parameter set; load it with capturable=False")

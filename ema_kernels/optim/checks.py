@@ -1,0 +1,136 @@
+"""Validation of the optimizers' inputs: parameter lists, param groups and hyperparameters.
+
+Parameter-list checks follow ``torch.optim.Optimizer.__init__``/``add_param_group`` case for
+case (same exception types, same warnings), so code that catches torch's errors catches ours;
+our messages add what to do. Hyperparameter checks raise ``ValueError``/``TypeError`` naming the
+value. Nothing here mutates anything: a failed construction or step leaves everything as it was.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Dict, List
+
+import torch
+
+from .. import scaling
+
+
+def finite_number(name, value, *, low=None, low_inclusive=True, high=None,
+                  high_inclusive=False) -> float:
+    """``float(value)`` after checking it is a finite real in the given range.
+
+    A one-element tensor is accepted (a tensor ``lr``); reading it is a host read, so the step
+    only calls this on host numbers (see ``host_lr``)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}={value!r} is invalid: it must be finite")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        op = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name}={value!r} is invalid: it must be {op} {low}")
+    if high is not None and (v > high or (v == high and not high_inclusive)):
+        op = "<=" if high_inclusive else "<"
+        raise ValueError(f"{name}={value!r} is invalid: it must be {op} {high}")
+    return v
+
+
+def check_ema_every(every, where: str) -> int:
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"ema_every={every!r} ({where}) is invalid: it must be an integer "
+                         f">= 1 (update the EMA every k-th step)")
+    return int(every)
+
+
+def check_ema_settings(group: Dict[str, Any], where: str) -> None:
+    if group["ema_decay"] is not None:
+        scaling.check_rho(group["ema_decay"], f"ema_decay ({where})")
+    check_ema_every(group["ema_every"], where)
+    sched = group["ema_schedule"]
+    if sched is not None and not callable(sched):
+        raise TypeError(f"ema_schedule={sched!r} ({where}) must be a schedule (a callable "
+                        f"s -> rho(s)), e.g. ema_kernels.schedules.warmup(0.9999)")
+
+
+def split_params(params) -> List[Dict[str, Any]]:
+    """The groups of ``params`` as ``Optimizer.__init__`` sees them (torch's cases and types)."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params argument given to the optimizer should be an iterable of "
+                        "Tensors or dicts, but got " + torch.typename(params) +
+                        " (pass [tensor] or model.parameters())")
+    groups = list(params)
+    if len(groups) == 0:
+        raise ValueError("optimizer got an empty parameter list (pass model.parameters() or "
+                         "a non-empty list of tensors)")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return groups
+
+
+def normalise_group(param_group, existing: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A new dict with ``params`` as a list of tensors (and ``param_names`` when named), after
+    torch's ``add_param_group`` checks against the ``existing`` groups. Mutates nothing."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+    group = dict(param_group)
+    params = group["params"]
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but "
+                        "the ordering of tensors in sets will change between runs. Please use a "
+                        "list instead.")
+    else:
+        params = list(params)
+    tensors, names = [], []
+    for p in params:
+        if isinstance(p, tuple):
+            names.append(p[0])
+            tensors.append(p[1])
+        else:
+            tensors.append(p)
+    if names:
+        if len(names) != len(tensors):
+            raise ValueError("all optimizer params should be with/without names. Some param "
+                             "names are missing")
+        group["param_names"] = names
+    group["params"] = tensors
+    for p in tensors:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError("optimizer can only optimize Tensors, but one of the params is " +
+                            torch.typename(p))
+        if not (p.is_leaf or p.retains_grad):
+            raise ValueError("can't optimize a non-leaf Tensor (optimize the nn.Parameter "
+                             "itself, not a result computed from it)")
+    for i, p in enumerate(tensors):
+        if p.is_complex():
+            raise TypeError(f"parameter {i} is complex ({p.dtype}): ema_kernels supports real "
+                            f"floating-point parameters only; view complex parameters as real "
+                            f"(torch.view_as_real)")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {i} has dtype {p.dtype}: parameters must be floating "
+                            f"point (fp32, bf16, fp16 or fp64)")
+        if p.is_sparse:
+            raise TypeError(f"parameter {i} is sparse: ema_kernels optimizers support dense "
+                            f"parameters only")
+    if len(tensors) != len(set(tensors)):
+        warnings.warn("optimizer contains a parameter group with duplicate parameters; "
+                      "in future, this will cause an error; "
+                      "see github.com/pytorch/pytorch/issues/40967 for more information",
+                      stacklevel=4)
+    taken = set()
+    for g in existing:
+        taken.update(g["params"])
+        if ("param_names" in group) != ("param_names" in g):
+            txt = "with names" if "param_names" in group else "without names"
+            raise ValueError("all optimizer param groups should be with/without names. "
+                             f"cannot add param group {txt} to the optimizer")
+    if not taken.isdisjoint(set(tensors)):
+        raise ValueError("some parameters appear in more than one parameter group")
+    return group

@@ -1,0 +1,145 @@
+"""The EMA API of the optimizers: ``ema_parameters``, ``swap_ema``, ``ema_module`` (teachers).
+
+ζ lives in ``optimizer.state[p]["ema"]`` (per parameter, the parameter's shape and memory
+format, fp32 for 16-bit parameters). Teachers are held weakly: a teacher the user drops is
+freed, and costs nothing afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+
+from . import layout
+
+
+def _ema_key(index: int) -> str:
+    return "ema" if index == 0 else f"ema_{index}"
+
+
+class EMAMixin:
+    """EMA accessors of :class:`~.base.EMAOptimizer`."""
+
+    @property
+    def num_emas(self) -> int:
+        """How many EMAs each EMA-keeping group tracks (0 if no group keeps one)."""
+        return 1 if any(self._has_ema(g) for g in self.param_groups) else 0
+
+    def _check_index(self, index) -> str:
+        if isinstance(index, bool) or not isinstance(index, int) or not \
+                0 <= index < max(self.num_emas, 1):
+            raise IndexError(f"EMA index {index!r} is out of range: this optimizer tracks "
+                             f"{self.num_emas} EMA(s) per parameter (indices 0.."
+                             f"{max(self.num_emas - 1, 0)})")
+        return _ema_key(index)
+
+    def ema_parameters(self, index: int = 0) -> List[Optional[torch.Tensor]]:
+        """ζ for every parameter, aligned with ``[p for g in param_groups for p in g["params"]]``.
+
+        Each entry is the EMA tensor itself (not a copy: it changes with every EMA step), with
+        the parameter's shape and memory format (fp32 for 16-bit parameters; a DTensor laid out
+        like the parameter under FSDP2), or ``None`` where the group keeps no EMA."""
+        key = self._check_index(index)
+        self._ensure_sets()
+        out = []
+        for g in self.param_groups:
+            has = self._has_ema(g)
+            for p in g["params"]:
+                st = self.state.get(p)
+                out.append(st[key] if has and st is not None and key in st else None)
+        return out
+
+    @contextlib.contextmanager
+    def swap_ema(self, index: int = 0):
+        """Inside the block the parameters hold their EMA; after it, bit for bit their own values.
+
+        Parameters of groups without an EMA are left alone. ``step()`` inside raises."""
+        key = self._check_index(index)
+        if self._swapped:
+            raise RuntimeError("swap_ema() is already active: the blocks cannot be nested")
+        self._plan_checks()  # a parameter moved or cast after stepping: raise, move nothing
+        dst, src = [], []
+        for g in self.param_groups:
+            if not self._has_ema(g):
+                continue
+            for p in dict.fromkeys(g["params"]):
+                dst.append(layout.local(p))
+                src.append(layout.local(self.state[p][key]))
+        with torch.no_grad():
+            saved = [t.clone() for t in dst]
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        self._swapped = True
+        try:
+            yield self
+        finally:
+            if dst:
+                with torch.no_grad():
+                    torch._foreach_copy_(dst, saved)
+            self._swapped = False
+
+    def ema_module(self, model: torch.nn.Module, index: int = 0) -> torch.nn.Module:
+        """A module with ``model``'s structure whose parameters are live views of the EMA.
+
+        No copy of the EMA is made: after the next ``step()`` the teacher holds the new EMA.
+        Parameters without an EMA (a group with ``ema_decay=None``, or not in this optimizer)
+        alias the student's parameter. Floating-point buffers of the teacher follow the same EMA
+        (on EMA steps, with the decay of the first group that updated its EMA in that step,
+        like timm's ModelEmaV3); integer buffers are copied. For 16-bit models the teacher's
+        parameters are the fp32 EMA (run it under autocast). The optimizer holds the teacher
+        weakly: dropping it frees it."""
+        key = self._check_index(index)
+        if any(layout.is_dtensor(p) for p in model.parameters()):
+            raise NotImplementedError(
+                "ema_module() of a sharded (FSDP2/DTensor) model is not supported: a deep copy "
+                "would duplicate FSDP's internal state. Use `with opt.swap_ema(): "
+                "teacher_out = model(x)` for teacher forward passes (the shards hold the EMA "
+                "inside the block and FSDP gathers them as usual), or opt.ema_parameters(), "
+                "which are DTensors laid out like the parameters")
+        self._ensure_sets()
+        has = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                has[p] = self._has_ema(g)
+        memo: Dict[int, torch.nn.Parameter] = {}
+        for p in model.parameters():
+            st = self.state.get(p)
+            if has.get(p) and st is not None and key in st:
+                src = st[key]
+            else:
+                src = p.detach()
+            memo[id(p)] = torch.nn.Parameter(src, requires_grad=False)
+        teacher = copy.deepcopy(model, memo)
+        teacher.requires_grad_(False)
+        self._teachers.append((weakref.ref(teacher), weakref.ref(model)))
+        return teacher
+
+    @torch.no_grad()
+    def _update_teacher_buffers(self, weight: float) -> None:
+        """Teachers' buffers follow the EMA: one foreach launch per (device, dtype)."""
+        alive = []
+        lerp: Dict[tuple, tuple] = {}
+        copy_: Dict[tuple, tuple] = {}
+        for t_ref, m_ref in self._teachers:
+            teacher, model = t_ref(), m_ref()
+            if teacher is None or model is None:
+                continue  # dropped by the user: forget it
+            alive.append((t_ref, m_ref))
+            src = dict(model.named_buffers())
+            for name, t in teacher.named_buffers():
+                s = src.get(name)
+                if s is None:
+                    continue
+                table = lerp if t.is_floating_point() else copy_
+                dst_l, src_l = table.setdefault((t.device, t.dtype), ([], []))
+                dst_l.append(t)
+                src_l.append(s if s.dtype == t.dtype else s.to(t.dtype))
+        self._teachers = alive
+        for dst, src in lerp.values():
+            torch._foreach_lerp_(dst, src, weight)
+        for dst, src in copy_.values():
+            torch._foreach_copy_(dst, src)

@@ -1,0 +1,74 @@
+"""SGD: torch.optim.SGD's update (momentum, dampening, Nesterov, weight decay) fused with the
+EMA; the glue to the backends' ``sgd_ema`` launches.
+"""
+from __future__ import annotations
+
+from .. import scaling
+from . import checks
+from .base import EMAOptimizer
+
+__all__ = ["SGD"]
+
+
+class SGD(EMAOptimizer):
+    """torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) fused with an EMA
+    of the weights. With ``scale_optimizer=True`` the learning rate scales linearly, lr·κ; see
+    :class:`AdamW` for the EMA and scaling keywords."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, ema_decay=0.9999, ema_every=1,
+                 ema_schedule=None, kappa=1.0, scale_optimizer=True, backend="auto",
+                 flatten=False, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=bool(nesterov),
+                        maximize=bool(maximize), ema_decay=ema_decay, ema_every=ema_every,
+                        ema_schedule=ema_schedule, kappa=kappa,
+                        scale_optimizer=bool(scale_optimizer))
+        super().__init__(params, defaults, backend=backend, flatten=flatten, foreach=foreach,
+                         fused=fused, capturable=capturable, differentiable=differentiable)
+
+    def _check_update_hparams(self, group, where):
+        momentum = checks.finite_number(f"momentum ({where})", group["momentum"], low=0.0)
+        dampening = checks.finite_number(f"dampening ({where})", group["dampening"])
+        if self.capturable and momentum != 0 and dampening != 0:
+            raise ValueError(
+                f"capturable=True SGD ({where}) needs dampening=0 (got {group['dampening']!r}): "
+                f"torch initialises the momentum buffer undampened on the first applied step, "
+                f"and under capturable=True which step that is (found_inf) is known only on "
+                f"the device. Use dampening=0 or capturable=False")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"nesterov=True ({where}) requires momentum > 0 and dampening = 0 "
+                             f"(got momentum={group['momentum']!r}, "
+                             f"dampening={group['dampening']!r})")
+
+    def _scaled(self, group, kappa):
+        lr = scaling.sgd(group["lr"], kappa)["lr"] if group["scale_optimizer"] \
+            else float(group["lr"])
+        return {"lr": lr, "momentum": float(group["momentum"]),
+                "dampening": float(group["dampening"]),
+                "weight_decay": float(group["weight_decay"])}
+
+    def _roles(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
+                grad_scale):
+        backend.sgd_ema(
+            params, grads, state.get("momentum_buffer"), emas if ema_weight is not None else None,
+            lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
+            weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
+            grad_scale=grad_scale, found_inf=None)
+
+    def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
+                           grad_scale, found_inf):
+        backend.sgd_ema_capturable(
+            params, grads, state.get("momentum_buffer"), emas, lr=ts.cap["lr"],
+            momentum=hp["momentum"], dampening=hp["dampening"],
+            weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
+            # Never first_step: which step is the first *applied* one is known only on the
+            # device (found_inf). With dampening 0 (enforced) a zero buffer updated as
+            # momentum·0 + d is exactly torch's first-step buf = d.
+            maximize=bool(group["maximize"]), first_step=False,
+            ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
