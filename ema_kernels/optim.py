@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import _ops, scaling
+from . import _ops, scaling, schedules
 from .flat import Bucket, is_dtensor, local
 
 __all__ = ["AdamW", "Adam", "SGD"]
@@ -338,10 +338,12 @@ class _EMAOptimizer(torch.optim.Optimizer):
         ema_weight = None
         if self._has_ema(group) and steps % int(group["ema_every"]) == 0:
             sched = group["ema_schedule"]
-            rho = scaling.check_rho(sched(s_before) if sched is not None
-                                    else group["ema_decay"], "ema_schedule(s)")
-            covered = s_after - float(group["ema_base_steps"])
-            ema_weight = 1.0 - rho ** covered
+            s_from = float(group["ema_base_steps"])
+            if sched is not None:  # the product of the per-base-step decays over the interval
+                decay = schedules.interval_decay(sched, s_from, s_after)
+            else:
+                decay = scaling.check_rho(group["ema_decay"], "ema_decay") ** (s_after - s_from)
+            ema_weight = 1.0 - decay
         return ema_weight, s_after, steps
 
     def _check_capturable(self, b: Bucket, backend, grads) -> None:
