@@ -494,13 +494,15 @@ class _EMAOptimizer(torch.optim.Optimizer):
                             p.grad.zero_()
 
     # ---------------------------------------------------------------- EMA API ----------------
-    def ema_parameters(self) -> List[Optional[torch.Tensor]]:
+    def ema_parameters(self, index: int = 0) -> List[Optional[torch.Tensor]]:
         """ζ for every parameter, aligned with ``[p for g in param_groups for p in g["params"]]``.
 
         Each entry is a view of the EMA storage with the parameter's shape (fp32 for 16-bit
         parameters), or ``None`` when the parameter's group keeps no EMA (``ema_decay=None``)
         or the parameter does not require grad (it is never touched).
         """
+        if index != 0:  # one EMA per optimizer until the multi-EMA kernels land (issue 14)
+            raise ValueError(f"index={index!r} is invalid: this optimizer keeps one EMA (index 0)")
         where = self._locate()
         out = []
         for g in self.param_groups:

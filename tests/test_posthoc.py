@@ -4,8 +4,7 @@ Oracles: EMAs simulated in float64 from a random-walk θ with EDM2's per-step re
 β_n = (1 − 1/n)^(γ+1); numerical quadrature of the power profiles' inner products; an EMA
 tracked directly at the target σ_rel (the quantity the synthesis estimates).
 """
-import inspect
-import math
+import importlib.util
 import os
 import pickle
 
@@ -18,22 +17,7 @@ from ema_kernels import posthoc
 from ema_kernels import schedules as S
 from ema_kernels.__main__ import main as cli
 
-
-@pytest.fixture(autouse=True)
-def _ema_parameters_index(monkeypatch):
-    """Until the optimizer's multi-EMA API lands (issue 14), ``ema_parameters()`` takes no
-    ``index``: this accepts ``index=0`` only. It does nothing once the optimizer has it."""
-    cls = ek.optim._EMAOptimizer
-    if "index" in inspect.signature(cls.ema_parameters).parameters:
-        return
-    original = cls.ema_parameters
-
-    def ema_parameters(self, index=0):
-        if index != 0:
-            raise ValueError(f"index={index}: this optimizer keeps one EMA")
-        return original(self)
-
-    monkeypatch.setattr(cls, "ema_parameters", ema_parameters)
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
 # ------------------------------------------------------------------- simulated training -------
@@ -285,3 +269,24 @@ def test_cli_round_trip(tmp_path, capsys, suffix):
     assert cli(["posthoc", "--snapshots", str(tmp_path / "nowhere"), "--sigma-rel", "0.07",
                 "--out", str(out)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- the example --------------
+def test_example_quick():
+    """examples/posthoc_ema.py --quick: 300 steps, snapshots of 0.05 and 0.10 every 25 steps."""
+    spec = importlib.util.spec_from_file_location(
+        "_example_posthoc_ema", os.path.join(ROOT, "examples", "posthoc_ema.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        res = mod.main(["--quick", "--backend", "reference"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["n_files"] == 24
+    for s in (0.05, 0.10):  # the inputs come back (to rounding)
+        assert res["param_err"][s] < 1e-5 and \
+            res["synth"][s] == pytest.approx(res["tracked"][s], rel=1e-5)
+    assert res["param_err"][0.07] < 0.05, res["param_err"]  # measured 0.5 %
+    assert res["synth"][0.07] == pytest.approx(res["tracked"][0.07], rel=2e-3)
+    assert all(v < res["raw"] for v in res["tracked"].values())  # the EMAs help here
