@@ -135,7 +135,7 @@ def _param_names(opt, model) -> List[str]:
         for j, p in enumerate(g["params"]):
             if id(p) in by_id:
                 names.append(by_id[id(p)])
-            elif model is None and group_names is not None:
+            elif group_names is not None:
                 names.append(str(group_names[j]))
             else:
                 names.append(f"param.{k}")
