@@ -145,6 +145,7 @@ def test_end_to_end_through_adamw():
                                                            opt10.ema_parameters(index=0))]).norm()
     err = torch.cat([(g - w).flatten() for g, w in zip(got, want)]).norm() / spread
     assert err < 0.05, float(err)
+    assert err < 0.01, float(err)  # measured 0.19 %
     for g, w in zip(posthoc.synthesize(snaps, 0.10), opt10.ema_parameters(index=0)):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     sd = posthoc.synthesize_state_dict(snaps, 0.07)
