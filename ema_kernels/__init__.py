@@ -7,10 +7,10 @@
 
 See ``../shared/DESIGN.md`` (the contract) and README.md.
 """
-from . import scaling, schedules
+from . import posthoc, scaling, schedules
 from ._ops import BackendUnavailableError, available_backends
 from .optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"
 __all__ = ["AdamW", "Adam", "SGD", "available_backends", "BackendUnavailableError",
-           "scaling", "schedules"]
+           "posthoc", "scaling", "schedules"]

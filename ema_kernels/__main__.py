@@ -1,4 +1,4 @@
-"""Command line: ``python -m ema_kernels {info,scale,bench}``."""
+"""Command line: ``python -m ema_kernels {info,scale,bench,posthoc}``."""
 from __future__ import annotations
 
 import argparse
@@ -85,12 +85,18 @@ def main(argv=None) -> int:
     sc.add_argument("--ema-decay", type=float, default=0.9999)
     sub.add_parser("bench", help="benchmark every backend against the torch baselines "
                                  "(python -m ema_kernels bench --help for its flags)")
+    ph = sub.add_parser("posthoc", help="synthesise the EMA of any sigma_rel from power-EMA "
+                                        "snapshots (EDM2 post-hoc EMA)")
+    from . import posthoc
+    posthoc.add_arguments(ph)
     args = parser.parse_args(argv)
     try:
         if args.cmd == "info":
             return _info(args)
+        if args.cmd == "posthoc":
+            return posthoc.main(args)
         return _scale(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

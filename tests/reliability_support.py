@@ -433,6 +433,23 @@ def grad_vecs(snap, grads) -> List[Dict[str, torch.Tensor]]:
 # ------------------------------------------------------------------------------------------------
 # The float64 oracle of one optimizer step
 # ------------------------------------------------------------------------------------------------
+def oracle_decay(spec, sched, s_from: float, s_to: float) -> float:
+    """DESIGN.md's decay of one EMA update over the base steps [s_from, s_to), written from the
+    definitions (not from ``schedules.*.decay``): ρ^(b−a) for constant, the telescoped s_from/s_to
+    for Polyak, and for warmup/cosine the product of the per-base-step values ρ(n), a cell
+    [n, n+1) covered in part contributing ρ(n) to the power of the part covered."""
+    name, args = spec
+    if name == "constant":
+        return float(args[0]) ** (s_to - s_from)
+    if name == "polyak":
+        return 1.0 if s_to == s_from else s_from / s_to
+    out, n = 1.0, 0
+    while n < s_to:
+        out *= sched(float(n)) ** max(0.0, min(s_to, n + 1.0) - max(s_from, float(n)))
+        n += 1
+    return out
+
+
 def gi_has_schedule(problem, gi: int) -> bool:
     """Whether group gi uses the problem's schedule (a group override may drop it)."""
     ov = problem["groups"][gi]["overrides"]
@@ -469,8 +486,9 @@ def oracle_step(problem, pre, gvecs, found_inf=None, grad_scale=None):
         steps = int(g["steps"]) + 1
         uses_sched = sched is not None and gi_has_schedule(problem, gi)
         if (g["ema_decay"] is not None or uses_sched) and steps % int(g["ema_every"]) == 0:
-            rho = sched(s_before) if uses_sched else float(g["ema_decay"])
-            res["ema_w"] = 1.0 - rho ** (s_after - float(g["ema_base_steps"]))
+            s_from = float(g["ema_base_steps"])
+            res["ema_w"] = 1.0 - (oracle_decay(problem["schedule"], sched, s_from, s_after)
+                                  if uses_sched else float(g["ema_decay"]) ** (s_after - s_from))
             g["ema_base_steps"] = s_after
         g["base_steps"] = s_after
         g["steps"] = steps

@@ -202,7 +202,7 @@ def test_schedules_drive_the_ema(sched):
     s = 0.0
     for _ in range(6):
         train_step(model, opt, torch.randn(4, 9))
-        w = sched(s) ** kappa
+        w = sched(s) * sched(s + 1)  # κ=2: the product of the two base steps' decays
         s += kappa
         for z, p in zip(ema64, model.parameters()):
             z.mul_(w).add_(p.detach().double(), alpha=1 - w)

@@ -16,22 +16,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .. import _ops, scaling
+from ..schedules import interval_decay
 from . import layout
 
 _strided = torch.strided
-
-
-def interval_decay(schedule, s_from: float, s_to: float) -> float:
-    """The EMA decay over base steps [s_from, s_to): ``schedule.decay`` when the schedule has
-    it (exact), else ρ(s_from)^(s_to − s_from) for a plain callable (first order)."""
-    decay = getattr(schedule, "decay", None)
-    if decay is not None:
-        d = float(decay(s_from, s_to))
-        if not 0.0 <= d <= 1.0:
-            raise ValueError(f"ema_schedule.decay({s_from}, {s_to}) = {d!r} is not in [0, 1]")
-        return d
-    rho = scaling.check_rho(schedule(s_from), "ema_schedule(s)")
-    return rho ** (s_to - s_from)
 
 
 class _Launch:
