@@ -229,44 +229,71 @@ def format_table(rows, n_seeds):
 
 # ------------------------------------------------------------------------------- the figure ----
 def plot(res, path, rho=RHO):
+    """Top row: test accuracy per κ (teacher solid, student dashed), mean over seeds. Bottom
+    row: the teacher's accuracy minus κ=1's, paired per seed (the seeds differ in how hard
+    their task is, so unpaired bands would hide the effect), and at the left the pseudo-labels
+    themselves at the largest κ."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     kappas = sorted({k for k, _ in res})
-    fig, axes = plt.subplots(1, len(kappas), figsize=(4.2 * len(kappas), 4.0), sharey=True,
-                             constrained_layout=True, squeeze=False)
-    samples_per_base_step = LABELLED_BATCH + UNLABELLED_BATCH
+    fig, axes = plt.subplots(2, len(kappas), figsize=(4.2 * len(kappas), 7.2), sharex=True,
+                             constrained_layout=True, squeeze=False,
+                             gridspec_kw=dict(height_ratios=(3, 2)))
+    per_base_step = LABELLED_BATCH + UNLABELLED_BATCH
     ref = res[(1, "rule")]
-    styles = [((1, "rule"), "black", r"$\kappa=1$ (reference)"),
-              (None, "tab:blue", r"with the rule: $\rho^\kappa$ per step"),
-              (None, "tab:red", r"without: $\rho$ per step")]
-    for ax, k in zip(axes[0], kappas):
-        for arm, color, label in styles:
-            if arm is None:
-                arm = (k, "rule" if color == "tab:blue" else "none")
-                if k == 1 or arm not in res:
-                    continue
-            r = res[arm] if arm != (1, "rule") else ref
-            x = r["s"][0] * samples_per_base_step
-            for metric, ls, alpha in (("teacher", "-", 0.2), ("student", "--", 0.0)):
-                y = r[metric]
-                lab = f"{label}, teacher" if metric == "teacher" else None
-                ax.plot(x, y.mean(0), color=color, ls=ls, lw=1.8 if metric == "teacher" else 1,
-                        label=lab)
-                if alpha:
-                    ax.fill_between(x, y.min(0), y.max(0), color=color, alpha=alpha, lw=0)
-        ax.set_title(rf"$\kappa={k}$ (batch {k * LABELLED_BATCH}+{k * UNLABELLED_BATCH})")
-        ax.set_xlabel("samples seen")
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_formatter(
+    x = ref["s"][0] * per_base_step
+    color = {"rule": "tab:blue", "none": "tab:red"}
+    label = {"rule": r"with the rule: $\rho^\kappa$ per step",
+             "none": r"without: $\rho$ per step"}
+    for col, k in enumerate(kappas):
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(x, ref["teacher"].mean(0), color="black", lw=1.8, label=r"$\kappa=1$ teacher")
+        top.plot(x, ref["student"].mean(0), color="black", lw=1, ls="--",
+                 label=r"$\kappa=1$ student")
+        for rule in ("rule", "none"):
+            r = res.get((k, rule))
+            if k == 1 or r is None:
+                continue
+            top.plot(x, r["teacher"].mean(0), color=color[rule], lw=1.8,
+                     label=f"{label[rule]}, teacher")
+            top.plot(x, r["student"].mean(0), color=color[rule], lw=1, ls="--")
+            gap = r["teacher"] - ref["teacher"]
+            bottom.plot(x, gap.mean(0), color=color[rule], lw=1.8, label=label[rule])
+            bottom.fill_between(x, gap.min(0), gap.max(0), color=color[rule], alpha=0.2, lw=0)
+        top.set_title(rf"$\kappa={k}$ (batch {k * LABELLED_BATCH}+{k * UNLABELLED_BATCH})")
+        top.grid(alpha=0.3)
+        bottom.grid(alpha=0.3)
+        bottom.set_xlabel("samples seen")
+        bottom.xaxis.set_major_formatter(
             matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        if col:
+            top.sharey(axes[0][1])
+            bottom.sharey(axes[1][1])
     axes[0][0].set_ylabel("test accuracy (solid: EMA teacher, dashed: student)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[1][1].set_ylabel(r"teacher accuracy $-$ $\kappa=1$'s (paired)")
+    axes[1][-1].legend(fontsize=8, loc="lower left")
+    # Bottom left: what the teacher hands the student at the largest κ.
+    ax, kmax = axes[1][0], kappas[-1]
+    for arm, c, name in (((1, "rule"), "black", r"$\kappa=1$"),
+                         ((kmax, "rule"), color["rule"], rf"$\kappa={kmax}$, rule"),
+                         ((kmax, "none"), color["none"], rf"$\kappa={kmax}$, without")):
+        if arm in res:
+            r = res[arm]
+            ax.plot(x[1:], np.nanmean(r["label_acc"][:, 1:], 0), color=c, lw=1.5,
+                    label=f"{name}: accuracy of kept labels")
+            ax.plot(x[1:], np.nanmean(r["mask_rate"][:, 1:], 0), color=c, lw=1, ls=":",
+                    label=f"{name}: fraction kept")
+    ax.set_ylabel(f"pseudo-labels (confidence > {THRESHOLD:g})")
+    ax.legend(fontsize=7, loc="lower right")
     n = ref["teacher"].shape[0]
-    fig.suptitle(f"Pseudo-labeling with an EMA teacher, ek.AdamW(lr={LR:g}, kappa=κ), "
-                 f"teacher ρ={rho:g} at the base batch; mean of {n} seeds, band: min–max",
-                 fontsize=10)
+    fig.suptitle(f"Pseudo-labeling with an EMA teacher (opt.ema_module), ek.AdamW(lr={LR:g}, "
+                 f"kappa=κ), teacher ρ={rho:g} at the base batch\n10-class Gaussian mixture, "
+                 f"2 labels per class; mean of {n} seeds, bands: min–max over seeds", fontsize=10)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
