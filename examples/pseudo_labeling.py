@@ -269,9 +269,13 @@ def plot(res, path, rho=RHO):
         bottom.set_xlabel("samples seen")
         bottom.xaxis.set_major_formatter(
             matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
-        if col:
-            top.sharey(axes[0][1])
-            bottom.sharey(axes[1][1])
+    # Same y-range across the κ panels of each row (set after plotting, so autoscaling saw
+    # every curve).
+    for row in (axes[0], axes[1][1:]):
+        lo = min(ax.get_ylim()[0] for ax in row)
+        hi = max(ax.get_ylim()[1] for ax in row)
+        for ax in row:
+            ax.set_ylim(lo, hi)
     axes[0][0].set_ylabel("test accuracy (solid: EMA teacher, dashed: student)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     axes[0][0].legend(fontsize=8, loc="lower right")
