@@ -28,7 +28,7 @@ With the rule the teacher (and the student it teaches) tracks κ=1 at every κ; 
 teacher lags, its labels stay close to the pre-trained model's, and the student learns from
 them: both end far below κ=1, more so as κ grows.
 
-    python examples/pseudo_labeling.py            # full run, ~3 min: writes docs/pseudo_labeling.png
+    python examples/pseudo_labeling.py            # full run, ~4 min: writes docs/pseudo_labeling.png
     python examples/pseudo_labeling.py --quick    # κ ∈ {1, 8}, 2 seeds, shorter: seconds (tests)
 """
 from __future__ import annotations
