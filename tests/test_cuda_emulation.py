@@ -258,6 +258,26 @@ def test_odd_offset_views(emu, opt_name, dtype_name):
         raise AssertionError(f"{e} (seed {seed})") from None
 
 
+_ROLES = {"adam": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "emas"),
+          "sgd": ("params", "grads", "momentum_buffers", "emas")}
+
+
+@pytest.mark.parametrize("opt_name", ["adamw_amsgrad", "sgd_mom_damp_wd"])
+@pytest.mark.parametrize("dtype_name", list(M.DTYPES))
+def test_each_role_misaligned_alone(emu, opt_name, dtype_name):
+    """One role's tensor misaligned, every other one aligned, for each role in turn: the vector
+    path's alignment test must cover every pointer it loads or stores through."""
+    seed = random.randrange(1 << 30)
+    for role in _ROLES[M.OPTIMIZERS[opt_name]["kind"]]:
+        try:
+            run_pair(opt_name, dtype_name, [4099], "ema", seed, steps=1,
+                     offsets=lambda r, i, role=role: 1 if r == role else 0)
+            run_pair(opt_name, dtype_name, [100, 70001], "ema", seed, steps=1,
+                     offsets=lambda r, i, role=role: 1 if (r == role and i == 1) else 0)
+        except AssertionError as e:
+            raise AssertionError(f"{e} (misaligned: {role}; seed {seed})") from None
+
+
 def _plan(emu_ops, sizes):
     """emu_list_plan decoded: a list of launches, each a list of (tensor, lo, hi) blocks."""
     flat = list(emu_ops.emu_list_plan(list(sizes)))
@@ -377,6 +397,36 @@ def test_ema_only_matches_cpp_bitwise(emu, dtype_name, sizes):
         cpp.ema_only(_views(params), _views(b), w)
         for i in range(len(sizes)):
             assert_bitwise(a[i], b[i], f"ema_only w={w} emas[{i}]")
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "f16"])
+def test_16bit_conversions_every_bit_pattern(emu, dtype_name):
+    """Every 16-bit pattern as a parameter, stepped by SGD (θ - g, one fp32 rounding) and stored
+    back: the emulated device conversions (cuda_emu.h's __float2bfloat16_rn / __float2half_rn /
+    __half2float, written independently) and the CPU twin's agree on every result, subnormals,
+    ties, overflow to infinity included.  NaN results are only required to be NaN: the GPU
+    (and the emulation) store the canonical NaN 0x7FFF, the CPU twin 0x7FC0 / 0x7E00."""
+    cpp, cuda = _backends()
+    dtype = M.DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    theta = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    grads = (torch.randint(-32768, 32768, (theta.numel(),), generator=gen, dtype=torch.int32)
+             .to(torch.int16).view(dtype))
+    small = torch.randn(theta.numel(), generator=gen).mul_(1e-6).to(dtype)
+    for g in (grads, small, torch.zeros_like(theta)):
+        out = {}
+        for name, mod in (("cuda", cuda), ("cpp", cpp)):
+            p, z = theta.clone(), torch.zeros(theta.numel())
+            mod.sgd_ema([p], [g], None, [z], lr=1.0, momentum=0.0, dampening=0.0,
+                        weight_decay=0.0, nesterov=False, maximize=False, first_step=True,
+                        ema_weight=0.5)
+            out[name] = (p, z)
+        for a, b in zip(out["cuda"], out["cpp"]):
+            same = _bits(a) == _bits(b)
+            both_nan = torch.isnan(a.float()) & torch.isnan(b.float())
+            bad = ~(same | both_nan)
+            assert not bool(bad.any()), (f"{int(bad.sum())} differ, first at "
+                                         f"{int(torch.nonzero(bad)[0])}")
 
 
 def test_concurrent_host_threads(emu):
