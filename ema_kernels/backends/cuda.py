@@ -17,8 +17,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import _extension as _ext
-from ._extension import (EMULATION, EMULATION_ENV, REBUILD_HINT, ExtensionUnavailable,  # noqa: F401
-                         describe_extension, extension_info, load_extension)
+from ._extension import (EMULATION, EMULATION_ENV, REBUILD_HINT, ExtensionUnavailable,
+                         load_extension)
+# Re-exported where they always were (the CLI and tests ask this module).
+from ._extension import describe_extension, extension_info  # noqa: F401
 
 Tensor = torch.Tensor
 
@@ -61,7 +63,8 @@ def _cuda_availability() -> Tuple[bool, str]:
         runs = any((maj == cap[0] and mnr <= cap[1]) or (ptx and (maj, mnr) <= cap)
                    for maj, mnr, ptx in archs)
         if not runs:
-            return False, (f"the CUDA kernels were built for {_ext.MAIN.info.get('cuda_archs')} which "
+            built = _ext.MAIN.info.get("cuda_archs")
+            return False, (f"the CUDA kernels were built for {built} which "
                            f"cannot run on this sm_{cap[0]}{cap[1]} GPU; rebuild with "
                            f"TORCH_CUDA_ARCH_LIST='{cap[0]}.{cap[1]}': " + REBUILD_HINT)
     return True, f"compiled CUDA kernels for {_ext.MAIN.info.get('cuda_archs')}"
