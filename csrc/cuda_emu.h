@@ -1,13 +1,16 @@
 // cuda_emu.h -- what fused_cuda.cu uses of CUDA, for compiling it as host C++ (the emulation
-// build, ema_kernels._C_emu).  Included instead of <cuda_runtime.h> when EK_CUDA_EMULATION is
-// defined; never seen by nvcc.
+// build, ema_kernels._C_emu).  Included instead of <cuda_runtime.h> (and cuda_bf16.h /
+// cuda_fp16.h) when EK_EMULATE_DEVICE is defined, i.e. by fused_cuda_emu.cpp; never seen by nvcc.
 //
-// A launch (EK_LAUNCH in fused_cuda.cu) runs every thread of every block to completion, one after
+// A launch (ek_launch in fused_cuda.cu, the one launch site) runs every thread of every block to completion, one after
 // the other, on the calling host thread: blockIdx/threadIdx/blockDim/gridDim are thread-local
 // values set before each call of the kernel function.  That is a legal CUDA schedule for kernels
 // that do not synchronise within a block (ours never call __syncthreads), so a kernel whose
 // result depends on the order is wrong on the GPU too; the order can be shuffled (a seed set by
 // the tests) to shake out such assumptions.  Memory is the host's: pointers are the CPU tensors'.
+// There is deliberately no __syncthreads (nor shared memory): this schedule cannot honour a
+// barrier, so a kernel that starts needing one fails to compile here instead of being emulated
+// wrongly.
 //
 // The device arithmetic is IEEE single precision with one rounding per operation, as the _rn
 // intrinsics are on the GPU: the emulation build is compiled with -ffp-contract=off (no implicit

@@ -229,7 +229,7 @@ def test_capturable_matches_cpp_bitwise(emu, opt_name, dtype_name):
     device), flat and list, with a found_inf skip in the middle."""
     seed = random.randrange(1 << 30)
     for sizes in ([4099], [3, 70000, 1, 0, 129]):
-        for mode in ("ema", "found_inf"):
+        for mode in ("ema", "ema_every2_scaled", "found_inf"):
             try:
                 run_pair(opt_name, dtype_name, sizes, mode, seed, capturable=True)
             except AssertionError as e:
