@@ -1,4 +1,5 @@
-"""Build script: the pure-Python package plus the compiled extension ``ema_kernels._C``.
+"""Build script: the pure-Python package plus the compiled extensions ``ema_kernels._C`` and
+``ema_kernels._C_emu``.
 
 What gets built (printed at build time, with the reason):
 
@@ -7,6 +8,10 @@ What gets built (printed at build time, with the reason):
   (csrc/fused_cuda.cu + csrc/fused_cpu.cpp), for the archs in ``TORCH_CUDA_ARCH_LIST``
   (default ``8.0;9.0+PTX``: sm_80 and sm_90 code plus PTX that newer GPUs JIT-compile).
 * otherwise (or with ``EMA_KERNELS_NO_CUDA=1``): the CPU kernels only (the ``cpp`` backend).
+* and always beside ``_C`` (it needs neither nvcc nor a CUDA torch): ``ema_kernels._C_emu``, the
+  emulation build -- csrc/fused_cuda.cu compiled as host C++ against csrc/cuda_emu.h, so that
+  with ``EMA_KERNELS_CUDA_EMULATION=1`` the ``cuda`` backend runs its kernels on CPU tensors
+  (launches as loops over blocks and threads; a test vehicle, never ``auto``'s choice).
 
 The extension needs the installed torch at build time, so install with
 ``pip install --no-build-isolation -e .`` (or build in place for development with
@@ -127,8 +132,25 @@ def _extensions():
             extra_compile_args={"cxx": cxx}, extra_link_args=omp, depends=depends)
         _say(f"building the CPU-only extension ema_kernels._C (the 'cpp' backend; no 'cuda' "
              f"backend) because {why}")
+    # The emulation build: the same kernels and bindings (under their own object names, so the
+    # two extensions' objects do not collide), host-compiled.  No OpenMP: an emulated launch
+    # runs its blocks one after the other.  -ffp-contract=off keeps one rounding per operation,
+    # as the _rn intrinsics have on the GPU; -fno-strict-aliasing because the kernels move
+    # parameters and state through 16-byte vector types, which nvcc allows and ISO C++ does not
+    # (and the kernels' #pragma unroll means nothing to g++).
+    emu_cxx = ["-O2", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+               "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+    emu = CppExtension(
+        "ema_kernels._C_emu", ["csrc/bindings_emu.cpp", "csrc/fused_cuda_emu.cpp"],
+        define_macros=[("TORCH_API_INCLUDE_EXTENSION_H", None), ("EK_CUDA_EMULATION", None)],
+        extra_compile_args={"cxx": emu_cxx},
+        depends=depends + [os.path.join("csrc", f) for f in
+                           ("bindings.cpp", "fused_cuda.cu", "cuda_emu.h")])
+    _say("also building ema_kernels._C_emu, the CUDA kernels of csrc/fused_cuda.cu compiled for "
+         "the host (with EMA_KERNELS_CUDA_EMULATION=1 set before importing ema_kernels, "
+         "backend='cuda' runs them on CPU tensors: a test vehicle; needs no GPU and no nvcc)")
     os.environ.setdefault("MAX_JOBS", "2")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext, emu], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

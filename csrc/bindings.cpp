@@ -8,6 +8,11 @@
 // This file validates the tensors (messages name the tensor and the problem) and hands raw
 // pointers to the kernels: fused_cpu.cpp for CPU tensors, fused_cuda.cu for CUDA tensors.  The
 // .cu file never sees a torch header.
+//
+// Compiled twice: into ema_kernels._C (above), and with EK_CUDA_EMULATION into
+// ema_kernels._C_emu, the emulation build: namespace `ema_kernels_emu`, the same schemas and
+// checks, whose CPU kernel is fused_cuda.cu compiled for the host (cuda_emu.h) -- the CUDA
+// kernels' launch logic on CPU tensors -- plus a few emulation-only ops for the tests.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -18,6 +23,10 @@
 #include <string>
 #include <vector>
 
+#if defined(EK_WITH_CUDA) && defined(EK_CUDA_EMULATION)
+#error "EK_WITH_CUDA and EK_CUDA_EMULATION are two different builds"
+#endif
+
 #ifdef EK_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,6 +36,19 @@
 
 #ifndef EK_CUDA_ARCHS
 #define EK_CUDA_ARCHS ""
+#endif
+
+// The CUDA kernels' entry points exist: compiled by nvcc, or emulated on the host.
+#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
+#define EK_CUDA_KERNELS 1
+#endif
+
+// The ops' namespace (torch.ops.<ns>): the emulation build registers its own, so that both
+// libraries can be loaded in one process.
+#ifdef EK_CUDA_EMULATION
+#define EK_OPS_NS ema_kernels_emu
+#else
+#define EK_OPS_NS ema_kernels_ext
 #endif
 
 namespace ek {
@@ -114,6 +136,25 @@ void expect_device(const Checker& c, c10::DeviceType type, const char* which) {
   TORCH_CHECK(c.device.type() == type, c.op, ": the ", which, " implementation got tensors on ",
               c.device);
 }
+
+#ifdef EK_CUDA_KERNELS
+// Runs launch(device_index, stream) -> error string of fused_cuda.cu's entry points on the
+// call's device and current stream; the emulation build runs them on CPU tensors (device 0 of
+// the emulated GPU, no stream).
+template <class Launch>
+void cuda_launch(const Checker& c, Launch&& launch) {
+#ifdef EK_CUDA_EMULATION
+  expect_device(c, c10::kCPU, "emulated CUDA");
+  const char* err = launch(0, nullptr);
+#else
+  expect_device(c, c10::kCUDA, "CUDA");
+  const c10::cuda::CUDAGuard guard(c.device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(c.device.index());
+  const char* err = launch(c.device.index(), static_cast<void*>(stream.stream()));
+#endif
+  TORCH_CHECK(err == nullptr, c.op, ": CUDA kernel launch failed: ", err);
+}
+#endif
 
 // ------------------------------------------------------------------------------------------
 // Gathering pointers
@@ -227,21 +268,20 @@ AdamCall adam_prepare_capturable(const char* op, at::TensorList params, at::Tens
   return call;
 }
 
+#ifndef EK_CUDA_EMULATION
 void adam_cpu_run(AdamCall&& call) {
   if (call.ts.empty()) return;
   expect_device(call.c, c10::kCPU, "CPU");
   adam_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
 }
+#endif
 
-#ifdef EK_WITH_CUDA
+#ifdef EK_CUDA_KERNELS
 void adam_cuda_run(AdamCall&& call) {
   if (call.ts.empty()) return;
-  expect_device(call.c, c10::kCUDA, "CUDA");
-  const c10::cuda::CUDAGuard guard(call.c.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream(call.c.device.index());
-  const char* err = adam_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, call.c.device.index(),
-                                  stream.stream());
-  TORCH_CHECK(err == nullptr, call.c.op, ": CUDA kernel launch failed: ", err);
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return adam_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, device, stream);
+  });
 }
 #endif
 
@@ -268,13 +308,15 @@ void adam_cuda_run(AdamCall&& call) {
   params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, step, beta1, beta2, eps,   \
       weight_decay, decoupled, maximize, ema_weight, grad_scale, found_inf
 
+#ifndef EK_CUDA_EMULATION
 void adam_ema_cpu_impl(EK_ADAM_PLAIN_ARGS) {
   adam_cpu_run(adam_prepare_plain("adam_ema_", EK_ADAM_PLAIN_FWD));
 }
 void adam_ema_capturable_cpu_impl(EK_ADAM_CAPT_ARGS) {
   adam_cpu_run(adam_prepare_capturable("adam_ema_capturable_", EK_ADAM_CAPT_FWD));
 }
-#ifdef EK_WITH_CUDA
+#endif
+#ifdef EK_CUDA_KERNELS
 void adam_ema_cuda_impl(EK_ADAM_PLAIN_ARGS) {
   adam_cuda_run(adam_prepare_plain("adam_ema_", EK_ADAM_PLAIN_FWD));
 }
@@ -318,21 +360,20 @@ SgdCall sgd_prepare(const char* op, at::TensorList params, at::TensorList grads,
   return call;
 }
 
+#ifndef EK_CUDA_EMULATION
 void sgd_cpu_run(SgdCall&& call) {
   if (call.ts.empty()) return;
   expect_device(call.c, c10::kCPU, "CPU");
   sgd_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
 }
+#endif
 
-#ifdef EK_WITH_CUDA
+#ifdef EK_CUDA_KERNELS
 void sgd_cuda_run(SgdCall&& call) {
   if (call.ts.empty()) return;
-  expect_device(call.c, c10::kCUDA, "CUDA");
-  const c10::cuda::CUDAGuard guard(call.c.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream(call.c.device.index());
-  const char* err = sgd_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, call.c.device.index(),
-                                 stream.stream());
-  TORCH_CHECK(err == nullptr, call.c.op, ": CUDA kernel launch failed: ", err);
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return sgd_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, device, stream);
+  });
 }
 #endif
 
@@ -374,13 +415,15 @@ SgdCall sgd_prepare_capturable(const char* op, EK_SGD_CAPT_ARGS) {
   params, grads, momentum_buffers, emas, lr, momentum, dampening, weight_decay, nesterov,     \
       maximize, first_step, ema_weight, grad_scale, found_inf
 
+#ifndef EK_CUDA_EMULATION
 void sgd_ema_cpu_impl(EK_SGD_PLAIN_ARGS) {
   sgd_cpu_run(sgd_prepare_plain("sgd_ema_", EK_SGD_PLAIN_FWD));
 }
 void sgd_ema_capturable_cpu_impl(EK_SGD_CAPT_ARGS) {
   sgd_cpu_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_PLAIN_FWD));
 }
-#ifdef EK_WITH_CUDA
+#endif
+#ifdef EK_CUDA_KERNELS
 void sgd_ema_cuda_impl(EK_SGD_PLAIN_ARGS) {
   sgd_cuda_run(sgd_prepare_plain("sgd_ema_", EK_SGD_PLAIN_FWD));
 }
@@ -410,23 +453,68 @@ EmaCall ema_prepare(at::TensorList emas, at::TensorList params) {
   return call;
 }
 
+#ifndef EK_CUDA_EMULATION
 void ema_only_cpu_impl(at::TensorList emas, at::TensorList params, double ema_weight) {
   EmaCall call = ema_prepare(emas, params);
   if (call.ts.empty()) return;
   expect_device(call.c, c10::kCPU, "CPU");
   ema_only_cpu(call.ts, call.c.kernel_dtype(), ema_weight);
 }
+#endif
 
-#ifdef EK_WITH_CUDA
+#ifdef EK_CUDA_KERNELS
 void ema_only_cuda_impl(at::TensorList emas, at::TensorList params, double ema_weight) {
   EmaCall call = ema_prepare(emas, params);
   if (call.ts.empty()) return;
-  expect_device(call.c, c10::kCUDA, "CUDA");
-  const c10::cuda::CUDAGuard guard(call.c.device);
-  const auto stream = c10::cuda::getCurrentCUDAStream(call.c.device.index());
-  const char* err = ema_only_cuda(call.ts, call.c.kernel_dtype(), ema_weight,
-                                  call.c.device.index(), stream.stream());
-  TORCH_CHECK(err == nullptr, "ema_only_: CUDA kernel launch failed: ", err);
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return ema_only_cuda(call.ts, call.c.kernel_dtype(), ema_weight, device, stream);
+  });
+}
+#endif
+
+#ifdef EK_CUDA_EMULATION
+// ------------------------------------------------------------------------------------------
+// Emulation-only ops (torch.ops.ema_kernels_emu.emu_*): see kernels.h
+// ------------------------------------------------------------------------------------------
+void emu_configure_op(int64_t chunk, int64_t max_tensors, int64_t max_blocks, int64_t grid_cap,
+                      int64_t shuffle_seed) {
+  TORCH_CHECK(max_tensors >= 0 && max_tensors <= 1024 && max_blocks >= 0 &&
+                  max_blocks <= 1 << 20 && shuffle_seed >= 0,
+              "emu_configure: out-of-range value");
+  EmuConfig c;
+  c.chunk = chunk;
+  c.max_tensors = int(max_tensors);
+  c.max_blocks = int(max_blocks);
+  c.grid_cap = grid_cap;
+  c.shuffle_seed = uint64_t(shuffle_seed);
+  const char* err = emu_configure(c);
+  TORCH_CHECK(err == nullptr, err);
+}
+
+std::vector<int64_t> emu_stats_op() {
+  const EmuStats s = emu_stats();
+  return {s.launches, s.blocks, s.occupancy_queries};
+}
+
+std::vector<int64_t> emu_flat_walk_op(int64_t n, int64_t elem_bytes, bool aligned, int64_t grid,
+                                      int64_t block, int64_t thread) {
+  int64_t out[9];
+  const char* err = emu_flat_walk(n, int(elem_bytes), aligned, grid, block, thread, out);
+  TORCH_CHECK(err == nullptr, err);
+  return std::vector<int64_t>(out, out + 9);
+}
+
+int64_t emu_flat_grid_op(int64_t n, int64_t elem_bytes) {
+  TORCH_CHECK(n >= 0 && (elem_bytes == 2 || elem_bytes == 4), "emu_flat_grid: n >= 0, "
+              "elem_bytes 2 or 4");
+  return emu_flat_grid(n, int(elem_bytes));
+}
+
+std::vector<int64_t> emu_list_plan_op(std::vector<int64_t> sizes) {
+  std::vector<int64_t> plan;
+  const char* err = emu_list_plan(sizes, &plan);
+  TORCH_CHECK(err == nullptr, err);
+  return plan;
 }
 #endif
 
@@ -435,6 +523,11 @@ void ema_only_cuda_impl(at::TensorList emas, at::TensorList params, double ema_w
 // ------------------------------------------------------------------------------------------
 std::string build_info() {
   std::ostringstream o;
+#ifdef EK_CUDA_EMULATION
+  // The CUDA kernels, emulated on the host; no CPU twin in this library.
+  o << "cuda=0\n";
+  o << "cuda_emulation=1\n";
+#else
 #ifdef EK_WITH_CUDA
   o << "cuda=1\n";
   o << "cuda_archs=" << EK_CUDA_ARCHS << "\n";
@@ -449,13 +542,18 @@ std::string build_info() {
 #else
   o << "openmp=0\n";
 #endif
+#endif
   return o.str();
 }
 
 }  // namespace
 }  // namespace ek
 
-TORCH_LIBRARY(ema_kernels_ext, m) {
+// TORCH_LIBRARY pastes its namespace argument: one more macro level expands EK_OPS_NS first.
+#define EK_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define EK_TORCH_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+EK_TORCH_LIBRARY(EK_OPS_NS, m) {
   m.def(
       "adam_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] emas, *, float lr, "
@@ -480,18 +578,38 @@ TORCH_LIBRARY(ema_kernels_ext, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("ema_only_(Tensor(a!)[] emas, Tensor[] params, *, float ema_weight) -> ()");
   m.def("build_info() -> str", &ek::build_info);
+#ifdef EK_CUDA_EMULATION
+  m.def("emu_configure(int chunk, int max_tensors, int max_blocks, int grid_cap, "
+        "int shuffle_seed) -> ()", &ek::emu_configure_op);
+  m.def("emu_stats() -> int[]", &ek::emu_stats_op);
+  m.def("emu_flat_walk(int n, int elem_bytes, bool aligned, int grid, int block, int thread) "
+        "-> int[]", &ek::emu_flat_walk_op);
+  m.def("emu_flat_grid(int n, int elem_bytes) -> int", &ek::emu_flat_grid_op);
+  m.def("emu_list_plan(int[] sizes) -> int[]", &ek::emu_list_plan_op);
+#endif
 }
 
-TORCH_LIBRARY_IMPL(ema_kernels_ext, CPU, m) {
+#ifdef EK_CUDA_EMULATION
+// The CUDA kernels' implementations, for CPU tensors.
+EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
+  m.impl("adam_ema_", &ek::adam_ema_cuda_impl);
+  m.impl("adam_ema_capturable_", &ek::adam_ema_capturable_cuda_impl);
+  m.impl("sgd_ema_", &ek::sgd_ema_cuda_impl);
+  m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cuda_impl);
+  m.impl("ema_only_", &ek::ema_only_cuda_impl);
+}
+#else
+EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
   m.impl("adam_ema_", &ek::adam_ema_cpu_impl);
   m.impl("adam_ema_capturable_", &ek::adam_ema_capturable_cpu_impl);
   m.impl("sgd_ema_", &ek::sgd_ema_cpu_impl);
   m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cpu_impl);
   m.impl("ema_only_", &ek::ema_only_cpu_impl);
 }
+#endif
 
 #ifdef EK_WITH_CUDA
-TORCH_LIBRARY_IMPL(ema_kernels_ext, CUDA, m) {
+EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CUDA, m) {
   m.impl("adam_ema_", &ek::adam_ema_cuda_impl);
   m.impl("adam_ema_capturable_", &ek::adam_ema_capturable_cuda_impl);
   m.impl("sgd_ema_", &ek::sgd_ema_cuda_impl);
@@ -500,13 +618,25 @@ TORCH_LIBRARY_IMPL(ema_kernels_ext, CUDA, m) {
 }
 #endif
 
-// A minimal Python module: importing ema_kernels._C loads this library, whose static
-// initialisers above register the ops.  All functionality is in torch.ops.ema_kernels_ext.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
+// A minimal Python module: importing ema_kernels._C (or _C_emu) loads this library, whose static
+// initialisers above register the ops.  All functionality is in torch.ops.<namespace>.
+#ifdef EK_CUDA_EMULATION
+#define EK_PYINIT PyInit__C_emu
+#define EK_MODULE_NAME "_C_emu"
+#define EK_MODULE_DOC \
+  "ema_kernels' CUDA kernels emulated on the CPU: ops registered as torch.ops.ema_kernels_emu.*"
+#else
+#define EK_PYINIT PyInit__C
+#define EK_MODULE_NAME "_C"
+#define EK_MODULE_DOC \
+  "ema_kernels compiled extension: ops registered as torch.ops.ema_kernels_ext.*"
+#endif
+
+extern "C" PyMODINIT_FUNC EK_PYINIT(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C",
-      "ema_kernels compiled extension: ops registered as torch.ops.ema_kernels_ext.*",
+      EK_MODULE_NAME,
+      EK_MODULE_DOC,
       -1,
       nullptr,
   };

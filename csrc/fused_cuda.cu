@@ -1,21 +1,36 @@
 // fused_cuda.cu -- CUDA kernels for the fused optimizer step + EMA.
 //
-// * Flat kernels: one contiguous buffer per role; grid-stride loop with 64-bit indices; each
-//   thread moves 16 bytes of parameters/gradients per access (4 fp32 or 8 bf16/fp16 elements)
-//   and the matching float4s of state and EMA when every pointer is 16-byte aligned, with a
-//   scalar tail (and a scalar path for unaligned buffers).
-// * List kernels: tensor lists in the style of torch's multi_tensor_apply: a pointer table and a
-//   block -> (tensor, chunk) map passed as kernel parameters (< 4 KB), one block per 64K-element
-//   chunk, as many launches as the tables need.
+// * One kernel template per update (Adam, SGD, EMA only), instantiated for two layouts:
+//   - flat (one tensor): a grid-stride loop with 64-bit indices over the whole tensor;
+//   - list: tensor lists in the style of torch's multi_tensor_apply: a pointer table and a
+//     block -> (tensor, chunk) map passed as kernel parameters (< 4 KB), one block per
+//     64K-element chunk, as many launches as the tables need.
+//   The layout only decides which span [lo, hi) a thread walks and with which stride; the walk
+//   and the per-element work are the same code for both.
+// * Each thread moves 16 bytes of parameters/gradients per access (4 fp32 or 8 bf16/fp16
+//   elements) and the matching float4s of state and EMA when every pointer of the span is 16-byte
+//   aligned, with a scalar tail (and a scalar path for unaligned tensors).
 // * grad_scale / found_inf are read on the device (no host sync); a found_inf != 0 makes every
 //   thread return before touching memory.
 // * Capturable: lr, the step count and the EMA weight may instead be read from device tensors,
 //   so the launch parameters are the same every step and a step can be captured in a CUDA graph.
 //
 // The math is fused_math.h's (shared with the CPU twin).  No torch or pybind headers here.
+//
+// Emulation build (EK_EMULATE_DEVICE, ema_kernels._C_emu): this same file compiled as host C++
+// against cuda_emu.h; launches (ek_launch) run every block and thread on the host.  Only there,
+// the constants that decide a path (chunk size, table capacities, grid cap) can be lowered at
+// run time (emu_configure), so that tests reach every path with small tensors.
+#ifdef EK_EMULATE_DEVICE
+#include "cuda_emu.h"
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
+#include <atomic>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "fused_math.h"
@@ -28,6 +43,39 @@ constexpr int kBlock = 512;                 // threads per block
 constexpr int64_t kChunk = 65536;           // elements per block in the list kernels
 constexpr int kListMaxTensors = 36;         // pointer-table capacity per launch
 constexpr int kListMaxBlocks = 320;         // block-map capacity per launch
+
+// The path-deciding sizes as the code reads them: the constants on the GPU; in the emulation
+// build, values the tests may lower (never above the constants, which size the tables).
+#ifdef EK_EMULATE_DEVICE
+struct EmuLimits {
+  std::atomic<int64_t> chunk{kChunk};
+  std::atomic<int> max_tensors{kListMaxTensors};
+  std::atomic<int> max_blocks{kListMaxBlocks};
+  std::atomic<int64_t> grid_cap{0};  // 0: only the occupancy cap
+};
+EmuLimits emu_limits;
+inline int64_t chunk_elems() { return emu_limits.chunk.load(std::memory_order_relaxed); }
+inline int list_max_tensors() { return emu_limits.max_tensors.load(std::memory_order_relaxed); }
+inline int list_max_blocks() { return emu_limits.max_blocks.load(std::memory_order_relaxed); }
+inline int64_t grid_cap_override() { return emu_limits.grid_cap.load(std::memory_order_relaxed); }
+#else
+__host__ __device__ constexpr int64_t chunk_elems() { return kChunk; }
+constexpr int list_max_tensors() { return kListMaxTensors; }
+constexpr int list_max_blocks() { return kListMaxBlocks; }
+constexpr int64_t grid_cap_override() { return 0; }
+#endif
+
+// kernel<<<grid, block, 0, stream>>>(args...) -- the one launch site of every kernel.  In the
+// emulation build: a loop over every block and thread (cuda_emu.h).
+template <typename... P, typename... A>
+void ek_launch(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t stream,
+               A&&... args) {
+#ifdef EK_EMULATE_DEVICE
+  ek_emu::launch(kernel, dim3(grid), dim3(block), 0, stream, std::forward<A>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
+#endif
+}
 
 // ------------------------------------------------------------------------------------------
 // Kernel arguments
@@ -50,6 +98,10 @@ struct SgdKArgs {
   CapturablePtrs cap;
   double momentum, dampening, wd;
   bool maximize;
+};
+
+struct EmaKArgs {
+  float w;
 };
 
 struct ListMeta {
@@ -76,37 +128,72 @@ __device__ __forceinline__ TensorPtrs list_entry(const ListMeta& m, int i) {
   return t;
 }
 
-// The per-step scalars of this launch (from the host, or from device tensors when capturable),
-// and the gradient scale.  Returns false when found_inf says to skip the step.
-__device__ __forceinline__ bool prologue(const AdamKArgs& a, AdamScalars& s, float& gs) {
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
-  s = a.s;
-  if (a.cap.lr != nullptr) {
-    const double lr = double(*a.cap.lr);
-    double step_size, bc2_sqrt;
-    adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
-    const double w = a.cap.ema_w != nullptr ? double(*a.cap.ema_w) : 0.0;
-    s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.wd, a.decoupled, a.maximize, step_size,
-                          bc2_sqrt, w);
-  }
-  gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
-  return true;
+// ------------------------------------------------------------------------------------------
+// Layouts: which elements [lo, hi) of which tensor this thread walks, with which stride
+// ------------------------------------------------------------------------------------------
+struct Span {
+  TensorPtrs t;
+  int64_t lo, hi;       // element range of t
+  int64_t tid, stride;  // this thread's first offset and the step between its offsets
+};
+
+// Flat: the whole tensor, grid-stride over every thread of the grid (64-bit: a tensor may have
+// more elements than a 32-bit product of block and grid indices can count).
+__device__ __forceinline__ Span span_of(const TensorPtrs& t) {
+  Span sp;
+  sp.t = t;
+  sp.lo = 0;
+  sp.hi = t.n;
+  sp.tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  sp.stride = int64_t(gridDim.x) * blockDim.x;
+  return sp;
 }
 
-__device__ __forceinline__ bool prologue(const SgdKArgs& a, SgdScalars& s, float& gs) {
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
-  s = a.s;
-  if (a.cap.lr != nullptr) {
-    const double w = a.cap.ema_w != nullptr ? double(*a.cap.ema_w) : 0.0;
-    s = make_sgd_scalars(double(*a.cap.lr), a.momentum, a.dampening, a.wd, a.maximize, w);
+// List: one chunk of one tensor per block, block-stride over its threads.
+__device__ __forceinline__ Span span_of(const ListMeta& m) {
+  Span sp;
+  sp.t = list_entry(m, m.block_to_tensor[blockIdx.x]);
+  const int64_t chunk = chunk_elems();
+  sp.lo = int64_t(m.block_to_chunk[blockIdx.x]) * chunk;
+  sp.hi = sp.lo + chunk < sp.t.n ? sp.lo + chunk : sp.t.n;
+  sp.tid = threadIdx.x;
+  sp.stride = blockDim.x;
+  return sp;
+}
+
+// The one index walk of every kernel: this thread's N-element vectors starting at lo + j*N for
+// j = tid, tid + stride, ... < (hi - lo) / N (when `vec`), then the elements from there to hi at
+// tid, tid + stride, ... (every element one by one when not `vec`).
+template <int N, class OnVec, class OnElem>
+__device__ __forceinline__ void walk(const Span& sp, bool vec, OnVec&& on_vec, OnElem&& on_elem) {
+  int64_t scalar_from = sp.lo;
+  if (vec) {
+    const int64_t nv = (sp.hi - sp.lo) / N;
+    for (int64_t j = sp.tid; j < nv; j += sp.stride) on_vec(sp.lo + j * N);
+    scalar_from = sp.lo + nv * N;
   }
-  gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
-  return true;
+  for (int64_t i = scalar_from + sp.tid; i < sp.hi; i += sp.stride) on_elem(i);
 }
 
 // ------------------------------------------------------------------------------------------
 // 16-byte vector loads / stores
 // ------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+#ifdef EK_EMULATE_DEVICE
+  return ek_emu::load16(p);  // faults on a misaligned address, as the GPU does
+#else
+  return *p;
+#endif
+}
+
+__device__ __forceinline__ void store16(uint4* p, const uint4& v) {
+#ifdef EK_EMULATE_DEVICE
+  ek_emu::store16(p, v);
+#else
+  *p = v;
+#endif
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void load_vec(T (&r)[N], const T* ptr) {
   static_assert((sizeof(T) * N) % 16 == 0, "vector of whole 16-byte words");
@@ -118,7 +205,7 @@ __device__ __forceinline__ void load_vec(T (&r)[N], const T* ptr) {
       uint4 u;
       T t[kPer];
     } x;
-    x.u = src[w];
+    x.u = load16(src + w);
 #pragma unroll
     for (int k = 0; k < kPer; ++k) r[w * kPer + k] = x.t[k];
   }
@@ -136,7 +223,7 @@ __device__ __forceinline__ void store_vec(T* ptr, const T (&r)[N]) {
     } x;
 #pragma unroll
     for (int k = 0; k < kPer; ++k) x.t[k] = r[w * kPer + k];
-    dst[w] = x.u;
+    store16(dst + w, x.u);
   }
 }
 
@@ -145,193 +232,200 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Adam: a span [lo, hi) of one tensor, walked by threads tid, tid+stride, ...
+// The updates.  Each is a struct with
+//   Args                      the kernel's second parameter
+//   kVec                      elements per 16-byte access of the parameters
+//   prologue(a, s)            the per-launch values; false: skip (found_inf)
+//   span(sp, s, a)            the update of one thread's share of a span
+// and one kernel template runs any of them on either layout.
 // ------------------------------------------------------------------------------------------
-template <class S, bool AMSGRAD, bool HAS_EMA>
-__device__ __forceinline__ void adam_span(const TensorPtrs& t, int64_t lo, int64_t hi,
-                                          int64_t tid, int64_t stride, const AdamScalars& s,
-                                          float gs, const AdamConfig& cfg) {
-  using R = typename S::raw;
-  constexpr int N = 16 / int(sizeof(R));
-  R* __restrict__ p = static_cast<R*>(t.p);
-  const R* __restrict__ g = static_cast<const R*>(t.g);
-  float* __restrict__ m = t.s0;
-  float* __restrict__ v = t.s1;
-  float* __restrict__ vm = t.s2;
-  float* __restrict__ z = t.z;
-  const bool vec = aligned16(p + lo) && aligned16(g + lo) && aligned16(m + lo) &&
-                   aligned16(v + lo) && (!AMSGRAD || aligned16(vm + lo)) &&
-                   (!HAS_EMA || aligned16(z + lo));
-  int64_t scalar_from = lo;
-  if (vec) {
-    const int64_t nv = (hi - lo) / N;
-    for (int64_t j = tid; j < nv; j += stride) {
-      const int64_t i = lo + j * N;
-      R rp[N], rg[N];
-      float rm[N], rv[N], rvm[N], rz[N];
-      load_vec(rp, p + i);
-      load_vec(rg, g + i);
-      load_vec(rm, m + i);
-      load_vec(rv, v + i);
-      if (AMSGRAD) load_vec(rvm, vm + i);
-      if (HAS_EMA) load_vec(rz, z + i);
-#pragma unroll
-      for (int k = 0; k < N; ++k)
-        adam_ema_element<S, AMSGRAD, HAS_EMA>(rp[k], rg[k], rm[k], rv[k], rvm[k], rz[k], s, gs,
-                                              cfg);
-      store_vec(p + i, rp);
-      store_vec(m + i, rm);
-      store_vec(v + i, rv);
-      if (AMSGRAD) store_vec(vm + i, rvm);
-      if (HAS_EMA) store_vec(z + i, rz);
-    }
-    scalar_from = lo + nv * N;
-  }
-  for (int64_t i = scalar_from + tid; i < hi; i += stride) {
-    R rp = p[i];
-    float rm = m[i], rv = v[i], rvm = AMSGRAD ? vm[i] : 0.0f, rz = HAS_EMA ? z[i] : 0.0f;
-    adam_ema_element<S, AMSGRAD, HAS_EMA>(rp, g[i], rm, rv, rvm, rz, s, gs, cfg);
-    p[i] = rp;
-    m[i] = rm;
-    v[i] = rv;
-    if (AMSGRAD) vm[i] = rvm;
-    if (HAS_EMA) z[i] = rz;
-  }
-}
-
-template <class S, bool AMSGRAD, bool HAS_EMA>
-__global__ void __launch_bounds__(kBlock) adam_flat_kernel(TensorPtrs t, AdamKArgs a) {
+// The per-step scalars of this launch (from the host, or from device tensors when capturable),
+// and the gradient scale.  Returns false when found_inf says to skip the step.
+struct AdamLaunch {
   AdamScalars s;
   float gs;
-  if (!prologue(a, s, gs)) return;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  adam_span<S, AMSGRAD, HAS_EMA>(t, 0, t.n, tid, stride, s, gs, a.cfg);
-}
+};
 
 template <class S, bool AMSGRAD, bool HAS_EMA>
-__global__ void __launch_bounds__(kBlock) adam_list_kernel(ListMeta meta, AdamKArgs a) {
-  AdamScalars s;
-  float gs;
-  if (!prologue(a, s, gs)) return;
-  const TensorPtrs t = list_entry(meta, meta.block_to_tensor[blockIdx.x]);
-  const int64_t lo = int64_t(meta.block_to_chunk[blockIdx.x]) * kChunk;
-  const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
-  adam_span<S, AMSGRAD, HAS_EMA>(t, lo, hi, threadIdx.x, blockDim.x, s, gs, a.cfg);
-}
-
-// ------------------------------------------------------------------------------------------
-// SGD
-// ------------------------------------------------------------------------------------------
-template <class S, int MODE, bool HAS_EMA>
-__device__ __forceinline__ void sgd_span(const TensorPtrs& t, int64_t lo, int64_t hi,
-                                         int64_t tid, int64_t stride, const SgdScalars& s,
-                                         float gs, const SgdConfig& cfg) {
+struct AdamOp {
+  using Args = AdamKArgs;
+  using Scalars = AdamLaunch;
   using R = typename S::raw;
-  constexpr int N = 16 / int(sizeof(R));
-  constexpr bool kBuf = MODE != kNoMomentum;
-  R* __restrict__ p = static_cast<R*>(t.p);
-  const R* __restrict__ g = static_cast<const R*>(t.g);
-  float* __restrict__ b = t.s0;
-  float* __restrict__ z = t.z;
-  const bool vec = aligned16(p + lo) && aligned16(g + lo) && (!kBuf || aligned16(b + lo)) &&
-                   (!HAS_EMA || aligned16(z + lo));
-  int64_t scalar_from = lo;
-  if (vec) {
-    const int64_t nv = (hi - lo) / N;
-    for (int64_t j = tid; j < nv; j += stride) {
-      const int64_t i = lo + j * N;
-      R rp[N], rg[N];
-      float rb[N], rz[N];
-      load_vec(rp, p + i);
-      load_vec(rg, g + i);
-      if (MODE == kMomentum) load_vec(rb, b + i);
-      if (HAS_EMA) load_vec(rz, z + i);
-#pragma unroll
-      for (int k = 0; k < N; ++k)
-        sgd_ema_element<S, MODE, HAS_EMA>(rp[k], rg[k], rb[k], rz[k], s, gs, cfg);
-      store_vec(p + i, rp);
-      if (kBuf) store_vec(b + i, rb);
-      if (HAS_EMA) store_vec(z + i, rz);
-    }
-    scalar_from = lo + nv * N;
-  }
-  for (int64_t i = scalar_from + tid; i < hi; i += stride) {
-    R rp = p[i];
-    float rb = MODE == kMomentum ? b[i] : 0.0f, rz = HAS_EMA ? z[i] : 0.0f;
-    sgd_ema_element<S, MODE, HAS_EMA>(rp, g[i], rb, rz, s, gs, cfg);
-    p[i] = rp;
-    if (kBuf) b[i] = rb;
-    if (HAS_EMA) z[i] = rz;
-  }
-}
+  static constexpr int kVec = 16 / int(sizeof(R));
 
-template <class S, int MODE, bool HAS_EMA>
-__global__ void __launch_bounds__(kBlock) sgd_flat_kernel(TensorPtrs t, SgdKArgs a) {
+  __device__ static __forceinline__ bool prologue(const AdamKArgs& a, AdamLaunch& l) {
+    if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
+    l.s = a.s;
+    if (a.cap.lr != nullptr) {
+      const double lr = double(*a.cap.lr);
+      double step_size, bc2_sqrt;
+      adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
+      const double w = a.cap.ema_w != nullptr ? double(*a.cap.ema_w) : 0.0;
+      l.s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.wd, a.decoupled, a.maximize,
+                              step_size, bc2_sqrt, w);
+    }
+    l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+    return true;
+  }
+
+  __device__ static __forceinline__ void span(const Span& sp, const AdamLaunch& l,
+                                              const AdamKArgs& a) {
+    constexpr int N = kVec;
+    R* __restrict__ p = static_cast<R*>(sp.t.p);
+    const R* __restrict__ g = static_cast<const R*>(sp.t.g);
+    float* __restrict__ m = sp.t.s0;
+    float* __restrict__ v = sp.t.s1;
+    float* __restrict__ vm = sp.t.s2;
+    float* __restrict__ z = sp.t.z;
+    const int64_t lo = sp.lo;
+    const bool vec = aligned16(p + lo) && aligned16(g + lo) && aligned16(m + lo) &&
+                     aligned16(v + lo) && (!AMSGRAD || aligned16(vm + lo)) &&
+                     (!HAS_EMA || aligned16(z + lo));
+    const AdamScalars& s = l.s;
+    const float gs = l.gs;
+    const AdamConfig& cfg = a.cfg;
+    walk<N>(
+        sp, vec,
+        [&](int64_t i) {
+          R rp[N], rg[N];
+          float rm[N], rv[N], rvm[N], rz[N];
+          load_vec(rp, p + i);
+          load_vec(rg, g + i);
+          load_vec(rm, m + i);
+          load_vec(rv, v + i);
+          if (AMSGRAD) load_vec(rvm, vm + i);
+          if (HAS_EMA) load_vec(rz, z + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k)
+            adam_ema_element<S, AMSGRAD, HAS_EMA>(rp[k], rg[k], rm[k], rv[k], rvm[k], rz[k], s,
+                                                  gs, cfg);
+          store_vec(p + i, rp);
+          store_vec(m + i, rm);
+          store_vec(v + i, rv);
+          if (AMSGRAD) store_vec(vm + i, rvm);
+          if (HAS_EMA) store_vec(z + i, rz);
+        },
+        [&](int64_t i) {
+          R rp = p[i];
+          float rm = m[i], rv = v[i], rvm = AMSGRAD ? vm[i] : 0.0f, rz = HAS_EMA ? z[i] : 0.0f;
+          adam_ema_element<S, AMSGRAD, HAS_EMA>(rp, g[i], rm, rv, rvm, rz, s, gs, cfg);
+          p[i] = rp;
+          m[i] = rm;
+          v[i] = rv;
+          if (AMSGRAD) vm[i] = rvm;
+          if (HAS_EMA) z[i] = rz;
+        });
+  }
+};
+
+struct SgdLaunch {
   SgdScalars s;
   float gs;
-  if (!prologue(a, s, gs)) return;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  sgd_span<S, MODE, HAS_EMA>(t, 0, t.n, tid, stride, s, gs, a.cfg);
-}
+};
 
 template <class S, int MODE, bool HAS_EMA>
-__global__ void __launch_bounds__(kBlock) sgd_list_kernel(ListMeta meta, SgdKArgs a) {
-  SgdScalars s;
-  float gs;
-  if (!prologue(a, s, gs)) return;
-  const TensorPtrs t = list_entry(meta, meta.block_to_tensor[blockIdx.x]);
-  const int64_t lo = int64_t(meta.block_to_chunk[blockIdx.x]) * kChunk;
-  const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
-  sgd_span<S, MODE, HAS_EMA>(t, lo, hi, threadIdx.x, blockDim.x, s, gs, a.cfg);
-}
-
-// ------------------------------------------------------------------------------------------
-// EMA only (parameters that took no step while the EMA clock ticked)
-// ------------------------------------------------------------------------------------------
-template <class S>
-__device__ __forceinline__ void ema_span(const TensorPtrs& t, int64_t lo, int64_t hi,
-                                         int64_t tid, int64_t stride, float w) {
+struct SgdOp {
+  using Args = SgdKArgs;
+  using Scalars = SgdLaunch;
   using R = typename S::raw;
-  constexpr int N = 16 / int(sizeof(R));
-  const R* __restrict__ p = static_cast<const R*>(t.p);
-  float* __restrict__ z = t.z;
-  int64_t scalar_from = lo;
-  if (aligned16(p + lo) && aligned16(z + lo)) {
-    const int64_t nv = (hi - lo) / N;
-    for (int64_t j = tid; j < nv; j += stride) {
-      const int64_t i = lo + j * N;
-      R rp[N];
-      float rz[N];
-      load_vec(rp, p + i);
-      load_vec(rz, z + i);
-#pragma unroll
-      for (int k = 0; k < N; ++k) ema_only_element<S>(rp[k], rz[k], w);
-      store_vec(z + i, rz);
+  static constexpr int kVec = 16 / int(sizeof(R));
+
+  __device__ static __forceinline__ bool prologue(const SgdKArgs& a, SgdLaunch& l) {
+    if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
+    l.s = a.s;
+    if (a.cap.lr != nullptr) {
+      const double w = a.cap.ema_w != nullptr ? double(*a.cap.ema_w) : 0.0;
+      l.s = make_sgd_scalars(double(*a.cap.lr), a.momentum, a.dampening, a.wd, a.maximize, w);
     }
-    scalar_from = lo + nv * N;
+    l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+    return true;
   }
-  for (int64_t i = scalar_from + tid; i < hi; i += stride) {
-    float rz = z[i];
-    ema_only_element<S>(p[i], rz, w);
-    z[i] = rz;
+
+  __device__ static __forceinline__ void span(const Span& sp, const SgdLaunch& l,
+                                              const SgdKArgs& a) {
+    constexpr int N = kVec;
+    constexpr bool kBuf = MODE != kNoMomentum;
+    R* __restrict__ p = static_cast<R*>(sp.t.p);
+    const R* __restrict__ g = static_cast<const R*>(sp.t.g);
+    float* __restrict__ b = sp.t.s0;
+    float* __restrict__ z = sp.t.z;
+    const int64_t lo = sp.lo;
+    const bool vec = aligned16(p + lo) && aligned16(g + lo) && (!kBuf || aligned16(b + lo)) &&
+                     (!HAS_EMA || aligned16(z + lo));
+    const SgdScalars& s = l.s;
+    const float gs = l.gs;
+    const SgdConfig& cfg = a.cfg;
+    walk<N>(
+        sp, vec,
+        [&](int64_t i) {
+          R rp[N], rg[N];
+          float rb[N], rz[N];
+          load_vec(rp, p + i);
+          load_vec(rg, g + i);
+          if (MODE == kMomentum) load_vec(rb, b + i);
+          if (HAS_EMA) load_vec(rz, z + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k)
+            sgd_ema_element<S, MODE, HAS_EMA>(rp[k], rg[k], rb[k], rz[k], s, gs, cfg);
+          store_vec(p + i, rp);
+          if (kBuf) store_vec(b + i, rb);
+          if (HAS_EMA) store_vec(z + i, rz);
+        },
+        [&](int64_t i) {
+          R rp = p[i];
+          float rb = MODE == kMomentum ? b[i] : 0.0f, rz = HAS_EMA ? z[i] : 0.0f;
+          sgd_ema_element<S, MODE, HAS_EMA>(rp, g[i], rb, rz, s, gs, cfg);
+          p[i] = rp;
+          if (kBuf) b[i] = rb;
+          if (HAS_EMA) z[i] = rz;
+        });
   }
-}
+};
 
+// EMA only (parameters that took no step while the EMA clock ticked).
 template <class S>
-__global__ void __launch_bounds__(kBlock) ema_flat_kernel(TensorPtrs t, float w) {
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  ema_span<S>(t, 0, t.n, tid, stride, w);
-}
+struct EmaOp {
+  using Args = EmaKArgs;
+  using Scalars = EmaKArgs;
+  using R = typename S::raw;
+  static constexpr int kVec = 16 / int(sizeof(R));
 
-template <class S>
-__global__ void __launch_bounds__(kBlock) ema_list_kernel(ListMeta meta, float w) {
-  const TensorPtrs t = list_entry(meta, meta.block_to_tensor[blockIdx.x]);
-  const int64_t lo = int64_t(meta.block_to_chunk[blockIdx.x]) * kChunk;
-  const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
-  ema_span<S>(t, lo, hi, threadIdx.x, blockDim.x, w);
+  __device__ static __forceinline__ bool prologue(const EmaKArgs& a, EmaKArgs& l) {
+    l = a;
+    return true;
+  }
+
+  __device__ static __forceinline__ void span(const Span& sp, const EmaKArgs& l,
+                                              const EmaKArgs&) {
+    constexpr int N = kVec;
+    const R* __restrict__ p = static_cast<const R*>(sp.t.p);
+    float* __restrict__ z = sp.t.z;
+    const float w = l.w;
+    walk<N>(
+        sp, aligned16(p + sp.lo) && aligned16(z + sp.lo),
+        [&](int64_t i) {
+          R rp[N];
+          float rz[N];
+          load_vec(rp, p + i);
+          load_vec(rz, z + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) ema_only_element<S>(rp[k], rz[k], w);
+          store_vec(z + i, rz);
+        },
+        [&](int64_t i) {
+          float rz = z[i];
+          ema_only_element<S>(p[i], rz, w);
+          z[i] = rz;
+        });
+  }
+};
+
+// The kernel of every update and layout (Layout = TensorPtrs: flat; ListMeta: list).
+template <class Op, class Layout>
+__global__ void __launch_bounds__(kBlock) fused_kernel(Layout where, typename Op::Args a) {
+  typename Op::Scalars l;
+  if (!Op::prologue(a, l)) return;
+  Op::span(span_of(where), l, a);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -339,40 +433,59 @@ __global__ void __launch_bounds__(kBlock) ema_list_kernel(ListMeta meta, float w
 // ------------------------------------------------------------------------------------------
 constexpr int kMaxDevices = 64;
 
+// Device properties are asked of the runtime once per device (and per kernel instantiation for
+// the occupancy), from any host thread: the fast path is one atomic load, the first query of a
+// slot happens under a lock, so each is asked exactly once.
+std::mutex g_query_mutex;
+
+template <class Query>
+int cached_query(std::atomic<int>& slot, Query&& query) {
+  int v = slot.load(std::memory_order_acquire);
+  if (v != 0) return v;
+  const std::lock_guard<std::mutex> lock(g_query_mutex);
+  v = slot.load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = query();
+    slot.store(v, std::memory_order_release);
+  }
+  return v;
+}
+
 int sm_count(int device) {
-  static int cache[kMaxDevices] = {0};
+  static std::atomic<int> cache[kMaxDevices];  // static storage: zero-initialised
   if (device < 0 || device >= kMaxDevices) return 108;
-  if (cache[device] == 0) {
+  return cached_query(cache[device], [device] {
     int n = 0;
     if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         n <= 0)
       n = 108;
-    cache[device] = n;
-  }
-  return cache[device];
+    return n;
+  });
 }
 
-// Resident blocks per SM for `kernel` (cached per kernel instantiation and device).
-template <typename K>
-int blocks_per_sm(K kernel, int device) {
-  static int cache[kMaxDevices] = {0};
+// Resident blocks per SM of the flat kernel of `Op` (each instantiation has its own registers,
+// hence its own occupancy, and its own cache).
+template <class Op>
+int flat_blocks_per_sm(int device) {
+  static std::atomic<int> cache[kMaxDevices];
   if (device < 0 || device >= kMaxDevices) return 1;
-  if (cache[device] == 0) {
+  return cached_query(cache[device], [] {
     int nb = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, kBlock, 0) != cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fused_kernel<Op, TensorPtrs>, kBlock,
+                                                      0) != cudaSuccess ||
         nb <= 0)
       nb = 1;
-    cache[device] = nb;
-  }
-  return cache[device];
+    return nb;
+  });
 }
 
 // Grid of the flat kernels: enough blocks to fill the GPU once (grid-stride beyond that).
-template <typename K>
-unsigned flat_grid(K kernel, int64_t n, int elems_per_thread, int device) {
-  const int64_t work = (n + elems_per_thread - 1) / elems_per_thread;
+template <class Op>
+unsigned flat_grid(int64_t n, int device) {
+  const int64_t work = (n + Op::kVec - 1) / Op::kVec;
   int64_t blocks = (work + kBlock - 1) / kBlock;
-  const int64_t cap = int64_t(sm_count(device)) * blocks_per_sm(kernel, device);
+  int64_t cap = int64_t(sm_count(device)) * flat_blocks_per_sm<Op>(device);
+  if (grid_cap_override() > 0 && grid_cap_override() < cap) cap = grid_cap_override();
   if (blocks > cap) blocks = cap;
   if (blocks < 1) blocks = 1;
   return unsigned(blocks);
@@ -384,13 +497,20 @@ const char* last_error() {
 }
 
 // Walks the tensors, filling pointer tables and block maps, and calls launch(meta, blocks)
-// whenever a table is full (a tensor may continue into the next launch).
+// whenever a table is full (a tensor may continue into the next launch).  launch returns an
+// error string or nullptr.
 template <typename Launch>
 const char* for_each_list_launch(const std::vector<TensorPtrs>& ts, Launch&& launch) {
+  const int max_tensors = list_max_tensors();
+  const int max_blocks = list_max_blocks();
+  const int64_t chunk = chunk_elems();
   ListMeta meta;
   int nt = 0, nb = 0;
   for (const TensorPtrs& t : ts) {
     if (t.n == 0) continue;
+    const int64_t chunks = (t.n + chunk - 1) / chunk;
+    if (chunks > int64_t(INT32_MAX))  // block_to_chunk is an int: 2^47 elements at 64K chunks
+      return "a tensor has more chunks than the list kernel's block map can number";
     meta.p[nt] = t.p;
     meta.g[nt] = t.g;
     meta.s0[nt] = t.s0;
@@ -399,15 +519,13 @@ const char* for_each_list_launch(const std::vector<TensorPtrs>& ts, Launch&& lau
     meta.z[nt] = t.z;
     meta.n[nt] = t.n;
     ++nt;
-    const int64_t chunks = (t.n + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
       meta.block_to_tensor[nb] = static_cast<unsigned char>(nt - 1);
       meta.block_to_chunk[nb] = static_cast<int>(c);
       ++nb;
       const bool last_chunk = c == chunks - 1;
-      if (nb == kListMaxBlocks || (nt == kListMaxTensors && last_chunk)) {
-        launch(meta, nb);
-        if (const char* err = last_error()) return err;
+      if (nb == max_blocks || (nt == max_tensors && last_chunk)) {
+        if (const char* err = launch(meta, nb)) return err;
         nb = 0;
         if (last_chunk) {
           nt = 0;
@@ -424,52 +542,42 @@ const char* for_each_list_launch(const std::vector<TensorPtrs>& ts, Launch&& lau
       }
     }
   }
-  if (nb > 0) {
-    launch(meta, nb);
-    if (const char* err = last_error()) return err;
-  }
+  if (nb > 0) return launch(meta, nb);
   return nullptr;
 }
 
-// Flat (one tensor) or list launch of a kernel pair.
-template <int N, typename FlatK, typename ListK, typename Args>
-const char* run(const std::vector<TensorPtrs>& ts, FlatK flat, ListK list, const Args& a,
-                int device, cudaStream_t stream) {
+// Flat (one tensor) or list launches of the update `Op`.
+template <class Op>
+const char* run(const std::vector<TensorPtrs>& ts, const typename Op::Args& a, int device,
+                cudaStream_t stream) {
   if (ts.size() == 1) {
     if (ts[0].n == 0) return nullptr;
-    const unsigned grid = flat_grid(flat, ts[0].n, N, device);
-    flat<<<grid, kBlock, 0, stream>>>(ts[0], a);
+    ek_launch(fused_kernel<Op, TensorPtrs>, flat_grid<Op>(ts[0].n, device), kBlock, stream,
+              ts[0], a);
     return last_error();
   }
   return for_each_list_launch(ts, [&](const ListMeta& meta, int blocks) {
-    list<<<blocks, kBlock, 0, stream>>>(meta, a);
+    ek_launch(fused_kernel<Op, ListMeta>, unsigned(blocks), kBlock, stream, meta, a);
+    return last_error();
   });
 }
 
 template <class S>
 const char* adam_dispatch(const std::vector<TensorPtrs>& ts, const AdamKArgs& k, bool ams,
                           bool ema, int device, cudaStream_t st) {
-  constexpr int N = 16 / int(sizeof(typename S::raw));
   if (ams) {
-    return ema ? run<N>(ts, adam_flat_kernel<S, true, true>, adam_list_kernel<S, true, true>, k,
-                        device, st)
-               : run<N>(ts, adam_flat_kernel<S, true, false>, adam_list_kernel<S, true, false>,
-                        k, device, st);
+    return ema ? run<AdamOp<S, true, true>>(ts, k, device, st)
+               : run<AdamOp<S, true, false>>(ts, k, device, st);
   }
-  return ema ? run<N>(ts, adam_flat_kernel<S, false, true>, adam_list_kernel<S, false, true>, k,
-                      device, st)
-             : run<N>(ts, adam_flat_kernel<S, false, false>, adam_list_kernel<S, false, false>,
-                      k, device, st);
+  return ema ? run<AdamOp<S, false, true>>(ts, k, device, st)
+             : run<AdamOp<S, false, false>>(ts, k, device, st);
 }
 
 template <class S, int MODE>
 const char* sgd_dispatch_mode(const std::vector<TensorPtrs>& ts, const SgdKArgs& k, bool ema,
                               int device, cudaStream_t st) {
-  constexpr int N = 16 / int(sizeof(typename S::raw));
-  return ema ? run<N>(ts, sgd_flat_kernel<S, MODE, true>, sgd_list_kernel<S, MODE, true>, k,
-                      device, st)
-             : run<N>(ts, sgd_flat_kernel<S, MODE, false>, sgd_list_kernel<S, MODE, false>, k,
-                      device, st);
+  return ema ? run<SgdOp<S, MODE, true>>(ts, k, device, st)
+             : run<SgdOp<S, MODE, false>>(ts, k, device, st);
 }
 
 template <class S>
@@ -480,13 +588,6 @@ const char* sgd_dispatch(const std::vector<TensorPtrs>& ts, const SgdKArgs& k, i
     case kFirstStep: return sgd_dispatch_mode<S, kFirstStep>(ts, k, ema, device, st);
     default: return sgd_dispatch_mode<S, kMomentum>(ts, k, ema, device, st);
   }
-}
-
-template <class S>
-const char* ema_dispatch(const std::vector<TensorPtrs>& ts, float w, int device,
-                         cudaStream_t st) {
-  constexpr int N = 16 / int(sizeof(typename S::raw));
-  return run<N>(ts, ema_flat_kernel<S>, ema_list_kernel<S>, w, device, st);
 }
 
 #define EK_STR2(...) #__VA_ARGS__
@@ -545,16 +646,117 @@ const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const S
 
 const char* ema_only_cuda(const std::vector<TensorPtrs>& ts, DType dtype, double ema_w,
                           int device, void* stream) {
-  const float w = float(ema_w);
+  const EmaKArgs k{float(ema_w)};
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kF32: return ema_dispatch<F32>(ts, w, device, st);
-    case DType::kBF16: return ema_dispatch<BF16>(ts, w, device, st);
-    case DType::kF16: return ema_dispatch<F16>(ts, w, device, st);
+    case DType::kF32: return run<EmaOp<F32>>(ts, k, device, st);
+    case DType::kBF16: return run<EmaOp<BF16>>(ts, k, device, st);
+    case DType::kF16: return run<EmaOp<F16>>(ts, k, device, st);
   }
   return "unsupported dtype";
 }
 
+#ifdef EK_EMULATE_DEVICE
+// ------------------------------------------------------------------------------------------
+// Emulation-only entry points (kernels.h): the tests' handles on the launch logic
+// ------------------------------------------------------------------------------------------
+const char* emu_configure(const EmuConfig& c) {
+  if (c.chunk < 0 || c.max_tensors < 0 || c.max_tensors > kListMaxTensors || c.max_blocks < 0 ||
+      c.max_blocks > kListMaxBlocks || c.grid_cap < 0)
+    return "emu_configure: chunk >= 0, 0 <= max_tensors <= 36, 0 <= max_blocks <= 320, "
+           "grid_cap >= 0 (0: the default)";
+  emu_limits.chunk.store(c.chunk > 0 ? c.chunk : kChunk);
+  emu_limits.max_tensors.store(c.max_tensors > 0 ? c.max_tensors : kListMaxTensors);
+  emu_limits.max_blocks.store(c.max_blocks > 0 ? c.max_blocks : kListMaxBlocks);
+  emu_limits.grid_cap.store(c.grid_cap);
+  ek_emu::shuffle_seed.store(c.shuffle_seed);
+  return nullptr;
+}
+
+EmuStats emu_stats() {
+  EmuStats s;
+  s.launches = ek_emu::stats.launches.load();
+  s.blocks = ek_emu::stats.blocks.load();
+  s.occupancy_queries = ek_emu::stats.occupancy_queries.load();
+  return s;
+}
+
+namespace {
+template <int N>
+void flat_walk(int64_t n, bool aligned, unsigned grid, unsigned block, unsigned thread,
+               int64_t* out) {
+  TensorPtrs t;
+  t.n = n;
+  gridDim = dim3(grid);
+  blockDim = dim3(kBlock);
+  blockIdx = {block, 0, 0};
+  threadIdx = {thread, 0, 0};
+  const Span sp = span_of(t);
+  int64_t nvec = 0, first_vec = -1, last_vec = -1, nel = 0, first_el = -1, last_el = -1;
+  int64_t bad = 0;  // offsets outside [0, n), or not increasing
+  walk<N>(
+      sp, aligned,
+      [&](int64_t i) {
+        if (i < 0 || i + N > n || i <= last_vec) ++bad;
+        if (nvec++ == 0) first_vec = i;
+        last_vec = i;
+      },
+      [&](int64_t i) {
+        if (i < 0 || i >= n || i <= last_el) ++bad;
+        if (nel++ == 0) first_el = i;
+        last_el = i;
+      });
+  const int64_t r[8] = {sp.tid, sp.stride, nvec, first_vec, last_vec, nel, first_el, last_el};
+  for (int k = 0; k < 8; ++k) out[k] = r[k];
+  out[8] = bad;
+}
+}  // namespace
+
+const char* emu_flat_walk(int64_t n, int elem_bytes, bool aligned, int64_t grid, int64_t block,
+                          int64_t thread, int64_t out[9]) {
+  if (grid < 1 || grid > 0x7FFFFFFF || block < 0 || block >= grid || thread < 0 ||
+      thread >= kBlock || n < 0)
+    return "emu_flat_walk: needs n >= 0, 0 <= block < grid <= 2^31 - 1, 0 <= thread < 512";
+  switch (elem_bytes) {
+    case 4: flat_walk<4>(n, aligned, unsigned(grid), unsigned(block), unsigned(thread), out); break;
+    case 2: flat_walk<8>(n, aligned, unsigned(grid), unsigned(block), unsigned(thread), out); break;
+    default: return "emu_flat_walk: elem_bytes is 4 (fp32) or 2 (bf16/fp16)";
+  }
+  return nullptr;
+}
+
+int64_t emu_flat_grid(int64_t n, int elem_bytes) {
+  return elem_bytes == 2 ? flat_grid<AdamOp<BF16, false, true>>(n, 0)
+                         : flat_grid<AdamOp<F32, false, true>>(n, 0);
+}
+
+const char* emu_list_plan(const std::vector<int64_t>& sizes, std::vector<int64_t>* plan) {
+  // Fake tensors: no memory, the parameter pointer numbers the tensor (1-based, 16-byte steps
+  // so that nothing looks like nullptr); only the planning and span_of run.
+  std::vector<TensorPtrs> ts(sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] < 0) return "emu_list_plan: negative size";
+    ts[i].p = reinterpret_cast<void*>(uintptr_t(i + 1) * 16);
+    ts[i].n = sizes[i];
+  }
+  return for_each_list_launch(ts, [&](const ListMeta& meta, int blocks) -> const char* {
+    plan->push_back(blocks);
+    gridDim = dim3(unsigned(blocks));
+    blockDim = dim3(kBlock);
+    threadIdx = {0, 0, 0};
+    for (int b = 0; b < blocks; ++b) {
+      blockIdx = {unsigned(b), 0, 0};
+      const Span sp = span_of(meta);
+      plan->push_back(int64_t(reinterpret_cast<uintptr_t>(sp.t.p) / 16) - 1);
+      plan->push_back(sp.lo);
+      plan->push_back(sp.hi);
+    }
+    return nullptr;
+  });
+}
+#endif  // EK_EMULATE_DEVICE
+
+#ifndef EK_EMULATE_DEVICE
 const char* cuda_arch_list() {
 #ifdef __CUDA_ARCH_LIST__
   return EK_STR(__CUDA_ARCH_LIST__);
@@ -564,5 +766,6 @@ const char* cuda_arch_list() {
 }
 
 int cuda_compiled_version() { return CUDART_VERSION; }
+#endif
 
 }  // namespace ek

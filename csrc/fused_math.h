@@ -24,14 +24,32 @@
 #define EK_HD inline __attribute__((always_inline))
 #endif
 
+// EK_DEVICE_CODE: this is device code, which uses the CUDA intrinsics (the GPU's device pass, or
+// the emulation build's host-compiled fused_cuda.cu, whose intrinsics come from cuda_emu.h).
+#if defined(__CUDA_ARCH__) || defined(EK_EMULATE_DEVICE)
+#define EK_DEVICE_CODE 1
+#else
+#define EK_DEVICE_CODE 0
+#endif
+
+#if defined(EK_EMULATE_DEVICE)
+#include "cuda_emu.h"
+#endif
+
 namespace ek {
+// Compiled as emulated device code, these inline functions get other bodies (the device branches
+// below) than where the same header is compiled as host code; both can end up in one library, so
+// the emulated copy lives in its own inline namespace: other mangled names, no ODR clash.
+#if defined(EK_EMULATE_DEVICE)
+inline namespace emulated_device {
+#endif
 
 // ------------------------------------------------------------------------------------------
 // Bit casts and storage types.  bf16/fp16 are stored as raw uint16_t bits on both sides; the
 // conversions round to nearest even (what torch's .to(), .copy_() and GPU stores do).
 // ------------------------------------------------------------------------------------------
 EK_HD float bits_to_f32(uint32_t u) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __uint_as_float(u);
 #else
   float f;
@@ -41,7 +59,7 @@ EK_HD float bits_to_f32(uint32_t u) {
 }
 
 EK_HD uint32_t f32_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __float_as_uint(f);
 #else
   uint32_t u;
@@ -61,7 +79,7 @@ struct BF16 {
   using raw = uint16_t;
   static EK_HD float load(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
   static EK_HD uint16_t store(float f) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
     // c10::BFloat16's round_to_nearest_even, written so that it vectorises (no branch).
@@ -76,7 +94,7 @@ struct BF16 {
 struct F16 {
   using raw = uint16_t;
   static EK_HD float load(uint16_t h) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
     return __half2float(__ushort_as_half(h));
 #else
     // fp16_ieee_to_fp32_value (FP16 library, as in c10::Half): branch-free.
@@ -94,7 +112,7 @@ struct F16 {
 #endif
   }
   static EK_HD uint16_t store(float f) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
     return __half_as_ushort(__float2half_rn(f));
 #else
     // fp16_ieee_from_fp32_value (FP16 library, as in c10::Half): round to nearest even.
@@ -122,7 +140,7 @@ struct F16 {
 // results and both match the reference's vector path.
 // ------------------------------------------------------------------------------------------
 EK_HD float fmul(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __fmul_rn(a, b);
 #else
   return a * b;
@@ -130,7 +148,7 @@ EK_HD float fmul(float a, float b) {
 }
 
 EK_HD float fadd(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __fadd_rn(a, b);
 #else
   return a + b;
@@ -138,7 +156,7 @@ EK_HD float fadd(float a, float b) {
 }
 
 EK_HD float fdiv(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __fdiv_rn(a, b);
 #else
   return a / b;
@@ -146,7 +164,7 @@ EK_HD float fdiv(float a, float b) {
 }
 
 EK_HD float fsqrt(float a) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __fsqrt_rn(a);
 #else
   return sqrtf(a);
@@ -155,7 +173,7 @@ EK_HD float fsqrt(float a) {
 
 // a * b + c with one rounding.
 EK_HD float ffma(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
+#if EK_DEVICE_CODE
   return __fmaf_rn(a, b, c);
 #else
   return __builtin_fmaf(a, b, c);
@@ -323,4 +341,7 @@ EK_HD void ema_only_element(typename S::raw p, float& z, float w) {
   z = ema_update(z, S::load(p), w);
 }
 
+#if defined(EK_EMULATE_DEVICE)
+}  // inline namespace emulated_device
+#endif
 }  // namespace ek

@@ -61,17 +61,48 @@ void sgd_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a
 void ema_only_cpu(const std::vector<TensorPtrs>& t, DType dtype, double ema_w);
 const char* cpu_isa();  // which instruction-set variant of the CPU kernels runs here
 
-#ifdef EK_WITH_CUDA
+#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
 // CUDA (fused_cuda.cu).  `stream` is a cudaStream_t.  Return nullptr on success, else the CUDA
-// error string of the failed launch.
+// error string of the failed launch.  In the emulation build (EK_CUDA_EMULATION, the library
+// ema_kernels._C_emu) the same kernels run on the host, on CPU tensors (cuda_emu.h).
 const char* adam_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a,
                           int device, void* stream);
 const char* sgd_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a,
                          int device, void* stream);
 const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, double ema_w,
                           int device, void* stream);
+#endif
+
+#ifdef EK_WITH_CUDA
 const char* cuda_arch_list();  // __CUDA_ARCH_LIST__ of the device code in this build
 int cuda_compiled_version();   // CUDART_VERSION the kernels were compiled against
+#endif
+
+#ifdef EK_CUDA_EMULATION
+// Emulation-only handles on the launch logic, for the tests (fused_cuda.cu).
+struct EmuConfig {    // 0 everywhere: the shipped values
+  int64_t chunk = 0;  // elements per list-kernel block (65536)
+  int max_tensors = 0;  // pointer-table capacity per list launch (<= 36)
+  int max_blocks = 0;   // block-map capacity per list launch (<= 320)
+  int64_t grid_cap = 0;  // flat-kernel grid cap below the occupancy cap (0: none)
+  uint64_t shuffle_seed = 0;  // 0: blocks and threads in order; else a random order per launch
+};
+const char* emu_configure(const EmuConfig& c);  // nullptr, or what is wrong with c
+
+struct EmuStats {
+  int64_t launches = 0, blocks = 0, occupancy_queries = 0;
+};
+EmuStats emu_stats();
+
+// One thread (block, thread) of a flat launch of `grid` blocks over n elements of elem_bytes
+// (4: fp32, 2: bf16/fp16), walked as the kernels walk it, without memory: out = {tid, stride,
+// vectors, first vector offset, last, scalar elements, first element, last, bad offsets}.
+const char* emu_flat_walk(int64_t n, int elem_bytes, bool aligned, int64_t grid, int64_t block,
+                          int64_t thread, int64_t out[9]);
+int64_t emu_flat_grid(int64_t n, int elem_bytes);  // the grid a flat launch over n would get
+// The list launches for tensors of these sizes (no memory): per launch, its block count, then
+// per block (tensor index, lo, hi) as the kernel's span_of computes them.
+const char* emu_list_plan(const std::vector<int64_t>& sizes, std::vector<int64_t>* plan);
 #endif
 
 }  // namespace ek

@@ -26,7 +26,9 @@ def _info(args) -> int:
         print(f"extension    {ext}")
     for device_type in ("cpu", "cuda"):
         print(f"\nbackends for {device_type} tensors (auto picks the first available):")
-        for name in _ops._AUTO_ORDER[device_type] + (("triton",) if device_type == "cpu" else ()):
+        # on CPU also the test vehicles (Triton's interpreter, the CUDA kernels' emulation)
+        extra = ("triton", "cuda") if device_type == "cpu" else ()
+        for name in _ops._AUTO_ORDER[device_type] + extra:
             ok, why = _ops.availability(name, device_type)
             print(f"  {name:<10} {'available' if ok else 'unavailable'}: {why}")
     return 0

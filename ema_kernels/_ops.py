@@ -13,6 +13,8 @@ from typing import List, Tuple
 
 import torch
 
+from .backends._extension import EMULATION as _CUDA_EMULATION
+
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 _MODULES = {
     "reference": "ema_kernels.backends.reference",
@@ -63,6 +65,8 @@ def available_backends(device="cpu") -> List[str]:
     order = list(_AUTO_ORDER.get(device_type, ("reference",)))
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         order.append("triton")  # runs, but only as a test vehicle: never auto's choice on CPU
+    if device_type == "cpu" and _CUDA_EMULATION:
+        order.append("cuda")  # EMA_KERNELS_CUDA_EMULATION=1: the same, for the CUDA kernels
     return [b for b in order if availability(b, device_type)[0]]
 
 

@@ -8,3 +8,6 @@ for CPU tensors.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# EMA_KERNELS_CUDA_EMULATION is deliberately not set for the session (it would add the emulated
+# 'cuda' backend to every test that runs each CPU backend): tests/test_cuda_emulation.py says why
+# and switches it on where it is tested.

@@ -4,6 +4,8 @@ Without a GPU (CI): the CUDA kernels are compiled in and registered when the bui
 them (CUDA build of torch + nvcc), importing the backends loads nothing, and asking for the
 'cuda' backend fails with an error that says why.  On a GPU machine: the cpp matrix of
 tests/test_cpp_backend.py runs on 'cuda', plus a CUDA-graph capture and replay of a step.
+Without a GPU the same kernels run on CPU tensors through the emulation build:
+tests/test_cuda_emulation.py.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def test_import_loads_nothing():
         "import sys, torch\n"
         "import ema_kernels.backends.cuda, ema_kernels.backends.cpp\n"
         "assert 'ema_kernels._C' not in sys.modules, 'extension loaded at import'\n"
+        "assert 'ema_kernels._C_emu' not in sys.modules, 'emulation loaded at import'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
         "print('ok')\n")
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

@@ -5,7 +5,8 @@ Same ``fused_math.h`` as the CUDA kernels, OpenMP over cache-sized chunks, a vec
 :mod:`ema_kernels.backends.reference`, plus ``ema_only`` and the capturable variants (which read
 ``lr``/``step``/``ema_weight`` from one-element CPU tensors: the CPU path of the CUDA-graph-friendly
 kernels, useful to test their math without a GPU).  Importing this module loads nothing; the
-extension is loaded on first use or on ``availability()`` (see :mod:`ema_kernels.backends.cuda`).
+extension is loaded on first use or on ``availability()`` (by
+:mod:`ema_kernels.backends._extension`, shared with the ``cuda`` backend).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import cuda as _ext
+from . import _extension as _ext
 
 Tensor = torch.Tensor
 
@@ -34,11 +35,23 @@ def availability(device_type: str) -> Tuple[bool, str]:
         except _ext.ExtensionUnavailable as e:
             res = (False, str(e))
         else:
-            info = _ext._info or {}
+            info = _ext.MAIN.info
             res = (True, f"compiled CPU kernels ({info.get('cpu_isa', '?')}"
                          f"{', OpenMP' if info.get('openmp') == '1' else ''})")
         _avail_cache[device_type] = res
     return res
+
+
+def _ops_for(params: List[Tensor]):
+    """The ops namespace after checking that this backend can run on these tensors."""
+    ok, why = availability("cpu")
+    if not ok:
+        raise _ext.ExtensionUnavailable(f"backend 'cpp' cannot run: {why}")
+    if params and params[0].device.type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on cpu tensors, but params[0] is on "
+                         f"{params[0].device}")
+    _ext.check_params(NAME, params)
+    return torch.ops.ema_kernels_ext
 
 
 def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -48,9 +61,11 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              bias_correction2_sqrt: float, ema_weight: Optional[float],
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW step followed by the EMA update, in one pass over memory."""
-    _ext._adam("cpp", "cpu", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr,
-               beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
-               bias_correction2_sqrt, ema_weight, grad_scale, found_inf)
+    ops = _ops_for(params)
+    if params:
+        _ext.adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1,
+                  beta2, eps, weight_decay, decoupled, maximize, step_size,
+                  bias_correction2_sqrt, ema_weight, grad_scale, found_inf)
 
 
 def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
@@ -59,13 +74,17 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
             ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
             found_inf: Optional[Tensor] = None) -> None:
     """SGD step followed by the EMA update, in one pass over memory."""
-    _ext._sgd("cpp", "cpu", params, grads, momentum_buffers, emas, lr, momentum, dampening,
-              weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf)
+    ops = _ops_for(params)
+    if params:
+        _ext.sgd(NAME, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
+                 weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf)
 
 
 def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
     """ζ += w (θ − ζ) for parameters that took no optimizer step but whose EMA clock ticked."""
-    _ext._ema_only("cpp", "cpu", params, emas, ema_weight)
+    ops = _ops_for(params)
+    if params:
+        _ext.ema_only(ops, params, emas, ema_weight)
 
 
 def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -77,9 +96,11 @@ def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: Lis
                         found_inf: Optional[Tensor] = None) -> None:
     """Adam/AdamW + EMA reading ``lr``, ``step`` (t, already incremented) and ``ema_weight``
     (1 − ρ̂, or None) from one-element float32 tensors (see the cuda backend)."""
-    _ext._adam_capturable("cpp", "cpu", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                          emas, lr, step, beta1, beta2, eps, weight_decay, decoupled, maximize,
-                          ema_weight, grad_scale, found_inf)
+    ops = _ops_for(params)
+    if params:
+        _ext.adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
+                             lr, step, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                             ema_weight, grad_scale, found_inf)
 
 
 def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
@@ -89,6 +110,8 @@ def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
                        ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
                        found_inf: Optional[Tensor] = None) -> None:
     """SGD + EMA reading ``lr`` and ``ema_weight`` from one-element float32 tensors."""
-    _ext._sgd_capturable("cpp", "cpu", params, grads, momentum_buffers, emas, lr, momentum,
-                         dampening, weight_decay, nesterov, maximize, first_step, ema_weight,
-                         grad_scale, found_inf)
+    ops = _ops_for(params)
+    if params:
+        _ext.sgd_capturable(NAME, ops, params, grads, momentum_buffers, emas, lr, momentum,
+                            dampening, weight_decay, nesterov, maximize, first_step, ema_weight,
+                            grad_scale, found_inf)

@@ -1,0 +1,245 @@
+"""The compiled extensions: lazy loading and the call path into their ops.
+
+Shared by the ``cpp`` and ``cuda`` backends (which therefore do not import each other).  Two
+libraries, each registering its ops in its own namespace (schemas in csrc/bindings.cpp, every op
+mutates lists in place):
+
+- ``ema_kernels._C`` → ``torch.ops.ema_kernels_ext``: the CPU twin (csrc/fused_cpu.cpp) for CPU
+  tensors and, in a CUDA build, the CUDA kernels (csrc/fused_cuda.cu) for CUDA tensors.
+- ``ema_kernels._C_emu`` → ``torch.ops.ema_kernels_emu``: the emulation build, the same
+  fused_cuda.cu compiled as host C++ (csrc/cuda_emu.h), registered for CPU tensors: the CUDA
+  kernels' launch logic run on the CPU as loops over blocks and threads.  Used by the ``cuda``
+  backend on CPU tensors when ``EMA_KERNELS_CUDA_EMULATION=1`` was set before ema_kernels was
+  first imported (read once, here, at import: like ``TRITON_INTERPRET``, it is a property of the
+  process, so that every cache of backend availability stays valid).
+
+Ops: ``adam_ema_`` / ``sgd_ema_`` (the interface of :mod:`ema_kernels.backends.reference`),
+``adam_ema_capturable_`` / ``sgd_ema_capturable_`` (lr, step and the EMA weight read from
+one-element float32 tensors on the parameters' device), ``ema_only_``, ``build_info``; in
+``_C_emu`` also the emulation-only ``emu_*`` probes used by tests/test_cuda_emulation.py.
+
+Importing this module loads nothing and queries no device: a library is imported on first use
+or on an availability query.  A missing or broken one becomes an :class:`ExtensionUnavailable`
+error that says how to rebuild it, raised only when a backend that needs it is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from typing import Dict, List, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+EMULATION_ENV = "EMA_KERNELS_CUDA_EMULATION"
+EMULATION: bool = os.environ.get(EMULATION_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+REBUILD_HINT = ("build it from the source tree with `pip install --no-build-isolation -e .` "
+                "(needs torch installed first; or `MAX_JOBS=2 python setup.py build_ext "
+                "--inplace` for a development build)")
+
+_OPS = ("adam_ema_", "adam_ema_capturable_", "sgd_ema_", "sgd_ema_capturable_", "ema_only_")
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The compiled extension (or the part of it a backend needs) cannot be used here."""
+
+
+class _Library:
+    """One compiled library, imported once (thread-safe); its build_info parsed."""
+
+    def __init__(self, module: str, namespace: str):
+        self.module = module
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self.loaded = False
+        self.error: Optional[str] = None
+        self.info: Dict[str, str] = {}
+
+    def load(self):
+        """``torch.ops.<namespace>``; raises :class:`ExtensionUnavailable` saying why and how
+        to rebuild if the library cannot be loaded."""
+        if self.loaded:
+            return getattr(torch.ops, self.namespace)
+        with self._lock:
+            if not self.loaded and self.error is None:
+                self._load_locked()
+        if not self.loaded:
+            raise ExtensionUnavailable(self.error)
+        return getattr(torch.ops, self.namespace)
+
+    def _load_locked(self) -> None:
+        try:
+            mod = importlib.import_module(self.module)
+        except ModuleNotFoundError as e:
+            if os.environ.get("EMA_KERNELS_NO_EXT", "").strip().lower() in ("1", "true"):
+                why = "it was not built (EMA_KERNELS_NO_EXT=1 was set)"
+            else:
+                why = f"it is not built ({e})"
+            self.error = f"the compiled extension {self.module} cannot be used: {why}; " \
+                         f"{REBUILD_HINT}"
+            return
+        except (ImportError, OSError) as e:  # undefined symbol, wrong ABI, unreadable file
+            self.error = (f"the compiled extension {self.module} is present but failed to load "
+                          f"({type(e).__name__}: {e}); it was probably built against another "
+                          f"torch/CUDA version. Rebuild it: {REBUILD_HINT}")
+            return
+        ops = getattr(torch.ops, self.namespace)
+        try:
+            _register_fakes(self.namespace)
+            raw = ops.build_info()
+        except (RuntimeError, AttributeError) as e:  # ops missing or registered differently
+            self.error = (f"the compiled extension {self.module} loaded but its ops could not "
+                          f"be registered ({type(e).__name__}: {e}). Rebuild it: {REBUILD_HINT}")
+            return
+        self.info = dict(line.split("=", 1) for line in raw.splitlines() if "=" in line)
+        self.info["path"] = getattr(mod, "__file__", None) or ""
+        self.loaded = True
+
+
+def _register_fakes(namespace: str) -> None:
+    """Fake (meta) implementations: every op mutates its inputs in place and returns nothing,
+    so tracing (FakeTensor, torch.compile) needs only to know that no output is produced."""
+    def _none(*args, **kwargs):
+        return None
+
+    for op in _OPS:
+        torch.library.register_fake(f"{namespace}::{op}")(_none)
+
+
+MAIN = _Library("ema_kernels._C", "ema_kernels_ext")
+EMU = _Library("ema_kernels._C_emu", "ema_kernels_emu")
+
+
+def load_extension():
+    """Import ``ema_kernels._C`` once and return ``torch.ops.ema_kernels_ext``."""
+    return MAIN.load()
+
+
+def load_emulation():
+    """Import ``ema_kernels._C_emu`` once and return ``torch.ops.ema_kernels_emu``."""
+    return EMU.load()
+
+
+def extension_info() -> Dict[str, object]:
+    """What the extension was built with, for ``python -m ema_kernels info``.
+
+    Keys: ``built`` (bool), ``error`` (why not, if not built/loadable), ``cuda`` (bool: CUDA
+    kernels compiled in), ``cuda_archs`` (the TORCH_CUDA_ARCH_LIST used, e.g. '8.0;9.0+PTX'),
+    ``cuda_arch_list`` (the device-code archs nvcc compiled, e.g. '800,900'), ``cuda_version``,
+    ``cpu_isa`` (the CPU kernel variant that runs here: 'avx2' or 'baseline'), ``openmp``,
+    ``path``, and ``emulation`` (whether ``ema_kernels._C_emu`` loads) with ``emulation_error``.
+    """
+    try:
+        load_extension()
+    except ExtensionUnavailable as e:
+        info: Dict[str, object] = {"built": False, "error": str(e), "cuda": False}
+    else:
+        info = dict(MAIN.info)
+        info["built"] = True
+        info["cuda"] = info.get("cuda") == "1"
+        info["openmp"] = info.get("openmp") == "1"
+    try:
+        load_emulation()
+    except ExtensionUnavailable as e:
+        info["emulation"] = False
+        info["emulation_error"] = str(e)
+    else:
+        info["emulation"] = True
+        info["emulation_path"] = EMU.info.get("path")
+    return info
+
+
+def describe_extension() -> str:
+    """Two lines for ``python -m ema_kernels info``: what the extensions were built with."""
+    info = extension_info()
+    if not info["built"]:
+        main = f"not available: {info['error']}"
+    else:
+        cpu = f"CPU kernels {info.get('cpu_isa', '?')}{' + OpenMP' if info.get('openmp') else ''}"
+        if info["cuda"]:
+            ver = int(info.get("cuda_version", 0) or 0)
+            cuda = (f"CUDA {ver // 1000}.{(ver % 1000) // 10} kernels for archs "
+                    f"{info.get('cuda_archs')} (device code {info.get('cuda_arch_list')})")
+        else:
+            cuda = "no CUDA kernels (CPU-only build)"
+        main = f"ema_kernels._C built: {cuda}; {cpu}"
+    if info["emulation"]:
+        state = "on" if EMULATION else f"off: set {EMULATION_ENV}=1 before importing to use it"
+        emu = (f"ema_kernels._C_emu built: the CUDA kernels compiled for the host, the 'cuda' "
+               f"backend on CPU tensors ({state})")
+    else:
+        emu = f"emulation build not available: {info['emulation_error']}"
+    return f"{main}\n             {emu}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The call path of the 'cuda' and 'cpp' backends: `ops` is the namespace the backend resolved
+# for these tensors (after its own availability and device checks).
+# ----------------------------------------------------------------------------------------------
+def check_params(backend: str, params: List[Tensor]) -> None:
+    if params and params[0].dtype == torch.float64:
+        raise TypeError(f"backend {backend!r} does not support float64 parameters (its "
+                        f"kernels take float32, bfloat16 or float16); use "
+                        f"backend='reference' for float64")
+
+
+def adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1, beta2,
+         eps, weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weight,
+         grad_scale, found_inf):
+    ops.adam_ema_(params, grads, exp_avgs, exp_avg_sqs,
+                  list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else [],
+                  list(emas) if (ema_weight is not None and emas is not None) else [],
+                  lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                  weight_decay=float(weight_decay), decoupled=bool(decoupled),
+                  maximize=bool(maximize), step_size=float(step_size),
+                  bias_correction2_sqrt=float(bias_correction2_sqrt),
+                  ema_weight=None if ema_weight is None else float(ema_weight),
+                  grad_scale=grad_scale, found_inf=found_inf)
+
+
+def adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, step,
+                    beta1, beta2, eps, weight_decay, decoupled, maximize, ema_weight, grad_scale,
+                    found_inf):
+    ops.adam_ema_capturable_(
+        params, grads, exp_avgs, exp_avg_sqs,
+        list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else [],
+        list(emas) if (ema_weight is not None and emas is not None) else [],
+        lr=lr, step=step, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+        weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
+        ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def sgd(backend, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
+        weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf):
+    if momentum != 0 and momentum_buffers is None:
+        raise ValueError(f"backend {backend!r}: momentum={momentum} needs momentum_buffers")
+    ops.sgd_ema_(params, grads,
+                 list(momentum_buffers) if (momentum != 0 and momentum_buffers is not None) else [],
+                 list(emas) if (ema_weight is not None and emas is not None) else [],
+                 lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                 weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                 maximize=bool(maximize), first_step=bool(first_step),
+                 ema_weight=None if ema_weight is None else float(ema_weight),
+                 grad_scale=grad_scale, found_inf=found_inf)
+
+
+def sgd_capturable(backend, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
+                   weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale,
+                   found_inf):
+    if momentum != 0 and momentum_buffers is None:
+        raise ValueError(f"backend {backend!r}: momentum={momentum} needs momentum_buffers")
+    ops.sgd_ema_capturable_(
+        params, grads,
+        list(momentum_buffers) if (momentum != 0 and momentum_buffers is not None) else [],
+        list(emas) if (ema_weight is not None and emas is not None) else [],
+        lr=lr, momentum=float(momentum), dampening=float(dampening),
+        weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
+        first_step=bool(first_step), ema_weight=ema_weight, grad_scale=grad_scale,
+        found_inf=found_inf)
+
+
+def ema_only(ops, params, emas, ema_weight):
+    ops.ema_only_(list(emas), list(params), ema_weight=float(ema_weight))
