@@ -1,7 +1,9 @@
 // bindings.cpp -- torch.library registrations of the fused optimizer + EMA ops.
 //
 // Namespace `ema_kernels_ext` (torch.ops.ema_kernels_ext.*).  Every op mutates tensor lists in
-// place and returns nothing; the schemas declare each mutated list (`Tensor(a!)[]`) so that
+// place and returns nothing.  `emas` holds the lists of up to kMaxEmas EMAs concatenated
+// (EMA-major), with one weight each (`ema_weights`, or the capturable ops' `ema_weight` tensor
+// with one element per EMA): all of them are updated in the same pass; the schemas declare each mutated list (`Tensor(a!)[]`) so that
 // functionalization / torch.compile see the writes.  Fake (meta) implementations are registered
 // from Python (ema_kernels/backends/cuda.py, torch.library.register_fake).
 //
@@ -87,7 +89,9 @@ struct Checker {
     }
   }
 
-  void one(const Tensor& t, const char* name, size_t i, c10::ScalarType want, int64_t numel) {
+  // pi: the index of the tensor's parameter when it is not i (EMA lists after the first).
+  void one(const Tensor& t, const char* name, size_t i, c10::ScalarType want, int64_t numel,
+           int64_t pi = -1) {
     TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
     TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
                 " but params[0] is on ", device, "; all tensors of a call share one device");
@@ -96,7 +100,7 @@ struct Checker {
     TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i,
                 "] is not contiguous; the fused kernels walk contiguous memory");
     TORCH_CHECK(t.numel() == numel, op, ": ", name, "[", i, "] has ", t.numel(),
-                " elements but params[", i, "] has ", numel);
+                " elements but params[", pi < 0 ? int64_t(i) : pi, "] has ", numel);
   }
 
   // A list aligned with params: same length, per-tensor dtype `want` (or the params' dtype).
@@ -106,6 +110,33 @@ struct Checker {
                 " tensors but params has ", ps.size());
     for (size_t i = 0; i < ts.size(); ++i)
       one(ts[i], name, i, same_dtype_as_params ? pdtype : c10::ScalarType::Float, ps[i].numel());
+  }
+
+  // `emas` holds n_emas lists aligned with params, concatenated EMA-major (EMA k of params[i]
+  // is emas[k * len(params) + i]): float32 tensors of their parameters' sizes.
+  void ema_lists(const at::TensorList emas, const at::TensorList ps, int64_t n_emas) {
+    TORCH_CHECK(n_emas >= 0 && n_emas <= kMaxEmas, op, ": ", n_emas, " EMAs, but the fused "
+                "kernels update at most ", kMaxEmas, " EMAs per pass (a compile-time bound); "
+                "track at most ", kMaxEmas, " EMAs per param group");
+    TORCH_CHECK(emas.size() == size_t(n_emas) * ps.size(), op, ": emas has ", emas.size(),
+                " tensors but ", n_emas, " EMA(s) of ", ps.size(), " params need ",
+                size_t(n_emas) * ps.size(), " (the EMA lists concatenated, EMA-major)");
+    for (size_t i = 0; i < emas.size(); ++i)
+      one(emas[i], "emas", i, c10::ScalarType::Float, ps[i % ps.size()].numel(),
+          int64_t(i % ps.size()));
+  }
+
+  // The capturable EMA weights: float32, one element per EMA, on the params' device.
+  const float* weights(const c10::optional<Tensor>& t, int64_t n_emas) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->device() == device, op, ": ema_weight is on ", t->device(),
+                " but the parameters are on ", device);
+    TORCH_CHECK_TYPE(t->scalar_type() == c10::ScalarType::Float, op,
+                     ": ema_weight must be a float32 tensor, got ", dtype_name(t->scalar_type()));
+    TORCH_CHECK(t->numel() == n_emas && t->is_contiguous(), op, ": ema_weight must be a "
+                "contiguous tensor with one element per EMA (", n_emas, "), got ", t->numel(),
+                " elements");
+    return t->const_data_ptr<float>();
   }
 
   // grad_scale / found_inf / capturable scalars: one float32 element on the params' device.
@@ -159,10 +190,17 @@ void cuda_launch(const Checker& c, Launch&& launch) {
 // ------------------------------------------------------------------------------------------
 // Gathering pointers
 // ------------------------------------------------------------------------------------------
+// EMA k of params[i] is z[k * n + i] (the lists concatenated EMA-major).
+void ema_ptrs(std::vector<TensorPtrs>& ts, const at::TensorList z, int n_emas) {
+  const size_t n = ts.size();
+  for (int k = 0; k < n_emas; ++k)
+    for (size_t i = 0; i < n; ++i) ts[i].z[k] = z[k * n + i].data_ptr<float>();
+}
+
 std::vector<TensorPtrs> adam_ptrs(const at::TensorList params, const at::TensorList grads,
                                   const at::TensorList m, const at::TensorList v,
                                   const at::TensorList vmax, const at::TensorList z,
-                                  bool amsgrad, bool has_ema) {
+                                  bool amsgrad, int n_emas) {
   std::vector<TensorPtrs> ts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     ts[i].p = params[i].data_ptr();
@@ -170,24 +208,29 @@ std::vector<TensorPtrs> adam_ptrs(const at::TensorList params, const at::TensorL
     ts[i].s0 = m[i].data_ptr<float>();
     ts[i].s1 = v[i].data_ptr<float>();
     ts[i].s2 = amsgrad ? vmax[i].data_ptr<float>() : nullptr;
-    ts[i].z = has_ema ? z[i].data_ptr<float>() : nullptr;
     ts[i].n = params[i].numel();
   }
+  ema_ptrs(ts, z, n_emas);
   return ts;
 }
 
 std::vector<TensorPtrs> sgd_ptrs(const at::TensorList params, const at::TensorList grads,
                                  const at::TensorList bufs, const at::TensorList z,
-                                 bool has_buf, bool has_ema) {
+                                 bool has_buf, int n_emas) {
   std::vector<TensorPtrs> ts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     ts[i].p = params[i].data_ptr();
     ts[i].g = grads[i].const_data_ptr();
     ts[i].s0 = has_buf ? bufs[i].data_ptr<float>() : nullptr;
-    ts[i].z = has_ema ? z[i].data_ptr<float>() : nullptr;
     ts[i].n = params[i].numel();
   }
+  ema_ptrs(ts, z, n_emas);
   return ts;
+}
+
+// The host EMA weights of a plain call (one per EMA; empty: no EMA this step).
+void set_ema_weights(double* out, const std::vector<double>& w) {
+  for (size_t k = 0; k < w.size() && k < size_t(kMaxEmas); ++k) out[k] = w[k];
 }
 
 // ------------------------------------------------------------------------------------------
@@ -201,7 +244,7 @@ struct AdamCall {
 
 AdamCall adam_prepare(const char* op, at::TensorList params, at::TensorList grads,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                      at::TensorList max_exp_avg_sqs, at::TensorList emas, bool has_ema,
+                      at::TensorList max_exp_avg_sqs, at::TensorList emas, int64_t n_emas,
                       double beta1, double beta2, double eps, double weight_decay,
                       bool decoupled, bool maximize, const c10::optional<Tensor>& grad_scale,
                       const c10::optional<Tensor>& found_inf) {
@@ -213,7 +256,7 @@ AdamCall adam_prepare(const char* op, at::TensorList params, at::TensorList grad
   c.list(exp_avg_sqs, params, "exp_avg_sqs", false);
   const bool amsgrad = !max_exp_avg_sqs.empty();
   if (amsgrad) c.list(max_exp_avg_sqs, params, "max_exp_avg_sqs", false);
-  if (has_ema) c.list(emas, params, "emas", false);
+  c.ema_lists(emas, params, n_emas);
   AdamArgs& a = call.a;
   a.beta1 = beta1;
   a.beta2 = beta2;
@@ -222,11 +265,11 @@ AdamCall adam_prepare(const char* op, at::TensorList params, at::TensorList grad
   a.decoupled = decoupled;
   a.maximize = maximize;
   a.amsgrad = amsgrad;
-  a.has_ema = has_ema;
+  a.n_emas = int(n_emas);
   a.grad_scale = c.scalar(grad_scale, "grad_scale");
   a.found_inf = c.scalar(found_inf, "found_inf");
   call.ts = adam_ptrs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, amsgrad,
-                      has_ema);
+                      int(n_emas));
   return call;
 }
 
@@ -235,16 +278,16 @@ AdamCall adam_prepare_plain(const char* op, at::TensorList params, at::TensorLis
                             at::TensorList max_exp_avg_sqs, at::TensorList emas, double lr,
                             double beta1, double beta2, double eps, double weight_decay,
                             bool decoupled, bool maximize, double step_size,
-                            double bias_correction2_sqrt, c10::optional<double> ema_weight,
+                            double bias_correction2_sqrt, std::vector<double> ema_weights,
                             const c10::optional<Tensor>& grad_scale,
                             const c10::optional<Tensor>& found_inf) {
   AdamCall call = adam_prepare(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
-                               ema_weight.has_value(), beta1, beta2, eps, weight_decay,
+                               int64_t(ema_weights.size()), beta1, beta2, eps, weight_decay,
                                decoupled, maximize, grad_scale, found_inf);
   call.a.lr = lr;
   call.a.step_size = step_size;
   call.a.bc2_sqrt = bias_correction2_sqrt;
-  call.a.ema_w = ema_weight.value_or(0.0);
+  set_ema_weights(call.a.ema_w, ema_weights);
   return call;
 }
 
@@ -257,14 +300,15 @@ AdamCall adam_prepare_capturable(const char* op, at::TensorList params, at::Tens
                                  const c10::optional<Tensor>& grad_scale,
                                  const c10::optional<Tensor>& found_inf) {
   const bool has_ema = ema_weight.has_value() && ema_weight->defined();
+  const int64_t n_emas = has_ema ? ema_weight->numel() : 0;
   AdamCall call = adam_prepare(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
-                               has_ema, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                               n_emas, beta1, beta2, eps, weight_decay, decoupled, maximize,
                                grad_scale, found_inf);
   if (params.empty()) return call;
   call.a.capturable = true;
   call.a.cap.lr = call.c.scalar(lr, "lr");
   call.a.cap.step = call.c.scalar(step, "step");
-  call.a.cap.ema_w = call.c.scalar(ema_weight, "ema_weight");
+  call.a.cap.ema_w = call.c.weights(ema_weight, n_emas);
   return call;
 }
 
@@ -290,11 +334,11 @@ void adam_cuda_run(AdamCall&& call) {
       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList emas,        \
       double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, \
       bool maximize, double step_size, double bias_correction2_sqrt,                         \
-      c10::optional<double> ema_weight, const c10::optional<Tensor>& grad_scale,              \
+      std::vector<double> ema_weights, const c10::optional<Tensor>& grad_scale,               \
       const c10::optional<Tensor>& found_inf
 #define EK_ADAM_PLAIN_FWD                                                                     \
   params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1, beta2, eps,         \
-      weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weight,        \
+      weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weights,       \
       grad_scale, found_inf
 
 #define EK_ADAM_CAPT_ARGS                                                                     \
@@ -335,7 +379,7 @@ struct SgdCall {
 };
 
 SgdCall sgd_prepare(const char* op, at::TensorList params, at::TensorList grads,
-                    at::TensorList momentum_buffers, at::TensorList emas, bool has_ema,
+                    at::TensorList momentum_buffers, at::TensorList emas, int64_t n_emas,
                     double momentum, double dampening, double weight_decay, bool nesterov,
                     bool maximize, bool first_step, const c10::optional<Tensor>& grad_scale,
                     const c10::optional<Tensor>& found_inf) {
@@ -345,7 +389,7 @@ SgdCall sgd_prepare(const char* op, at::TensorList params, at::TensorList grads,
   c.list(grads, params, "grads", true);
   const bool has_buf = momentum != 0.0;
   if (has_buf) c.list(momentum_buffers, params, "momentum_buffers", false);
-  if (has_ema) c.list(emas, params, "emas", false);
+  c.ema_lists(emas, params, n_emas);
   SgdArgs& a = call.a;
   a.momentum = momentum;
   a.dampening = dampening;
@@ -353,10 +397,10 @@ SgdCall sgd_prepare(const char* op, at::TensorList params, at::TensorList grads,
   a.nesterov = nesterov;
   a.maximize = maximize;
   a.first_step = first_step;
-  a.has_ema = has_ema;
+  a.n_emas = int(n_emas);
   a.grad_scale = c.scalar(grad_scale, "grad_scale");
   a.found_inf = c.scalar(found_inf, "found_inf");
-  call.ts = sgd_ptrs(params, grads, momentum_buffers, emas, has_buf, has_ema);
+  call.ts = sgd_ptrs(params, grads, momentum_buffers, emas, has_buf, int(n_emas));
   return call;
 }
 
@@ -380,15 +424,15 @@ void sgd_cuda_run(SgdCall&& call) {
 #define EK_SGD_PLAIN_ARGS                                                                     \
   at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,               \
       at::TensorList emas, double lr, double momentum, double dampening, double weight_decay, \
-      bool nesterov, bool maximize, bool first_step, c10::optional<double> ema_weight,        \
+      bool nesterov, bool maximize, bool first_step, std::vector<double> ema_weights,         \
       const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf
 
 SgdCall sgd_prepare_plain(const char* op, EK_SGD_PLAIN_ARGS) {
-  SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas, ema_weight.has_value(),
-                             momentum, dampening, weight_decay, nesterov, maximize, first_step,
-                             grad_scale, found_inf);
+  SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas,
+                             int64_t(ema_weights.size()), momentum, dampening, weight_decay,
+                             nesterov, maximize, first_step, grad_scale, found_inf);
   call.a.lr = lr;
-  call.a.ema_w = ema_weight.value_or(0.0);
+  set_ema_weights(call.a.ema_w, ema_weights);
   return call;
 }
 
@@ -401,17 +445,21 @@ SgdCall sgd_prepare_plain(const char* op, EK_SGD_PLAIN_ARGS) {
 
 SgdCall sgd_prepare_capturable(const char* op, EK_SGD_CAPT_ARGS) {
   const bool has_ema = ema_weight.has_value() && ema_weight->defined();
-  SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas, has_ema, momentum,
+  const int64_t n_emas = has_ema ? ema_weight->numel() : 0;
+  SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas, n_emas, momentum,
                              dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
                              found_inf);
   if (params.empty()) return call;
   call.a.capturable = true;
   call.a.cap.lr = call.c.scalar(lr, "lr");
-  call.a.cap.ema_w = call.c.scalar(ema_weight, "ema_weight");
+  call.a.cap.ema_w = call.c.weights(ema_weight, n_emas);
   return call;
 }
 
 #define EK_SGD_PLAIN_FWD                                                                      \
+  params, grads, momentum_buffers, emas, lr, momentum, dampening, weight_decay, nesterov,     \
+      maximize, first_step, ema_weights, grad_scale, found_inf
+#define EK_SGD_CAPT_FWD                                                                       \
   params, grads, momentum_buffers, emas, lr, momentum, dampening, weight_decay, nesterov,     \
       maximize, first_step, ema_weight, grad_scale, found_inf
 
@@ -420,7 +468,7 @@ void sgd_ema_cpu_impl(EK_SGD_PLAIN_ARGS) {
   sgd_cpu_run(sgd_prepare_plain("sgd_ema_", EK_SGD_PLAIN_FWD));
 }
 void sgd_ema_capturable_cpu_impl(EK_SGD_CAPT_ARGS) {
-  sgd_cpu_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_PLAIN_FWD));
+  sgd_cpu_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_CAPT_FWD));
 }
 #endif
 #ifdef EK_CUDA_KERNELS
@@ -428,7 +476,7 @@ void sgd_ema_cuda_impl(EK_SGD_PLAIN_ARGS) {
   sgd_cuda_run(sgd_prepare_plain("sgd_ema_", EK_SGD_PLAIN_FWD));
 }
 void sgd_ema_capturable_cuda_impl(EK_SGD_CAPT_ARGS) {
-  sgd_cuda_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_PLAIN_FWD));
+  sgd_cuda_run(sgd_prepare_capturable("sgd_ema_capturable_", EK_SGD_CAPT_FWD));
 }
 #endif
 
@@ -438,36 +486,45 @@ void sgd_ema_capturable_cuda_impl(EK_SGD_CAPT_ARGS) {
 struct EmaCall {
   Checker c;
   std::vector<TensorPtrs> ts;
+  double w[kMaxEmas] = {};
+  int n_emas = 0;
 };
 
-EmaCall ema_prepare(at::TensorList emas, at::TensorList params) {
+EmaCall ema_prepare(at::TensorList emas, at::TensorList params,
+                    const std::vector<double>& ema_weights) {
   EmaCall call{Checker{"ema_only_"}, {}};
   call.c.params(params);
-  call.c.list(emas, params, "emas", false);
+  TORCH_CHECK(!ema_weights.empty() || params.empty(), "ema_only_: ema_weights is empty; give "
+              "one weight per EMA list");
+  call.c.ema_lists(emas, params, int64_t(ema_weights.size()));
+  call.n_emas = int(ema_weights.size());
+  set_ema_weights(call.w, ema_weights);
   call.ts.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     call.ts[i].p = const_cast<void*>(params[i].const_data_ptr());
-    call.ts[i].z = emas[i].data_ptr<float>();
     call.ts[i].n = params[i].numel();
   }
+  ema_ptrs(call.ts, emas, call.n_emas);
   return call;
 }
 
 #ifndef EK_CUDA_EMULATION
-void ema_only_cpu_impl(at::TensorList emas, at::TensorList params, double ema_weight) {
-  EmaCall call = ema_prepare(emas, params);
+void ema_only_cpu_impl(at::TensorList emas, at::TensorList params,
+                       std::vector<double> ema_weights) {
+  EmaCall call = ema_prepare(emas, params, ema_weights);
   if (call.ts.empty()) return;
   expect_device(call.c, c10::kCPU, "CPU");
-  ema_only_cpu(call.ts, call.c.kernel_dtype(), ema_weight);
+  ema_only_cpu(call.ts, call.c.kernel_dtype(), call.w, call.n_emas);
 }
 #endif
 
 #ifdef EK_CUDA_KERNELS
-void ema_only_cuda_impl(at::TensorList emas, at::TensorList params, double ema_weight) {
-  EmaCall call = ema_prepare(emas, params);
+void ema_only_cuda_impl(at::TensorList emas, at::TensorList params,
+                        std::vector<double> ema_weights) {
+  EmaCall call = ema_prepare(emas, params, ema_weights);
   if (call.ts.empty()) return;
   cuda_launch(call.c, [&](int device, void* stream) {
-    return ema_only_cuda(call.ts, call.c.kernel_dtype(), ema_weight, device, stream);
+    return ema_only_cuda(call.ts, call.c.kernel_dtype(), call.w, call.n_emas, device, stream);
   });
 }
 #endif
@@ -558,7 +615,7 @@ EK_TORCH_LIBRARY(EK_OPS_NS, m) {
       "adam_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] emas, *, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
-      "float step_size, float bias_correction2_sqrt, float? ema_weight, "
+      "float step_size, float bias_correction2_sqrt, float[] ema_weights, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "adam_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -569,14 +626,14 @@ EK_TORCH_LIBRARY(EK_OPS_NS, m) {
   m.def(
       "sgd_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] emas, *, float lr, float momentum, float dampening, float weight_decay, "
-      "bool nesterov, bool maximize, bool first_step, float? ema_weight, "
+      "bool nesterov, bool maximize, bool first_step, float[] ema_weights, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "sgd_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] emas, *, Tensor lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step, Tensor? ema_weight, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  m.def("ema_only_(Tensor(a!)[] emas, Tensor[] params, *, float ema_weight) -> ()");
+  m.def("ema_only_(Tensor(a!)[] emas, Tensor[] params, *, float[] ema_weights) -> ()");
   m.def("build_info() -> str", &ek::build_info);
 #ifdef EK_CUDA_EMULATION
   m.def("emu_configure(int chunk, int max_tensors, int max_blocks, int grid_cap, "

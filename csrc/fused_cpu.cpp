@@ -22,7 +22,7 @@ namespace ek {
 
 using AdamRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const AdamScalars&, float);
 using SgdRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const SgdScalars&, float);
-using EmaRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, float);
+using EmaRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const EmaWeights&);
 
 namespace base {
 #include "fused_cpu_impl.h"
@@ -86,56 +86,62 @@ const char* cpu_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
 void adam_ema_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const AdamArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
-  double lr = a.lr, step_size = a.step_size, bc2_sqrt = a.bc2_sqrt, ema_w = a.ema_w;
+  double lr = a.lr, step_size = a.step_size, bc2_sqrt = a.bc2_sqrt;
+  EmaWeights ema = make_ema_weights(a.ema_w, a.n_emas);
   if (a.capturable) {  // CPU tensors: read them here, with the device path's formulas
     lr = double(*a.cap.lr);
     adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
-    if (a.has_ema) ema_w = double(*a.cap.ema_w);
+    ema = make_ema_weights(a.cap.ema_w, a.n_emas);
   }
   const AdamScalars s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                          a.decoupled, a.maximize, step_size, bc2_sqrt, ema_w);
+                                          a.decoupled, a.maximize, step_size, bc2_sqrt, ema);
   const bool l2 = !a.decoupled && a.weight_decay != 0.0;
   const bool scale = a.grad_scale != nullptr;
   const float gs = scale ? *a.grad_scale : 1.0f;
 #ifdef EK_HAVE_AVX2_VARIANT
-  const AdamRangeFn fn = use_avx2() ? avx2::adam_fn(dtype, a.amsgrad, a.has_ema, l2, scale)
-                                    : base::adam_fn(dtype, a.amsgrad, a.has_ema, l2, scale);
+  const AdamRangeFn fn = use_avx2() ? avx2::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale)
+                                    : base::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale);
 #else
-  const AdamRangeFn fn = base::adam_fn(dtype, a.amsgrad, a.has_ema, l2, scale);
+  const AdamRangeFn fn = base::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale);
 #endif
+  if (fn == nullptr) return;  // n_emas out of range: refused by the bindings before this
   for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, s, gs); });
 }
 
 void sgd_ema_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const SgdArgs& a) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
-  double lr = a.lr, ema_w = a.ema_w;
+  double lr = a.lr;
+  EmaWeights ema = make_ema_weights(a.ema_w, a.n_emas);
   if (a.capturable) {
     lr = double(*a.cap.lr);
-    if (a.has_ema) ema_w = double(*a.cap.ema_w);
+    ema = make_ema_weights(a.cap.ema_w, a.n_emas);
   }
   const SgdScalars s = make_sgd_scalars(lr, a.momentum, a.dampening, a.weight_decay, a.maximize,
-                                        ema_w);
+                                        ema);
   const int mode = a.momentum == 0.0 ? kNoMomentum : (a.first_step ? kFirstStep : kMomentum);
   const bool nesterov = mode != kNoMomentum && a.nesterov;
   const bool l2 = a.weight_decay != 0.0;
   const bool scale = a.grad_scale != nullptr;
   const float gs = scale ? *a.grad_scale : 1.0f;
 #ifdef EK_HAVE_AVX2_VARIANT
-  const SgdRangeFn fn = use_avx2() ? avx2::sgd_fn(dtype, mode, nesterov, a.has_ema, l2, scale)
-                                   : base::sgd_fn(dtype, mode, nesterov, a.has_ema, l2, scale);
+  const SgdRangeFn fn = use_avx2() ? avx2::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale)
+                                   : base::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale);
 #else
-  const SgdRangeFn fn = base::sgd_fn(dtype, mode, nesterov, a.has_ema, l2, scale);
+  const SgdRangeFn fn = base::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale);
 #endif
+  if (fn == nullptr) return;
   for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, s, gs); });
 }
 
-void ema_only_cpu(const std::vector<TensorPtrs>& ts, DType dtype, double ema_w) {
-  const float w = float(ema_w);
+void ema_only_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const double* ema_w,
+                  int n_emas) {
+  const EmaWeights w = make_ema_weights(ema_w, n_emas);
 #ifdef EK_HAVE_AVX2_VARIANT
-  const EmaRangeFn fn = use_avx2() ? avx2::ema_fn(dtype) : base::ema_fn(dtype);
+  const EmaRangeFn fn = use_avx2() ? avx2::ema_fn(dtype, n_emas) : base::ema_fn(dtype, n_emas);
 #else
-  const EmaRangeFn fn = base::ema_fn(dtype);
+  const EmaRangeFn fn = base::ema_fn(dtype, n_emas);
 #endif
+  if (fn == nullptr) return;
   for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, w); });
 }
 

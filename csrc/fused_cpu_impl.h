@@ -26,98 +26,117 @@ struct StaticSgdCfg {
 
 // The loops take their pointers as __restrict *parameters* (GCC ignores restrict on locals and
 // would otherwise version the loop with pairwise alias checks, or give up past ten of them).
-template <class S, bool AMSGRAD, bool HAS_EMA, bool L2, bool SCALE>
+// EMA k < NZ is z<k>; the others are nullptr and never touched (NZ is a template parameter).
+template <class S, bool AMSGRAD, int NZ, bool L2, bool SCALE>
 void adam_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g,
                float* __restrict m, float* __restrict v, float* __restrict vmax,
-               float* __restrict z, int64_t n, const AdamScalars s, const float scale) {
+               float* __restrict z0, float* __restrict z1, float* __restrict z2,
+               float* __restrict z3, int64_t n, const AdamScalars s, const float scale) {
   using R = typename S::raw;
   const StaticAdamCfg<L2, SCALE> cfg;
   for (int64_t i = 0; i < n; ++i) {
     R pi = p[i];
     float mi = m[i], vi = v[i];
     float vmi = AMSGRAD ? vmax[i] : 0.0f;
-    float zi = HAS_EMA ? z[i] : 0.0f;
-    adam_ema_element<S, AMSGRAD, HAS_EMA>(pi, g[i], mi, vi, vmi, zi, s, scale, cfg);
+    float zi[kMaxEmas];
+    if (NZ > 0) zi[0] = z0[i];
+    if (NZ > 1) zi[1] = z1[i];
+    if (NZ > 2) zi[2] = z2[i];
+    if (NZ > 3) zi[3] = z3[i];
+    adam_ema_element<S, AMSGRAD, NZ>(pi, g[i], mi, vi, vmi, zi, s, scale, cfg);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
     if (AMSGRAD) vmax[i] = vmi;
-    if (HAS_EMA) z[i] = zi;
+    if (NZ > 0) z0[i] = zi[0];
+    if (NZ > 1) z1[i] = zi[1];
+    if (NZ > 2) z2[i] = zi[2];
+    if (NZ > 3) z3[i] = zi[3];
   }
 }
 
-template <class S, bool AMSGRAD, bool HAS_EMA, bool L2, bool SCALE>
-void adam_range(const TensorPtrs& t, int64_t a, int64_t b, const AdamScalars& s, float scale) {
-  using R = typename S::raw;
-  adam_loop<S, AMSGRAD, HAS_EMA, L2, SCALE>(
-      static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a, t.s0 + a, t.s1 + a,
-      AMSGRAD ? t.s2 + a : nullptr, HAS_EMA ? t.z + a : nullptr, b - a, s, scale);
+// EMA k of a range starting at element a (nullptr past the EMAs updated).
+template <int NZ>
+inline float* ema_at(const TensorPtrs& t, int k, int64_t a) {
+  return k < NZ ? t.z[k] + a : nullptr;
 }
 
-template <class S, int MODE, bool HAS_EMA, bool L2, bool SCALE, bool NESTEROV>
+template <class S, bool AMSGRAD, int NZ, bool L2, bool SCALE>
+void adam_range(const TensorPtrs& t, int64_t a, int64_t b, const AdamScalars& s, float scale) {
+  using R = typename S::raw;
+  adam_loop<S, AMSGRAD, NZ, L2, SCALE>(
+      static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a, t.s0 + a, t.s1 + a,
+      AMSGRAD ? t.s2 + a : nullptr, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
+      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale);
+}
+
+template <class S, int MODE, int NZ, bool L2, bool SCALE, bool NESTEROV>
 void sgd_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g,
-              float* __restrict buf, float* __restrict z, int64_t n, const SgdScalars s,
+              float* __restrict buf, float* __restrict z0, float* __restrict z1,
+              float* __restrict z2, float* __restrict z3, int64_t n, const SgdScalars s,
               const float scale) {
   using R = typename S::raw;
   const StaticSgdCfg<L2, SCALE, NESTEROV> cfg;
   for (int64_t i = 0; i < n; ++i) {
     R pi = p[i];
     float bi = MODE == kMomentum ? buf[i] : 0.0f;
-    float zi = HAS_EMA ? z[i] : 0.0f;
-    sgd_ema_element<S, MODE, HAS_EMA>(pi, g[i], bi, zi, s, scale, cfg);
+    float zi[kMaxEmas];
+    if (NZ > 0) zi[0] = z0[i];
+    if (NZ > 1) zi[1] = z1[i];
+    if (NZ > 2) zi[2] = z2[i];
+    if (NZ > 3) zi[3] = z3[i];
+    sgd_ema_element<S, MODE, NZ>(pi, g[i], bi, zi, s, scale, cfg);
     p[i] = pi;
     if (MODE != kNoMomentum) buf[i] = bi;
-    if (HAS_EMA) z[i] = zi;
+    if (NZ > 0) z0[i] = zi[0];
+    if (NZ > 1) z1[i] = zi[1];
+    if (NZ > 2) z2[i] = zi[2];
+    if (NZ > 3) z3[i] = zi[3];
   }
 }
 
-template <class S, int MODE, bool HAS_EMA, bool L2, bool SCALE, bool NESTEROV>
+template <class S, int MODE, int NZ, bool L2, bool SCALE, bool NESTEROV>
 void sgd_range(const TensorPtrs& t, int64_t a, int64_t b, const SgdScalars& s, float scale) {
   using R = typename S::raw;
-  sgd_loop<S, MODE, HAS_EMA, L2, SCALE, NESTEROV>(
+  sgd_loop<S, MODE, NZ, L2, SCALE, NESTEROV>(
       static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a,
-      MODE != kNoMomentum ? t.s0 + a : nullptr, HAS_EMA ? t.z + a : nullptr, b - a, s, scale);
+      MODE != kNoMomentum ? t.s0 + a : nullptr, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
+      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale);
 }
 
-template <class S>
-void ema_loop(const typename S::raw* __restrict p, float* __restrict z, int64_t n,
-              const float w) {
+template <class S, int NZ>
+void ema_loop(const typename S::raw* __restrict p, float* __restrict z0, float* __restrict z1,
+              float* __restrict z2, float* __restrict z3, int64_t n, const EmaWeights w) {
   for (int64_t i = 0; i < n; ++i) {
-    float zi = z[i];
-    ema_only_element<S>(p[i], zi, w);
-    z[i] = zi;
+    float zi[kMaxEmas];
+    if (NZ > 0) zi[0] = z0[i];
+    if (NZ > 1) zi[1] = z1[i];
+    if (NZ > 2) zi[2] = z2[i];
+    if (NZ > 3) zi[3] = z3[i];
+    ema_only_element<S, NZ>(p[i], zi, w);
+    if (NZ > 0) z0[i] = zi[0];
+    if (NZ > 1) z1[i] = zi[1];
+    if (NZ > 2) z2[i] = zi[2];
+    if (NZ > 3) z3[i] = zi[3];
   }
 }
 
-template <class S>
-void ema_range(const TensorPtrs& t, int64_t a, int64_t b, float w) {
+template <class S, int NZ>
+void ema_range(const TensorPtrs& t, int64_t a, int64_t b, const EmaWeights& w) {
   using R = typename S::raw;
-  ema_loop<S>(static_cast<const R*>(t.p) + a, t.z + a, b - a, w);
+  ema_loop<S, NZ>(static_cast<const R*>(t.p) + a, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
+                  ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, w);
 }
 
 // ---- dispatch from runtime flags to the instantiation (one per ISA variant) ----
+static_assert(kMaxEmas == 4, "the loops above and the switches below spell out EMAs 0..3");
 
-template <class S>
-AdamRangeFn adam_pick(bool ams, bool ema, bool l2, bool scale) {
-  const int k = (ams << 3) | (ema << 2) | (l2 << 1) | int(scale);
+template <class S, int NZ>
+AdamRangeFn adam_pick_nz(bool ams, bool l2, bool scale) {
+  const int k = (ams << 2) | (l2 << 1) | int(scale);
   switch (k) {
-#define EK_CASE(A, E, L, C) \
-  case (A << 3) | (E << 2) | (L << 1) | C: return &adam_range<S, A, E, L, C>;
-    EK_CASE(0, 0, 0, 0) EK_CASE(0, 0, 0, 1) EK_CASE(0, 0, 1, 0) EK_CASE(0, 0, 1, 1)
-    EK_CASE(0, 1, 0, 0) EK_CASE(0, 1, 0, 1) EK_CASE(0, 1, 1, 0) EK_CASE(0, 1, 1, 1)
-    EK_CASE(1, 0, 0, 0) EK_CASE(1, 0, 0, 1) EK_CASE(1, 0, 1, 0) EK_CASE(1, 0, 1, 1)
-    EK_CASE(1, 1, 0, 0) EK_CASE(1, 1, 0, 1) EK_CASE(1, 1, 1, 0) EK_CASE(1, 1, 1, 1)
-#undef EK_CASE
-  }
-  return nullptr;
-}
-
-template <class S, int MODE, bool NESTEROV>
-SgdRangeFn sgd_pick_mode(bool ema, bool l2, bool scale) {
-  const int k = (ema << 2) | (l2 << 1) | int(scale);
-  switch (k) {
-#define EK_CASE(E, L, C) \
-  case (E << 2) | (L << 1) | C: return &sgd_range<S, MODE, E, L, C, NESTEROV>;
+#define EK_CASE(A, L, C) \
+  case (A << 2) | (L << 1) | C: return &adam_range<S, A, NZ, L, C>;
     EK_CASE(0, 0, 0) EK_CASE(0, 0, 1) EK_CASE(0, 1, 0) EK_CASE(0, 1, 1)
     EK_CASE(1, 0, 0) EK_CASE(1, 0, 1) EK_CASE(1, 1, 0) EK_CASE(1, 1, 1)
 #undef EK_CASE
@@ -126,38 +145,85 @@ SgdRangeFn sgd_pick_mode(bool ema, bool l2, bool scale) {
 }
 
 template <class S>
-SgdRangeFn sgd_pick(int mode, bool nesterov, bool ema, bool l2, bool scale) {
-  if (mode == kNoMomentum) return sgd_pick_mode<S, kNoMomentum, false>(ema, l2, scale);
+AdamRangeFn adam_pick(bool ams, int nz, bool l2, bool scale) {
+  switch (nz) {
+    case 0: return adam_pick_nz<S, 0>(ams, l2, scale);
+    case 1: return adam_pick_nz<S, 1>(ams, l2, scale);
+    case 2: return adam_pick_nz<S, 2>(ams, l2, scale);
+    case 3: return adam_pick_nz<S, 3>(ams, l2, scale);
+    case 4: return adam_pick_nz<S, 4>(ams, l2, scale);
+  }
+  return nullptr;
+}
+
+template <class S, int MODE, bool NESTEROV, int NZ>
+SgdRangeFn sgd_pick_nz(bool l2, bool scale) {
+  const int k = (l2 << 1) | int(scale);
+  switch (k) {
+#define EK_CASE(L, C) \
+  case (L << 1) | C: return &sgd_range<S, MODE, NZ, L, C, NESTEROV>;
+    EK_CASE(0, 0) EK_CASE(0, 1) EK_CASE(1, 0) EK_CASE(1, 1)
+#undef EK_CASE
+  }
+  return nullptr;
+}
+
+template <class S, int MODE, bool NESTEROV>
+SgdRangeFn sgd_pick_mode(int nz, bool l2, bool scale) {
+  switch (nz) {
+    case 0: return sgd_pick_nz<S, MODE, NESTEROV, 0>(l2, scale);
+    case 1: return sgd_pick_nz<S, MODE, NESTEROV, 1>(l2, scale);
+    case 2: return sgd_pick_nz<S, MODE, NESTEROV, 2>(l2, scale);
+    case 3: return sgd_pick_nz<S, MODE, NESTEROV, 3>(l2, scale);
+    case 4: return sgd_pick_nz<S, MODE, NESTEROV, 4>(l2, scale);
+  }
+  return nullptr;
+}
+
+template <class S>
+SgdRangeFn sgd_pick(int mode, bool nesterov, int nz, bool l2, bool scale) {
+  if (mode == kNoMomentum) return sgd_pick_mode<S, kNoMomentum, false>(nz, l2, scale);
   if (mode == kFirstStep)
-    return nesterov ? sgd_pick_mode<S, kFirstStep, true>(ema, l2, scale)
-                    : sgd_pick_mode<S, kFirstStep, false>(ema, l2, scale);
-  return nesterov ? sgd_pick_mode<S, kMomentum, true>(ema, l2, scale)
-                  : sgd_pick_mode<S, kMomentum, false>(ema, l2, scale);
+    return nesterov ? sgd_pick_mode<S, kFirstStep, true>(nz, l2, scale)
+                    : sgd_pick_mode<S, kFirstStep, false>(nz, l2, scale);
+  return nesterov ? sgd_pick_mode<S, kMomentum, true>(nz, l2, scale)
+                  : sgd_pick_mode<S, kMomentum, false>(nz, l2, scale);
 }
 
-inline AdamRangeFn adam_fn(DType dt, bool ams, bool ema, bool l2, bool scale) {
+inline AdamRangeFn adam_fn(DType dt, bool ams, int nz, bool l2, bool scale) {
   switch (dt) {
-    case DType::kF32: return adam_pick<F32>(ams, ema, l2, scale);
-    case DType::kBF16: return adam_pick<BF16>(ams, ema, l2, scale);
-    case DType::kF16: return adam_pick<F16>(ams, ema, l2, scale);
+    case DType::kF32: return adam_pick<F32>(ams, nz, l2, scale);
+    case DType::kBF16: return adam_pick<BF16>(ams, nz, l2, scale);
+    case DType::kF16: return adam_pick<F16>(ams, nz, l2, scale);
   }
   return nullptr;
 }
 
-inline SgdRangeFn sgd_fn(DType dt, int mode, bool nesterov, bool ema, bool l2, bool scale) {
+inline SgdRangeFn sgd_fn(DType dt, int mode, bool nesterov, int nz, bool l2, bool scale) {
   switch (dt) {
-    case DType::kF32: return sgd_pick<F32>(mode, nesterov, ema, l2, scale);
-    case DType::kBF16: return sgd_pick<BF16>(mode, nesterov, ema, l2, scale);
-    case DType::kF16: return sgd_pick<F16>(mode, nesterov, ema, l2, scale);
+    case DType::kF32: return sgd_pick<F32>(mode, nesterov, nz, l2, scale);
+    case DType::kBF16: return sgd_pick<BF16>(mode, nesterov, nz, l2, scale);
+    case DType::kF16: return sgd_pick<F16>(mode, nesterov, nz, l2, scale);
   }
   return nullptr;
 }
 
-inline EmaRangeFn ema_fn(DType dt) {
+template <class S>
+EmaRangeFn ema_pick(int nz) {
+  switch (nz) {
+    case 1: return &ema_range<S, 1>;
+    case 2: return &ema_range<S, 2>;
+    case 3: return &ema_range<S, 3>;
+    case 4: return &ema_range<S, 4>;
+  }
+  return nullptr;
+}
+
+inline EmaRangeFn ema_fn(DType dt, int nz) {
   switch (dt) {
-    case DType::kF32: return &ema_range<F32>;
-    case DType::kBF16: return &ema_range<BF16>;
-    case DType::kF16: return &ema_range<F16>;
+    case DType::kF32: return ema_pick<F32>(nz);
+    case DType::kBF16: return ema_pick<BF16>(nz);
+    case DType::kF16: return ema_pick<F16>(nz);
   }
   return nullptr;
 }

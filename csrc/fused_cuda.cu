@@ -1,6 +1,7 @@
 // fused_cuda.cu -- CUDA kernels for the fused optimizer step + EMA.
 //
-// * One kernel template per update (Adam, SGD, EMA only), instantiated for two layouts:
+// * One kernel template per update (Adam, SGD, EMA only) and number of EMAs updated (0..4, all
+//   in the same pass: theta read once, each EMA read and written once), for two layouts:
 //   - flat (one tensor): a grid-stride loop with 64-bit indices over the whole tensor;
 //   - list: tensor lists in the style of torch's multi_tensor_apply: a pointer table and a
 //     block -> (tensor, chunk) map passed as kernel parameters (< 4 KB), one block per
@@ -41,8 +42,14 @@ namespace {
 
 constexpr int kBlock = 512;                 // threads per block
 constexpr int64_t kChunk = 65536;           // elements per block in the list kernels
-constexpr int kListMaxTensors = 36;         // pointer-table capacity per launch
+constexpr int kListMaxTensors = 36;         // pointer-table capacity per launch (<= 2 EMAs)
 constexpr int kListMaxBlocks = 320;         // block-map capacity per launch
+// Kernel parameters are limited to 4 KB: with 3 or 4 EMA pointers per tensor the table holds
+// fewer tensors (static_asserts below check both against the limit).
+__host__ __device__ constexpr int list_tensor_capacity(int n_emas) {
+  return n_emas <= 2 ? kListMaxTensors : 28;
+}
+constexpr int kKernelParamBytes = 4096;
 
 // The path-deciding sizes as the code reads them: the constants on the GPU; in the emulation
 // build, values the tests may lower (never above the constants, which size the tables).
@@ -101,32 +108,45 @@ struct SgdKArgs {
 };
 
 struct EmaKArgs {
-  float w;
+  EmaWeights w;
 };
 
+// The pointer table of a list launch updating NZ EMAs (z[k]: EMA k's pointers).
+template <int NZ>
 struct ListMeta {
-  void* p[kListMaxTensors];
-  const void* g[kListMaxTensors];
-  float* s0[kListMaxTensors];
-  float* s1[kListMaxTensors];
-  float* s2[kListMaxTensors];
-  float* z[kListMaxTensors];
-  int64_t n[kListMaxTensors];
+  static constexpr int kTensors = list_tensor_capacity(NZ);
+  void* p[kTensors];
+  const void* g[kTensors];
+  float* s0[kTensors];
+  float* s1[kTensors];
+  float* s2[kTensors];
+  float* z[NZ > 0 ? NZ : 1][kTensors];
+  int64_t n[kTensors];
   unsigned char block_to_tensor[kListMaxBlocks];
   int block_to_chunk[kListMaxBlocks];
-};
 
-__device__ __forceinline__ TensorPtrs list_entry(const ListMeta& m, int i) {
-  TensorPtrs t;
-  t.p = m.p[i];
-  t.g = m.g[i];
-  t.s0 = m.s0[i];
-  t.s1 = m.s1[i];
-  t.s2 = m.s2[i];
-  t.z = m.z[i];
-  t.n = m.n[i];
-  return t;
-}
+  // Entry i (a TensorPtrs) to slot `to`, or slot `from` to `to`.
+  __host__ __device__ void set(int to, const TensorPtrs& t) {
+    p[to] = t.p;
+    g[to] = t.g;
+    s0[to] = t.s0;
+    s1[to] = t.s1;
+    s2[to] = t.s2;
+    for (int k = 0; k < NZ; ++k) z[k][to] = t.z[k];
+    n[to] = t.n;
+  }
+  __host__ __device__ TensorPtrs get(int i) const {
+    TensorPtrs t;
+    t.p = p[i];
+    t.g = g[i];
+    t.s0 = s0[i];
+    t.s1 = s1[i];
+    t.s2 = s2[i];
+    for (int k = 0; k < NZ; ++k) t.z[k] = z[k][i];
+    t.n = n[i];
+    return t;
+  }
+};
 
 // ------------------------------------------------------------------------------------------
 // Layouts: which elements [lo, hi) of which tensor this thread walks, with which stride
@@ -150,9 +170,10 @@ __device__ __forceinline__ Span span_of(const TensorPtrs& t) {
 }
 
 // List: one chunk of one tensor per block, block-stride over its threads.
-__device__ __forceinline__ Span span_of(const ListMeta& m) {
+template <int NZ>
+__device__ __forceinline__ Span span_of(const ListMeta<NZ>& m) {
   Span sp;
-  sp.t = list_entry(m, m.block_to_tensor[blockIdx.x]);
+  sp.t = m.get(m.block_to_tensor[blockIdx.x]);
   const int64_t chunk = chunk_elems();
   sp.lo = int64_t(m.block_to_chunk[blockIdx.x]) * chunk;
   sp.hi = sp.lo + chunk < sp.t.n ? sp.lo + chunk : sp.t.n;
@@ -246,12 +267,22 @@ struct AdamLaunch {
   float gs;
 };
 
-template <class S, bool AMSGRAD, bool HAS_EMA>
+// Every EMA pointer of a span 16-byte aligned at element lo.
+template <int NZ>
+__device__ __forceinline__ bool emas_aligned16(const TensorPtrs& t, int64_t lo) {
+  bool ok = true;
+#pragma unroll
+  for (int k = 0; k < NZ; ++k) ok = ok && aligned16(t.z[k] + lo);
+  return ok;
+}
+
+template <class S, bool AMSGRAD, int NZ>
 struct AdamOp {
   using Args = AdamKArgs;
   using Scalars = AdamLaunch;
   using R = typename S::raw;
   static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = NZ;
 
   __device__ static __forceinline__ bool prologue(const AdamKArgs& a, AdamLaunch& l) {
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
@@ -260,9 +291,8 @@ struct AdamOp {
       const double lr = double(*a.cap.lr);
       double step_size, bc2_sqrt;
       adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
-      const double w = a.cap.ema_w != nullptr ? double(*a.cap.ema_w) : 0.0;
       l.s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.wd, a.decoupled, a.maximize,
-                              step_size, bc2_sqrt, w);
+                              step_size, bc2_sqrt, make_ema_weights(a.cap.ema_w, NZ));
     }
     l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
     return true;
@@ -276,11 +306,11 @@ struct AdamOp {
     float* __restrict__ m = sp.t.s0;
     float* __restrict__ v = sp.t.s1;
     float* __restrict__ vm = sp.t.s2;
-    float* __restrict__ z = sp.t.z;
+    float* const* z = sp.t.z;
     const int64_t lo = sp.lo;
     const bool vec = aligned16(p + lo) && aligned16(g + lo) && aligned16(m + lo) &&
                      aligned16(v + lo) && (!AMSGRAD || aligned16(vm + lo)) &&
-                     (!HAS_EMA || aligned16(z + lo));
+                     emas_aligned16<NZ>(sp.t, lo);
     const AdamScalars& s = l.s;
     const float gs = l.gs;
     const AdamConfig& cfg = a.cfg;
@@ -288,32 +318,42 @@ struct AdamOp {
         sp, vec,
         [&](int64_t i) {
           R rp[N], rg[N];
-          float rm[N], rv[N], rvm[N], rz[N];
+          float rm[N], rv[N], rvm[N], rz[kMaxEmas][N];
           load_vec(rp, p + i);
           load_vec(rg, g + i);
           load_vec(rm, m + i);
           load_vec(rv, v + i);
           if (AMSGRAD) load_vec(rvm, vm + i);
-          if (HAS_EMA) load_vec(rz, z + i);
 #pragma unroll
-          for (int k = 0; k < N; ++k)
-            adam_ema_element<S, AMSGRAD, HAS_EMA>(rp[k], rg[k], rm[k], rv[k], rvm[k], rz[k], s,
-                                                  gs, cfg);
+          for (int e = 0; e < NZ; ++e) load_vec(rz[e], z[e] + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            float ze[kMaxEmas];
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
+            adam_ema_element<S, AMSGRAD, NZ>(rp[k], rg[k], rm[k], rv[k], rvm[k], ze, s, gs, cfg);
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
+          }
           store_vec(p + i, rp);
           store_vec(m + i, rm);
           store_vec(v + i, rv);
           if (AMSGRAD) store_vec(vm + i, rvm);
-          if (HAS_EMA) store_vec(z + i, rz);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
         },
         [&](int64_t i) {
           R rp = p[i];
-          float rm = m[i], rv = v[i], rvm = AMSGRAD ? vm[i] : 0.0f, rz = HAS_EMA ? z[i] : 0.0f;
-          adam_ema_element<S, AMSGRAD, HAS_EMA>(rp, g[i], rm, rv, rvm, rz, s, gs, cfg);
+          float rm = m[i], rv = v[i], rvm = AMSGRAD ? vm[i] : 0.0f, ze[kMaxEmas];
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          adam_ema_element<S, AMSGRAD, NZ>(rp, g[i], rm, rv, rvm, ze, s, gs, cfg);
           p[i] = rp;
           m[i] = rm;
           v[i] = rv;
           if (AMSGRAD) vm[i] = rvm;
-          if (HAS_EMA) z[i] = rz;
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
         });
   }
 };
@@ -323,19 +363,20 @@ struct SgdLaunch {
   float gs;
 };
 
-template <class S, int MODE, bool HAS_EMA>
+template <class S, int MODE, int NZ>
 struct SgdOp {
   using Args = SgdKArgs;
   using Scalars = SgdLaunch;
   using R = typename S::raw;
   static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = NZ;
 
   __device__ static __forceinline__ bool prologue(const SgdKArgs& a, SgdLaunch& l) {
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
     l.s = a.s;
     if (a.cap.lr != nullptr) {
-      const double w = a.cap.ema_w != nullptr ? double(*a.cap.ema_w) : 0.0;
-      l.s = make_sgd_scalars(double(*a.cap.lr), a.momentum, a.dampening, a.wd, a.maximize, w);
+      l.s = make_sgd_scalars(double(*a.cap.lr), a.momentum, a.dampening, a.wd, a.maximize,
+                             make_ema_weights(a.cap.ema_w, NZ));
     }
     l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
     return true;
@@ -348,10 +389,10 @@ struct SgdOp {
     R* __restrict__ p = static_cast<R*>(sp.t.p);
     const R* __restrict__ g = static_cast<const R*>(sp.t.g);
     float* __restrict__ b = sp.t.s0;
-    float* __restrict__ z = sp.t.z;
+    float* const* z = sp.t.z;
     const int64_t lo = sp.lo;
     const bool vec = aligned16(p + lo) && aligned16(g + lo) && (!kBuf || aligned16(b + lo)) &&
-                     (!HAS_EMA || aligned16(z + lo));
+                     emas_aligned16<NZ>(sp.t, lo);
     const SgdScalars& s = l.s;
     const float gs = l.gs;
     const SgdConfig& cfg = a.cfg;
@@ -359,36 +400,48 @@ struct SgdOp {
         sp, vec,
         [&](int64_t i) {
           R rp[N], rg[N];
-          float rb[N], rz[N];
+          float rb[N], rz[kMaxEmas][N];
           load_vec(rp, p + i);
           load_vec(rg, g + i);
           if (MODE == kMomentum) load_vec(rb, b + i);
-          if (HAS_EMA) load_vec(rz, z + i);
 #pragma unroll
-          for (int k = 0; k < N; ++k)
-            sgd_ema_element<S, MODE, HAS_EMA>(rp[k], rg[k], rb[k], rz[k], s, gs, cfg);
+          for (int e = 0; e < NZ; ++e) load_vec(rz[e], z[e] + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            float ze[kMaxEmas];
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
+            sgd_ema_element<S, MODE, NZ>(rp[k], rg[k], rb[k], ze, s, gs, cfg);
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
+          }
           store_vec(p + i, rp);
           if (kBuf) store_vec(b + i, rb);
-          if (HAS_EMA) store_vec(z + i, rz);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
         },
         [&](int64_t i) {
           R rp = p[i];
-          float rb = MODE == kMomentum ? b[i] : 0.0f, rz = HAS_EMA ? z[i] : 0.0f;
-          sgd_ema_element<S, MODE, HAS_EMA>(rp, g[i], rb, rz, s, gs, cfg);
+          float rb = MODE == kMomentum ? b[i] : 0.0f, ze[kMaxEmas];
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          sgd_ema_element<S, MODE, NZ>(rp, g[i], rb, ze, s, gs, cfg);
           p[i] = rp;
           if (kBuf) b[i] = rb;
-          if (HAS_EMA) z[i] = rz;
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
         });
   }
 };
 
 // EMA only (parameters that took no step while the EMA clock ticked).
-template <class S>
+template <class S, int NZ>
 struct EmaOp {
   using Args = EmaKArgs;
   using Scalars = EmaKArgs;
   using R = typename S::raw;
   static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = NZ;
 
   __device__ static __forceinline__ bool prologue(const EmaKArgs& a, EmaKArgs& l) {
     l = a;
@@ -399,28 +452,47 @@ struct EmaOp {
                                               const EmaKArgs&) {
     constexpr int N = kVec;
     const R* __restrict__ p = static_cast<const R*>(sp.t.p);
-    float* __restrict__ z = sp.t.z;
-    const float w = l.w;
+    float* const* z = sp.t.z;
+    const EmaWeights& w = l.w;
     walk<N>(
-        sp, aligned16(p + sp.lo) && aligned16(z + sp.lo),
+        sp, aligned16(p + sp.lo) && emas_aligned16<NZ>(sp.t, sp.lo),
         [&](int64_t i) {
           R rp[N];
-          float rz[N];
+          float rz[kMaxEmas][N];
           load_vec(rp, p + i);
-          load_vec(rz, z + i);
 #pragma unroll
-          for (int k = 0; k < N; ++k) ema_only_element<S>(rp[k], rz[k], w);
-          store_vec(z + i, rz);
+          for (int e = 0; e < NZ; ++e) load_vec(rz[e], z[e] + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            float ze[kMaxEmas];
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
+            ema_only_element<S, NZ>(rp[k], ze, w);
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
+          }
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
         },
         [&](int64_t i) {
-          float rz = z[i];
-          ema_only_element<S>(p[i], rz, w);
-          z[i] = rz;
+          float ze[kMaxEmas];
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          ema_only_element<S, NZ>(p[i], ze, w);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
         });
   }
 };
 
-// The kernel of every update and layout (Layout = TensorPtrs: flat; ListMeta: list).
+static_assert(sizeof(ListMeta<2>) + sizeof(AdamKArgs) <= kKernelParamBytes,
+              "list kernel parameters (2 EMAs) exceed CUDA's 4 KB");
+static_assert(sizeof(ListMeta<4>) + sizeof(AdamKArgs) <= kKernelParamBytes,
+              "list kernel parameters (4 EMAs) exceed CUDA's 4 KB");
+static_assert(sizeof(SgdKArgs) <= sizeof(AdamKArgs) && sizeof(EmaKArgs) <= sizeof(AdamKArgs),
+              "the Adam launch has the largest arguments");
+
+// The kernel of every update and layout (Layout = TensorPtrs: flat; ListMeta<NZ>: list).
 template <class Op, class Layout>
 __global__ void __launch_bounds__(kBlock) fused_kernel(Layout where, typename Op::Args a) {
   typename Op::Scalars l;
@@ -499,25 +571,20 @@ const char* last_error() {
 // Walks the tensors, filling pointer tables and block maps, and calls launch(meta, blocks)
 // whenever a table is full (a tensor may continue into the next launch).  launch returns an
 // error string or nullptr.
-template <typename Launch>
+template <class Meta, typename Launch>
 const char* for_each_list_launch(const std::vector<TensorPtrs>& ts, Launch&& launch) {
-  const int max_tensors = list_max_tensors();
+  const int max_tensors = list_max_tensors() < Meta::kTensors ? list_max_tensors()
+                                                               : Meta::kTensors;
   const int max_blocks = list_max_blocks();
   const int64_t chunk = chunk_elems();
-  ListMeta meta;
+  Meta meta;
   int nt = 0, nb = 0;
   for (const TensorPtrs& t : ts) {
     if (t.n == 0) continue;
     const int64_t chunks = (t.n + chunk - 1) / chunk;
     if (chunks > int64_t(INT32_MAX))  // block_to_chunk is an int: 2^47 elements at 64K chunks
       return "a tensor has more chunks than the list kernel's block map can number";
-    meta.p[nt] = t.p;
-    meta.g[nt] = t.g;
-    meta.s0[nt] = t.s0;
-    meta.s1[nt] = t.s1;
-    meta.s2[nt] = t.s2;
-    meta.z[nt] = t.z;
-    meta.n[nt] = t.n;
+    meta.set(nt, t);
     ++nt;
     for (int64_t c = 0; c < chunks; ++c) {
       meta.block_to_tensor[nb] = static_cast<unsigned char>(nt - 1);
@@ -530,13 +597,7 @@ const char* for_each_list_launch(const std::vector<TensorPtrs>& ts, Launch&& lau
         if (last_chunk) {
           nt = 0;
         } else {  // the current tensor continues in the next launch, as entry 0
-          meta.p[0] = meta.p[nt - 1];
-          meta.g[0] = meta.g[nt - 1];
-          meta.s0[0] = meta.s0[nt - 1];
-          meta.s1[0] = meta.s1[nt - 1];
-          meta.s2[0] = meta.s2[nt - 1];
-          meta.z[0] = meta.z[nt - 1];
-          meta.n[0] = meta.n[nt - 1];
+          meta.set(0, meta.get(nt - 1));
           nt = 1;
         }
       }
@@ -556,38 +617,66 @@ const char* run(const std::vector<TensorPtrs>& ts, const typename Op::Args& a, i
               ts[0], a);
     return last_error();
   }
-  return for_each_list_launch(ts, [&](const ListMeta& meta, int blocks) {
-    ek_launch(fused_kernel<Op, ListMeta>, unsigned(blocks), kBlock, stream, meta, a);
+  using Meta = ListMeta<Op::kEmas>;
+  return for_each_list_launch<Meta>(ts, [&](const Meta& meta, int blocks) {
+    ek_launch(fused_kernel<Op, Meta>, unsigned(blocks), kBlock, stream, meta, a);
     return last_error();
   });
 }
 
+template <class S, bool AMS>
+const char* adam_dispatch_ams(const std::vector<TensorPtrs>& ts, const AdamKArgs& k, int nz,
+                              int device, cudaStream_t st) {
+  switch (nz) {
+    case 0: return run<AdamOp<S, AMS, 0>>(ts, k, device, st);
+    case 1: return run<AdamOp<S, AMS, 1>>(ts, k, device, st);
+    case 2: return run<AdamOp<S, AMS, 2>>(ts, k, device, st);
+    case 3: return run<AdamOp<S, AMS, 3>>(ts, k, device, st);
+    case 4: return run<AdamOp<S, AMS, 4>>(ts, k, device, st);
+  }
+  return "more EMAs than the kernels update in one pass (kMaxEmas)";
+}
+
 template <class S>
 const char* adam_dispatch(const std::vector<TensorPtrs>& ts, const AdamKArgs& k, bool ams,
-                          bool ema, int device, cudaStream_t st) {
-  if (ams) {
-    return ema ? run<AdamOp<S, true, true>>(ts, k, device, st)
-               : run<AdamOp<S, true, false>>(ts, k, device, st);
-  }
-  return ema ? run<AdamOp<S, false, true>>(ts, k, device, st)
-             : run<AdamOp<S, false, false>>(ts, k, device, st);
+                          int nz, int device, cudaStream_t st) {
+  return ams ? adam_dispatch_ams<S, true>(ts, k, nz, device, st)
+             : adam_dispatch_ams<S, false>(ts, k, nz, device, st);
 }
 
 template <class S, int MODE>
-const char* sgd_dispatch_mode(const std::vector<TensorPtrs>& ts, const SgdKArgs& k, bool ema,
+const char* sgd_dispatch_mode(const std::vector<TensorPtrs>& ts, const SgdKArgs& k, int nz,
                               int device, cudaStream_t st) {
-  return ema ? run<SgdOp<S, MODE, true>>(ts, k, device, st)
-             : run<SgdOp<S, MODE, false>>(ts, k, device, st);
+  switch (nz) {
+    case 0: return run<SgdOp<S, MODE, 0>>(ts, k, device, st);
+    case 1: return run<SgdOp<S, MODE, 1>>(ts, k, device, st);
+    case 2: return run<SgdOp<S, MODE, 2>>(ts, k, device, st);
+    case 3: return run<SgdOp<S, MODE, 3>>(ts, k, device, st);
+    case 4: return run<SgdOp<S, MODE, 4>>(ts, k, device, st);
+  }
+  return "more EMAs than the kernels update in one pass (kMaxEmas)";
 }
 
 template <class S>
 const char* sgd_dispatch(const std::vector<TensorPtrs>& ts, const SgdKArgs& k, int mode,
-                         bool ema, int device, cudaStream_t st) {
+                         int nz, int device, cudaStream_t st) {
   switch (mode) {
-    case kNoMomentum: return sgd_dispatch_mode<S, kNoMomentum>(ts, k, ema, device, st);
-    case kFirstStep: return sgd_dispatch_mode<S, kFirstStep>(ts, k, ema, device, st);
-    default: return sgd_dispatch_mode<S, kMomentum>(ts, k, ema, device, st);
+    case kNoMomentum: return sgd_dispatch_mode<S, kNoMomentum>(ts, k, nz, device, st);
+    case kFirstStep: return sgd_dispatch_mode<S, kFirstStep>(ts, k, nz, device, st);
+    default: return sgd_dispatch_mode<S, kMomentum>(ts, k, nz, device, st);
   }
+}
+
+template <class S>
+const char* ema_dispatch(const std::vector<TensorPtrs>& ts, const EmaKArgs& k, int nz,
+                         int device, cudaStream_t st) {
+  switch (nz) {
+    case 1: return run<EmaOp<S, 1>>(ts, k, device, st);
+    case 2: return run<EmaOp<S, 2>>(ts, k, device, st);
+    case 3: return run<EmaOp<S, 3>>(ts, k, device, st);
+    case 4: return run<EmaOp<S, 4>>(ts, k, device, st);
+  }
+  return "ema_only updates 1 to kMaxEmas EMAs";
 }
 
 #define EK_STR2(...) #__VA_ARGS__
@@ -599,7 +688,7 @@ const char* adam_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
                           int device, void* stream) {
   AdamKArgs k;
   k.s = make_adam_scalars(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled, a.maximize,
-                          a.step_size, a.bc2_sqrt, a.ema_w);
+                          a.step_size, a.bc2_sqrt, make_ema_weights(a.ema_w, a.n_emas));
   k.cfg.l2 = !a.decoupled && a.weight_decay != 0.0;
   k.cfg.has_scale = a.grad_scale != nullptr;
   k.grad_scale = a.grad_scale;
@@ -613,9 +702,9 @@ const char* adam_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
   k.maximize = a.maximize;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kF32: return adam_dispatch<F32>(ts, k, a.amsgrad, a.has_ema, device, st);
-    case DType::kBF16: return adam_dispatch<BF16>(ts, k, a.amsgrad, a.has_ema, device, st);
-    case DType::kF16: return adam_dispatch<F16>(ts, k, a.amsgrad, a.has_ema, device, st);
+    case DType::kF32: return adam_dispatch<F32>(ts, k, a.amsgrad, a.n_emas, device, st);
+    case DType::kBF16: return adam_dispatch<BF16>(ts, k, a.amsgrad, a.n_emas, device, st);
+    case DType::kF16: return adam_dispatch<F16>(ts, k, a.amsgrad, a.n_emas, device, st);
   }
   return "unsupported dtype";
 }
@@ -623,7 +712,8 @@ const char* adam_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
 const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const SgdArgs& a,
                          int device, void* stream) {
   SgdKArgs k;
-  k.s = make_sgd_scalars(a.lr, a.momentum, a.dampening, a.weight_decay, a.maximize, a.ema_w);
+  k.s = make_sgd_scalars(a.lr, a.momentum, a.dampening, a.weight_decay, a.maximize,
+                         make_ema_weights(a.ema_w, a.n_emas));
   const int mode = a.momentum == 0.0 ? kNoMomentum : (a.first_step ? kFirstStep : kMomentum);
   k.cfg.l2 = a.weight_decay != 0.0;
   k.cfg.has_scale = a.grad_scale != nullptr;
@@ -637,21 +727,21 @@ const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const S
   k.maximize = a.maximize;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kF32: return sgd_dispatch<F32>(ts, k, mode, a.has_ema, device, st);
-    case DType::kBF16: return sgd_dispatch<BF16>(ts, k, mode, a.has_ema, device, st);
-    case DType::kF16: return sgd_dispatch<F16>(ts, k, mode, a.has_ema, device, st);
+    case DType::kF32: return sgd_dispatch<F32>(ts, k, mode, a.n_emas, device, st);
+    case DType::kBF16: return sgd_dispatch<BF16>(ts, k, mode, a.n_emas, device, st);
+    case DType::kF16: return sgd_dispatch<F16>(ts, k, mode, a.n_emas, device, st);
   }
   return "unsupported dtype";
 }
 
-const char* ema_only_cuda(const std::vector<TensorPtrs>& ts, DType dtype, double ema_w,
-                          int device, void* stream) {
-  const EmaKArgs k{float(ema_w)};
+const char* ema_only_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const double* ema_w,
+                          int n_emas, int device, void* stream) {
+  const EmaKArgs k{make_ema_weights(ema_w, n_emas)};
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kF32: return run<EmaOp<F32>>(ts, k, device, st);
-    case DType::kBF16: return run<EmaOp<BF16>>(ts, k, device, st);
-    case DType::kF16: return run<EmaOp<F16>>(ts, k, device, st);
+    case DType::kF32: return ema_dispatch<F32>(ts, k, n_emas, device, st);
+    case DType::kBF16: return ema_dispatch<BF16>(ts, k, n_emas, device, st);
+    case DType::kF16: return ema_dispatch<F16>(ts, k, n_emas, device, st);
   }
   return "unsupported dtype";
 }
@@ -726,8 +816,8 @@ const char* emu_flat_walk(int64_t n, int elem_bytes, bool aligned, int64_t grid,
 }
 
 int64_t emu_flat_grid(int64_t n, int elem_bytes) {
-  return elem_bytes == 2 ? flat_grid<AdamOp<BF16, false, true>>(n, 0)
-                         : flat_grid<AdamOp<F32, false, true>>(n, 0);
+  return elem_bytes == 2 ? flat_grid<AdamOp<BF16, false, 1>>(n, 0)
+                         : flat_grid<AdamOp<F32, false, 1>>(n, 0);
 }
 
 const char* emu_list_plan(const std::vector<int64_t>& sizes, std::vector<int64_t>* plan) {
@@ -739,7 +829,9 @@ const char* emu_list_plan(const std::vector<int64_t>& sizes, std::vector<int64_t
     ts[i].p = reinterpret_cast<void*>(uintptr_t(i + 1) * 16);
     ts[i].n = sizes[i];
   }
-  return for_each_list_launch(ts, [&](const ListMeta& meta, int blocks) -> const char* {
+  // The plan of a one-EMA launch (3 or 4 EMAs give smaller tables: list_tensor_capacity).
+  using Meta = ListMeta<1>;
+  return for_each_list_launch<Meta>(ts, [&](const Meta& meta, int blocks) -> const char* {
     plan->push_back(blocks);
     gridDim = dim3(unsigned(blocks));
     blockDim = dim3(kBlock);

@@ -8,8 +8,9 @@
 // follows torch.optim's single-tensor Adam/SGD): float32 math whatever the storage dtype, every
 // hyperparameter rounded to float32 once on the host (as torch does when a Python float meets a
 // float32 tensor), and the EMA moves towards the parameter *as stored* (after rounding to
-// bf16/fp16).  Per-step values (lr, bias corrections, EMA weight) are runtime values; only
-// structural choices (dtype, AMSGrad, EMA on/off, momentum mode) are template parameters.
+// bf16/fp16).  Per-step values (lr, bias corrections, EMA weights) are runtime values; only
+// structural choices (dtype, AMSGrad, the number of EMAs updated, momentum mode) are template
+// parameters.
 #pragma once
 
 #include <stdint.h>
@@ -34,6 +35,14 @@
 
 #if defined(EK_EMULATE_DEVICE)
 #include "cuda_emu.h"
+#endif
+
+// Full unrolling of the loops over the EMAs (bounded by a template parameter): the EMA values
+// then live in registers.  nvcc and g++ spell the pragma differently.
+#if defined(__CUDACC__)
+#define EK_UNROLL _Pragma("unroll")
+#else
+#define EK_UNROLL _Pragma("GCC unroll 4")
 #endif
 
 namespace ek {
@@ -195,6 +204,27 @@ EK_HD float lerp(float self, float end, float weight) {
 EK_HD float nan_maximum(float a, float b) { return ((a != a) | (a > b)) ? a : b; }
 
 // ------------------------------------------------------------------------------------------
+// Several EMAs per pass.  The number updated is a template parameter NZ in [0, kMaxEmas] (it
+// decides which bytes move); each EMA k has its own weight float(1 - rho_hat_k), a runtime
+// value.  Every EMA moves towards the same stored theta, so EMA k of an NZ-EMA pass is bit for
+// bit the EMA of a one-EMA pass with weight k.
+// ------------------------------------------------------------------------------------------
+constexpr int kMaxEmas = 4;
+
+struct EmaWeights {
+  float w[kMaxEmas];  // entries >= the number of EMAs are 0 and never read
+};
+
+// From host doubles (1 - rho_hat computed in double) or, on the capturable path, from the
+// float32 device tensor: the same float32 values either way.
+template <typename T>
+EK_HD EmaWeights make_ema_weights(const T* w, int nz) {
+  EmaWeights e;
+  for (int k = 0; k < kMaxEmas; ++k) e.w[k] = (w != nullptr && k < nz) ? float(w[k]) : 0.0f;
+  return e;
+}
+
+// ------------------------------------------------------------------------------------------
 // Per-step scalars, rounded to float32 exactly as the reference rounds them.  Built on the host
 // from doubles (the normal path) or on the device from tensors (the capturable path) by the
 // same functions below.
@@ -209,7 +239,7 @@ struct AdamScalars {
   float eps;              // float(eps)
   float neg_step_size;    // float(-lr / (1 - beta1^t))
   float gsign;            // -1 if maximize else 1 (exact: g * -1 == -g)
-  float ema_w;            // float(1 - rho_hat)
+  EmaWeights ema;         // float(1 - rho_hat_k) per EMA
 };
 
 struct AdamConfig {  // runtime structural flags
@@ -219,7 +249,7 @@ struct AdamConfig {  // runtime structural flags
 
 EK_HD AdamScalars make_adam_scalars(double lr, double beta1, double beta2, double eps, double wd,
                                     bool decoupled, bool maximize, double step_size,
-                                    double bc2_sqrt, double ema_w) {
+                                    double bc2_sqrt, const EmaWeights& ema) {
   AdamScalars s;
   s.decay = (decoupled && wd != 0.0) ? float(1.0 - lr * wd) : 1.0f;
   s.l2 = float(wd);
@@ -230,7 +260,7 @@ EK_HD AdamScalars make_adam_scalars(double lr, double beta1, double beta2, doubl
   s.eps = float(eps);
   s.neg_step_size = float(-step_size);
   s.gsign = maximize ? -1.0f : 1.0f;
-  s.ema_w = float(ema_w);
+  s.ema = ema;
   return s;
 }
 
@@ -271,7 +301,7 @@ struct SgdScalars {
   float one_minus_dampening;  // float(1 - dampening)
   float neg_lr;               // float(-lr)
   float gsign;                // -1 if maximize else 1
-  float ema_w;                // float(1 - rho_hat)
+  EmaWeights ema;             // float(1 - rho_hat_k) per EMA
 };
 
 struct SgdConfig {
@@ -284,14 +314,14 @@ struct SgdConfig {
 enum MomentumMode : int { kNoMomentum = 0, kFirstStep = 1, kMomentum = 2 };
 
 EK_HD SgdScalars make_sgd_scalars(double lr, double momentum, double dampening, double wd,
-                                  bool maximize, double ema_w) {
+                                  bool maximize, const EmaWeights& ema) {
   SgdScalars s;
   s.l2 = float(wd);
   s.momentum = float(momentum);
   s.one_minus_dampening = float(1.0 - dampening);
   s.neg_lr = float(-lr);
   s.gsign = maximize ? -1.0f : 1.0f;
-  s.ema_w = float(ema_w);
+  s.ema = ema;
   return s;
 }
 
@@ -316,29 +346,37 @@ EK_HD float sgd_update(float theta, float g, float& buf, const SgdScalars& s, fl
 // The EMA: zeta moves towards theta as stored.
 EK_HD float ema_update(float z, float theta_stored, float w) { return lerp(z, theta_stored, w); }
 
+// All NZ EMAs of one element, from the one stored theta.
+template <int NZ>
+EK_HD void ema_update_all(float* z, float theta_stored, const EmaWeights& e) {
+  EK_UNROLL
+  for (int k = 0; k < NZ; ++k) z[k] = ema_update(z[k], theta_stored, e.w[k]);
+}
+
 // ------------------------------------------------------------------------------------------
-// Whole-element steps: load from storage, update, store (rounding), EMA from the stored value.
+// Whole-element steps: load from storage, update, store (rounding), the EMAs from the stored
+// value.  `z` holds the element's NZ EMA values (z[k]: EMA k).
 // ------------------------------------------------------------------------------------------
-template <class S, bool AMSGRAD, bool HAS_EMA, class Cfg>
+template <class S, bool AMSGRAD, int NZ, class Cfg>
 EK_HD void adam_ema_element(typename S::raw& p, typename S::raw g, float& m, float& v,
-                            float& vmax, float& z, const AdamScalars& s, float grad_scale,
+                            float& vmax, float* z, const AdamScalars& s, float grad_scale,
                             const Cfg& cfg) {
   const float th = adam_update<AMSGRAD>(S::load(p), S::load(g), m, v, vmax, s, grad_scale, cfg);
   p = S::store(th);
-  if (HAS_EMA) z = ema_update(z, S::kRounds ? S::load(p) : th, s.ema_w);
+  ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
 }
 
-template <class S, int MODE, bool HAS_EMA, class Cfg>
-EK_HD void sgd_ema_element(typename S::raw& p, typename S::raw g, float& buf, float& z,
+template <class S, int MODE, int NZ, class Cfg>
+EK_HD void sgd_ema_element(typename S::raw& p, typename S::raw g, float& buf, float* z,
                            const SgdScalars& s, float grad_scale, const Cfg& cfg) {
   const float th = sgd_update<MODE>(S::load(p), S::load(g), buf, s, grad_scale, cfg);
   p = S::store(th);
-  if (HAS_EMA) z = ema_update(z, S::kRounds ? S::load(p) : th, s.ema_w);
+  ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
 }
 
-template <class S>
-EK_HD void ema_only_element(typename S::raw p, float& z, float w) {
-  z = ema_update(z, S::load(p), w);
+template <class S, int NZ>
+EK_HD void ema_only_element(typename S::raw p, float* z, const EmaWeights& e) {
+  ema_update_all<NZ>(z, S::load(p), e);
 }
 
 #if defined(EK_EMULATE_DEVICE)

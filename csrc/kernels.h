@@ -15,14 +15,14 @@ namespace ek {
 enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // One entry per tensor of the list (a flat buffer is a list of one).  Unused roles are nullptr
-// (vmax unless AMSGrad, z unless the EMA is updated, buf unless momentum).
+// (vmax unless AMSGrad, z[k] for k >= the number of EMAs updated, buf unless momentum).
 struct TensorPtrs {
   void* p = nullptr;         // parameters, storage dtype
   const void* g = nullptr;   // gradients, storage dtype
   float* s0 = nullptr;       // Adam: exp_avg           SGD: momentum_buffer
   float* s1 = nullptr;       // Adam: exp_avg_sq
   float* s2 = nullptr;       // Adam: max_exp_avg_sq (AMSGrad)
-  float* z = nullptr;        // EMA
+  float* z[kMaxEmas] = {};   // EMAs 0 .. n_emas-1 (all updated in the same pass)
   int64_t n = 0;             // elements
 };
 
@@ -30,15 +30,17 @@ struct TensorPtrs {
 struct CapturablePtrs {
   const float* lr = nullptr;     // learning rate
   const float* step = nullptr;   // Adam: the step count t (already incremented for this step)
-  const float* ema_w = nullptr;  // 1 - rho_hat (nullptr: no EMA this step)
+  const float* ema_w = nullptr;  // 1 - rho_hat_k, one element per EMA (nullptr: no EMA)
 };
 
 struct AdamArgs {
   // Host-side per-step values (ignored by the capturable path where `cap` gives them).
-  double lr = 0, step_size = 0, bc2_sqrt = 1, ema_w = 0;
+  double lr = 0, step_size = 0, bc2_sqrt = 1;
+  double ema_w[kMaxEmas] = {};  // 1 - rho_hat_k of EMA k < n_emas
+  int n_emas = 0;               // EMAs updated this step (0: none), <= kMaxEmas
   // Per-group constants.
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
-  bool decoupled = true, maximize = false, amsgrad = false, has_ema = false;
+  bool decoupled = true, maximize = false, amsgrad = false;
   bool capturable = false;
   CapturablePtrs cap;
   const float* grad_scale = nullptr;  // divide gradients by *grad_scale
@@ -46,9 +48,11 @@ struct AdamArgs {
 };
 
 struct SgdArgs {
-  double lr = 0, ema_w = 0;
+  double lr = 0;
+  double ema_w[kMaxEmas] = {};
+  int n_emas = 0;
   double momentum = 0, dampening = 0, weight_decay = 0;
-  bool nesterov = false, maximize = false, first_step = false, has_ema = false;
+  bool nesterov = false, maximize = false, first_step = false;
   bool capturable = false;
   CapturablePtrs cap;
   const float* grad_scale = nullptr;
@@ -58,7 +62,8 @@ struct SgdArgs {
 // CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.
 void adam_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a);
 void sgd_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a);
-void ema_only_cpu(const std::vector<TensorPtrs>& t, DType dtype, double ema_w);
+void ema_only_cpu(const std::vector<TensorPtrs>& t, DType dtype, const double* ema_w,
+                  int n_emas);
 const char* cpu_isa();  // which instruction-set variant of the CPU kernels runs here
 
 #if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
@@ -69,8 +74,8 @@ const char* adam_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const A
                           int device, void* stream);
 const char* sgd_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a,
                          int device, void* stream);
-const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, double ema_w,
-                          int device, void* stream);
+const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, const double* ema_w,
+                          int n_emas, int device, void* stream);
 #endif
 
 #ifdef EK_WITH_CUDA

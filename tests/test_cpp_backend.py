@@ -410,7 +410,7 @@ def test_float64_raises_type_error_naming_reference():
     with pytest.raises(TypeError, match="backend='reference'"):  # the op itself says so too
         torch.ops.ema_kernels_ext.sgd_ema_([p], [p.clone()], [], [], lr=0.1, momentum=0.0,
                                            dampening=0.0, weight_decay=0.0, nesterov=False,
-                                           maximize=False, first_step=True, ema_weight=None)
+                                           maximize=False, first_step=True, ema_weights=[])
 
 
 @pytest.mark.parametrize("problem,match", [
@@ -476,22 +476,22 @@ def _opcheck_cases():
                        [t.abs() for t in lst(n)], lst(n)),
                       dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                            decoupled=True, maximize=False, step_size=1e-2,
-                           bias_correction2_sqrt=0.1, ema_weight=0.01,
+                           bias_correction2_sqrt=0.1, ema_weights=[0.01],
                            grad_scale=torch.ones(1), found_inf=torch.zeros(1))),
         "adam_ema_capturable_": (ops.adam_ema_capturable_.default,
                                  (lst(n), lst(n), lst(n), [t.abs() for t in lst(n)], [], []),
                                  dict(lr=_scalar(1e-3), step=_scalar(3.0), beta1=0.9,
                                       beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False,
                                       maximize=True, ema_weight=None)),
-        "sgd_ema_": (ops.sgd_ema_.default, (lst(n), lst(n), lst(n), lst(n)),
+        "sgd_ema_": (ops.sgd_ema_.default, (lst(n), lst(n), lst(n), lst(n) + lst(n)),
                      dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
-                          maximize=False, first_step=False, ema_weight=0.5)),
+                          maximize=False, first_step=False, ema_weights=[0.5, 0.25])),
         "sgd_ema_capturable_": (ops.sgd_ema_capturable_.default,
                                 (lst(n, torch.float16), lst(n, torch.float16), [], lst(n)),
                                 dict(lr=_scalar(0.1), momentum=0.0, dampening=0.0,
                                      weight_decay=0.0, nesterov=False, maximize=False,
                                      first_step=True, ema_weight=_scalar(0.5))),
-        "ema_only_": (ops.ema_only_.default, (lst(n), lst(n)), dict(ema_weight=0.25)),
+        "ema_only_": (ops.ema_only_.default, (lst(n), lst(n)), dict(ema_weights=[0.25])),
     }
     return cases
 

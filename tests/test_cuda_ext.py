@@ -139,7 +139,7 @@ def test_cuda_op_on_cpu_tensors_dispatches_to_cpu():
     the CPU kernel for them."""
     _info()
     z, p = torch.zeros(5), torch.ones(5)
-    torch.ops.ema_kernels_ext.ema_only_([z], [p], ema_weight=0.5)
+    torch.ops.ema_kernels_ext.ema_only_([z], [p], ema_weights=[0.5])
     assert torch.equal(z, torch.full((5,), 0.5))
 
 

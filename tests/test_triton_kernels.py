@@ -602,21 +602,25 @@ def test_cpu_without_interpreter_is_unavailable_and_import_is_inert():
 def _expected_vectors(label):
     """Vector accesses in the unmasked path of a variant: each thread owns its elements in runs
     of 4 (16-byte fp32 / 8-byte bf16, fp16 accesses), one access per run per stream the variant
-    must touch, and none for a stream it must not (EMA off, no AMSGrad, no momentum)."""
+    must touch, and none for a stream it must not (EMAs not updated, no AMSGrad, no
+    momentum): each of the ``emas=k`` EMAs one fp32 stream read and written."""
     kind, rest = label.split("[")
     dtype, *flags = rest.rstrip("]").split(",")
-    on = {k: v == "True" for k, v in (f.split("=") for f in flags)}
+    on = {k: (int(v) if v.isdigit() else v == "True") for k, v in (f.split("=") for f in flags)}
     runs = PROD_BLOCK // (PROD_WARPS * 32) // 4
     if kind.startswith("adam"):
-        state = 2 + on["amsgrad"] + on["ema"]        # m v [vmax] [z]: read and written
+        state = 2 + on["amsgrad"] + on["emas"]       # m v [vmax] z_0..z_k-1: read and written
+    elif kind.startswith("sgd"):
+        state = on["momentum"] + on["emas"]          # [buf] z_0..z_k-1
     else:
-        state = on["momentum"] + on["ema"]           # [buf] [z]
+        state = on["emas"]                           # EMA only: z_0..z_k-1
     fp32_in, fp32_out = state, state
     half_in, half_out = 0, 0
+    reads, writes = (1, 0) if kind.startswith("ema") else (2, 1)  # θ [g] read, [θ] written
     if dtype == "fp32":
-        fp32_in, fp32_out = fp32_in + 2, fp32_out + 1  # θ g read, θ written
+        fp32_in, fp32_out = fp32_in + reads, fp32_out + writes
     else:
-        half_in, half_out = 2, 1
+        half_in, half_out = reads, writes
     return dict(ld_v4=runs * fp32_in, st_v4=runs * fp32_out, ld_v2=runs * half_in,
                 st_v2=runs * half_out)
 
@@ -647,9 +651,10 @@ def test_aot_compile_every_variant(arch):
                       f" {r['seconds']} s")
     print("\n".join(report))
     # The fp32 flat AdamW + EMA kernel: 16-byte loads of every stream (θ g m v ζ), 16-byte
-    # stores of θ m v ζ; without EMA, one stream fewer each way.
+    # stores of θ m v ζ; without EMA, one stream fewer each way; each further EMA (all in the
+    # same pass) one more each way.
     fp32 = {r["label"]: r for r in recs}
-    ema, no_ema = fp32["adam_flat[fp32,ema=True,amsgrad=False]"], \
-        fp32["adam_flat[fp32,ema=False,amsgrad=False]"]
+    ema, no_ema, two = (fp32[f"adam_flat[fp32,emas={k},amsgrad=False]"] for k in (1, 0, 2))
     assert ema["ld_v4"] >= 5 and ema["st_v4"] >= 4 and ema["ld_v2"] == 0
     assert ema["ld_v4"] * 4 == no_ema["ld_v4"] * 5 and ema["st_v4"] * 3 == no_ema["st_v4"] * 4
+    assert two["ld_v4"] * 5 == ema["ld_v4"] * 6 and two["st_v4"] * 4 == ema["st_v4"] * 5

@@ -13,7 +13,8 @@ mutates lists in place):
   first imported (read once, here, at import: like ``TRITON_INTERPRET``, it is a property of the
   process, so that every cache of backend availability stays valid).
 
-Ops: ``adam_ema_`` / ``sgd_ema_`` (the interface of :mod:`ema_kernels.backends.reference`),
+Ops: ``adam_ema_`` / ``sgd_ema_`` (the interface of :mod:`ema_kernels.backends.reference`;
+the EMA lists concatenated EMA-major in ``emas``, one float per EMA in ``ema_weights``),
 ``adam_ema_capturable_`` / ``sgd_ema_capturable_`` (lr, step and the EMA weight read from
 one-element float32 tensors on the parameters' device), ``ema_only_``, ``build_info``; in
 ``_C_emu`` also the emulation-only ``emu_*`` probes used by tests/test_cuda_emulation.py.
@@ -30,6 +31,8 @@ import threading
 from typing import Dict, List, Optional
 
 import torch
+
+from . import _emas
 
 Tensor = torch.Tensor
 
@@ -189,24 +192,26 @@ def check_params(backend: str, params: List[Tensor]) -> None:
 def adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1, beta2,
          eps, weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weight,
          grad_scale, found_inf):
+    lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "adam_ema")
     ops.adam_ema_(params, grads, exp_avgs, exp_avg_sqs,
                   list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else [],
-                  list(emas) if (ema_weight is not None and emas is not None) else [],
+                  _emas.flat(lists),
                   lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                   weight_decay=float(weight_decay), decoupled=bool(decoupled),
                   maximize=bool(maximize), step_size=float(step_size),
-                  bias_correction2_sqrt=float(bias_correction2_sqrt),
-                  ema_weight=None if ema_weight is None else float(ema_weight),
+                  bias_correction2_sqrt=float(bias_correction2_sqrt), ema_weights=weights,
                   grad_scale=grad_scale, found_inf=found_inf)
 
 
 def adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, step,
                     beta1, beta2, eps, weight_decay, decoupled, maximize, ema_weight, grad_scale,
                     found_inf):
+    lists, ema_weight = _emas.ema_lists_capturable(emas, ema_weight, len(params),
+                                                   "adam_ema_capturable")
     ops.adam_ema_capturable_(
         params, grads, exp_avgs, exp_avg_sqs,
         list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else [],
-        list(emas) if (ema_weight is not None and emas is not None) else [],
+        _emas.flat(lists),
         lr=lr, step=step, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
         weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
         ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
@@ -216,13 +221,13 @@ def sgd(backend, ops, params, grads, momentum_buffers, emas, lr, momentum, dampe
         weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf):
     if momentum != 0 and momentum_buffers is None:
         raise ValueError(f"backend {backend!r}: momentum={momentum} needs momentum_buffers")
+    lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "sgd_ema")
     ops.sgd_ema_(params, grads,
                  list(momentum_buffers) if (momentum != 0 and momentum_buffers is not None) else [],
-                 list(emas) if (ema_weight is not None and emas is not None) else [],
+                 _emas.flat(lists),
                  lr=float(lr), momentum=float(momentum), dampening=float(dampening),
                  weight_decay=float(weight_decay), nesterov=bool(nesterov),
-                 maximize=bool(maximize), first_step=bool(first_step),
-                 ema_weight=None if ema_weight is None else float(ema_weight),
+                 maximize=bool(maximize), first_step=bool(first_step), ema_weights=weights,
                  grad_scale=grad_scale, found_inf=found_inf)
 
 
@@ -231,10 +236,12 @@ def sgd_capturable(backend, ops, params, grads, momentum_buffers, emas, lr, mome
                    found_inf):
     if momentum != 0 and momentum_buffers is None:
         raise ValueError(f"backend {backend!r}: momentum={momentum} needs momentum_buffers")
+    lists, ema_weight = _emas.ema_lists_capturable(emas, ema_weight, len(params),
+                                                   "sgd_ema_capturable")
     ops.sgd_ema_capturable_(
         params, grads,
         list(momentum_buffers) if (momentum != 0 and momentum_buffers is not None) else [],
-        list(emas) if (ema_weight is not None and emas is not None) else [],
+        _emas.flat(lists),
         lr=lr, momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
         first_step=bool(first_step), ema_weight=ema_weight, grad_scale=grad_scale,
@@ -242,4 +249,5 @@ def sgd_capturable(backend, ops, params, grads, momentum_buffers, emas, lr, mome
 
 
 def ema_only(ops, params, emas, ema_weight):
-    ops.ema_only_(list(emas), list(params), ema_weight=float(ema_weight))
+    lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "ema_only")
+    ops.ema_only_(_emas.flat(lists), list(params), ema_weights=weights)

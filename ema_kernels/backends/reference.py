@@ -18,9 +18,13 @@ Backend interface (every backend module implements the same two functions)::
 - ``max_exp_avg_sqs`` is ``None`` unless AMSGrad; ``momentum_buffers`` is ``None`` when
   ``momentum == 0``; ``emas`` is ``None`` (or ignored) when ``ema_weight`` is ``None``: a step
   that does not update the EMA reads and writes no EMA bytes.
+- One EMA: ``emas`` a list aligned with ``params`` and ``ema_weight`` a number.  Several (up to
+  :data:`~ema_kernels.backends._emas.MAX_EMAS`, updated in the same pass): ``emas`` a sequence
+  of such lists and ``ema_weight`` a sequence with one weight each (see
+  :mod:`ema_kernels.backends._emas`).
 - ``ema_weight`` is ``1 - ρ̂`` computed on the host in double precision (ρ̂ near 1 would lose
-  digits if the kernel formed ``1 - ρ̂`` from a float32 ρ̂). The EMA moves towards the parameter
-  *as stored* (after rounding to bf16/fp16): ``ζ += ema_weight * (θ - ζ)``.
+  digits if the kernel formed ``1 - ρ̂`` from a float32 ρ̂). Each EMA moves towards the
+  parameter *as stored* (after rounding to bf16/fp16): ``ζ_i += w_i * (θ - ζ_i)``.
 - ``step_size = lr / (1 - β1^t)`` and ``bias_correction2_sqrt = sqrt(1 - β2^t)`` are host
   doubles, as in torch.optim.Adam.
 - ``grad_scale`` (divide gradients by it) and ``found_inf`` (non-zero: change nothing) are
@@ -32,6 +36,8 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+
+from ._emas import ema_lists
 
 Tensor = torch.Tensor
 
@@ -90,13 +96,14 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              bias_correction2_sqrt: float, ema_weight: Optional[float],
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Adam / AdamW step followed by the EMA update (see the module docstring)."""
+    z_lists, weights = ema_lists(emas, ema_weight, len(params), "adam_ema")
     if _skip(found_inf):
         return
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
         vmax_flat = max_exp_avg_sqs[i].view(-1) if max_exp_avg_sqs is not None else None
-        z_flat = emas[i].view(-1) if ema_weight is not None else None
+        z_flats = [zs[i].view(-1) for zs in z_lists]
         cdt = _compute_dtype(p_flat.dtype)
         for a, b in _chunks(p_flat.numel()):
             p, m, v = p_flat[a:b], m_flat[a:b], v_flat[a:b]
@@ -119,7 +126,7 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                 torch.sqrt(v, out=t_d)
             t_d.div_(bias_correction2_sqrt).add_(eps)
             theta.addcdiv_(m, t_d, value=-step_size)
-            _store_and_average(p, theta, z_flat, a, b, ema_weight)
+            _store_and_average(p, theta, z_flats, a, b, weights)
 
 
 def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
@@ -132,12 +139,13 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
     ``first_step``: the momentum buffers hold nothing yet and are initialised to the first
     gradient (no dampening), as torch.optim.SGD does.
     """
+    z_lists, weights = ema_lists(emas, ema_weight, len(params), "sgd_ema")
     if _skip(found_inf):
         return
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         buf_flat = momentum_buffers[i].view(-1) if momentum != 0 else None
-        z_flat = emas[i].view(-1) if ema_weight is not None else None
+        z_flats = [zs[i].view(-1) for zs in z_lists]
         cdt = _compute_dtype(p_flat.dtype)
         for a, b in _chunks(p_flat.numel()):
             p = p_flat[a:b]
@@ -157,19 +165,24 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
                 else:
                     d = buf
             theta.add_(d, alpha=-lr)
-            _store_and_average(p, theta, z_flat, a, b, ema_weight)
+            _store_and_average(p, theta, z_flats, a, b, weights)
 
 
-def _store_and_average(p, theta, z_flat, a, b, ema_weight):
-    """Write θ back in its storage dtype, then move ζ towards θ *as stored*."""
+def _store_and_average(p, theta, z_flats, a, b, weights):
+    """Write θ back in its storage dtype, then move every ζ_i towards θ *as stored* (the
+    chunk of θ is read once, from the scratch buffer, for all of them)."""
     if theta is not p:
         p.copy_(theta)  # round to nearest even for bf16/fp16
         theta.copy_(p)
-    if ema_weight is not None:
-        z_flat[a:b].lerp_(theta, ema_weight)
+    for z_flat, w in zip(z_flats, weights):
+        z_flat[a:b].lerp_(theta, w)
 
 
-def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
-    """ζ += w (θ − ζ) for parameters that took no optimizer step but whose EMA clock ticked."""
-    for p, z in zip(params, emas):
-        z.lerp_(p.to(z.dtype), ema_weight)
+def ema_only(params: List[Tensor], emas, ema_weight) -> None:
+    """ζ_i += w_i (θ − ζ_i) for parameters that took no optimizer step but whose EMA clock
+    ticked (one EMA list and weight, or several: see the module docstring)."""
+    z_lists, weights = ema_lists(emas, ema_weight, len(params), "ema_only")
+    for i, p in enumerate(params):
+        for zs, w in zip(z_lists, weights):
+            z = zs[i]
+            z.lerp_(p.to(z.dtype), w)

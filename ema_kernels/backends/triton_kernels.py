@@ -15,10 +15,11 @@ Two entry points share the per-element math (``_adam_math`` / ``_sgd_math``):
   number of tensors goes in one launch per parameter dtype.  A tensor with an address that is not
   16-byte aligned (an odd-offset view) gets its own flat launch instead.
 
-Per-step values (lr, step size, bias corrections, betas, eps, weight decay, ρ̂ weight, momentum,
-Nesterov, first step, "divide by grad_scale") are runtime arguments; only the flags that decide
-which bytes move (EMA on this step, AMSGrad, momentum) and the parameter dtype are
-``tl.constexpr``: 16 kernels per dtype at most, compiled once.  ``grad_scale`` / ``found_inf``
+Per-step values (lr, step size, bias corrections, betas, eps, weight decay, the ρ̂ weights,
+momentum, Nesterov, first step, "divide by grad_scale") are runtime arguments; only the flags
+that decide which bytes move (how many EMAs are updated this step, 0 to :data:`MAX_EMAS`, all
+in the same pass; AMSGrad; momentum) and the parameter dtype are ``tl.constexpr``: 44 kernels
+per dtype at most, each compiled on first use.  ``grad_scale`` / ``found_inf``
 are read inside the kernel (cached device stand-ins 1.0 / 0.0 when absent): no host sync, and
 a step with a non-zero ``found_inf`` writes nothing.
 
@@ -35,6 +36,8 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ._emas import MAX_EMAS, ema_lists
 
 Tensor = torch.Tensor
 
@@ -86,10 +89,15 @@ if triton is not None:
             stored = theta
         return stored
 
+    # Several EMAs: up to MAX_EMAS (4) pointer arguments z0..z3 and weights w0..w3; N_EMAS
+    # (constexpr) says how many are real, the others are never touched.  Every ζ_k moves
+    # towards the one stored θ with ATen's two-sided lerp (exact at weight 1).
+
     @triton.jit
-    def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, mask, scale,
-                   beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign, neg_step_size,
-                   bc2_sqrt, ema_w, has_scale, HAS_EMA: tl.constexpr, AMSGRAD: tl.constexpr):
+    def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
+                   mask, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
+                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, N_EMAS: tl.constexpr,
+                   AMSGRAD: tl.constexpr):
         # All loads first: stores cannot be proven not to alias later loads, so issuing the
         # loads up front keeps every stream's requests in flight together.
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -98,8 +106,14 @@ if triton is not None:
         v = tl.load(v_ptr + offs, mask=mask)
         if AMSGRAD:
             vmax = tl.load(vmax_ptr + offs, mask=mask)
-        if HAS_EMA:
-            z = tl.load(z_ptr + offs, mask=mask)
+        if N_EMAS > 0:
+            z0 = tl.load(z0_ptr + offs, mask=mask)
+        if N_EMAS > 1:
+            z1 = tl.load(z1_ptr + offs, mask=mask)
+        if N_EMAS > 2:
+            z2 = tl.load(z2_ptr + offs, mask=mask)
+        if N_EMAS > 3:
+            z3 = tl.load(z3_ptr + offs, mask=mask)
 
         if has_scale != 0:                      # a uniform branch: no division without AMP
             g = tl.div_rn(g, scale)
@@ -124,19 +138,38 @@ if triton is not None:
         if AMSGRAD:
             tl.store(vmax_ptr + offs, vmax, mask=mask)
         stored = _store_param(p_ptr, offs, theta, mask)
-        if HAS_EMA:  # ζ.lerp_(θ as stored, 1 − ρ̂)
-            diff = stored - z
-            z = tl.where(tl.abs(ema_w) < 0.5, z + ema_w * diff, stored - diff * (1.0 - ema_w))
-            tl.store(z_ptr + offs, z, mask=mask)
+        # ζ_k.lerp_(θ as stored, 1 − ρ̂_k)
+        if N_EMAS > 0:
+            d = stored - z0
+            z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, stored - d * (1.0 - w0))
+            tl.store(z0_ptr + offs, z0, mask=mask)
+        if N_EMAS > 1:
+            d = stored - z1
+            z1 = tl.where(tl.abs(w1) < 0.5, z1 + w1 * d, stored - d * (1.0 - w1))
+            tl.store(z1_ptr + offs, z1, mask=mask)
+        if N_EMAS > 2:
+            d = stored - z2
+            z2 = tl.where(tl.abs(w2) < 0.5, z2 + w2 * d, stored - d * (1.0 - w2))
+            tl.store(z2_ptr + offs, z2, mask=mask)
+        if N_EMAS > 3:
+            d = stored - z3
+            z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, stored - d * (1.0 - w3))
+            tl.store(z3_ptr + offs, z3, mask=mask)
 
     @triton.jit
-    def _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, mask, scale, grad_sign, weight_decay,
-                  momentum, dampening_w, neg_lr, nesterov, first_step, ema_w, has_scale,
-                  HAS_EMA: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+    def _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, scale,
+                  grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
+                  w0, w1, w2, w3, has_scale, N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        if HAS_EMA:
-            z = tl.load(z_ptr + offs, mask=mask)
+        if N_EMAS > 0:
+            z0 = tl.load(z0_ptr + offs, mask=mask)
+        if N_EMAS > 1:
+            z1 = tl.load(z1_ptr + offs, mask=mask)
+        if N_EMAS > 2:
+            z2 = tl.load(z2_ptr + offs, mask=mask)
+        if N_EMAS > 3:
+            z3 = tl.load(z3_ptr + offs, mask=mask)
 
         if has_scale != 0:
             g = tl.div_rn(g, scale)
@@ -157,10 +190,22 @@ if triton is not None:
         theta = theta + neg_lr * g
 
         stored = _store_param(p_ptr, offs, theta, mask)
-        if HAS_EMA:
-            diff = stored - z
-            z = tl.where(tl.abs(ema_w) < 0.5, z + ema_w * diff, stored - diff * (1.0 - ema_w))
-            tl.store(z_ptr + offs, z, mask=mask)
+        if N_EMAS > 0:
+            d = stored - z0
+            z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, stored - d * (1.0 - w0))
+            tl.store(z0_ptr + offs, z0, mask=mask)
+        if N_EMAS > 1:
+            d = stored - z1
+            z1 = tl.where(tl.abs(w1) < 0.5, z1 + w1 * d, stored - d * (1.0 - w1))
+            tl.store(z1_ptr + offs, z1, mask=mask)
+        if N_EMAS > 2:
+            d = stored - z2
+            z2 = tl.where(tl.abs(w2) < 0.5, z2 + w2 * d, stored - d * (1.0 - w2))
+            tl.store(z2_ptr + offs, z2, mask=mask)
+        if N_EMAS > 3:
+            d = stored - z3
+            z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, stored - d * (1.0 - w3))
+            tl.store(z3_ptr + offs, z3, mask=mask)
 
     # Offsets are hinted as runs of 4 contiguous elements: every stream then has 4 elements per
     # thread in ONE register layout (16-byte fp32, 8-byte bf16/fp16 accesses).  Left alone,
@@ -170,41 +215,86 @@ if triton is not None:
     _NO_SPEC = ["n", "nesterov", "first_step", "has_scale", "n_tensors", "n_chunks"]
 
     @triton.jit(do_not_specialize=_NO_SPEC)
-    def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, grad_scale_ptr,
-                          found_inf_ptr, n, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
-                          grad_sign, neg_step_size, bc2_sqrt, ema_w, has_scale,
-                          HAS_EMA: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
+                          grad_scale_ptr, found_inf_ptr, n, beta1_w, beta2, beta2_w, eps, decay,
+                          l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
+                          N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK   # 64-bit offsets
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         # GradScaler's tensors (or the host's stand-ins), read on the device: no host sync
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             if start + BLOCK <= n:  # full block: unmasked, vectorised
-                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, None, scale,
-                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
+                           offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
+                           grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
+                           N_EMAS, AMSGRAD)
             else:
-                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, offs < n, scale,
-                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
+                           offs, offs < n, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
+                           grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
+                           N_EMAS, AMSGRAD)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
-    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z_ptr, grad_scale_ptr, found_inf_ptr, n,
-                         grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                         first_step, ema_w, has_scale, HAS_EMA: tl.constexpr,
-                         HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+    def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, grad_scale_ptr,
+                         found_inf_ptr, n, grad_sign, weight_decay, momentum, dampening_w,
+                         neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
+                         N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             if start + BLOCK <= n:
-                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, None, scale, grad_sign,
-                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+                _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
+                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
+                          first_step, w0, w1, w2, w3, has_scale, N_EMAS, HAS_MOMENTUM)
             else:
-                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, offs < n, scale, grad_sign,
-                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+                _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n,
+                          scale, grad_sign, weight_decay, momentum, dampening_w, neg_lr,
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, N_EMAS,
+                          HAS_MOMENTUM)
+
+    @triton.jit
+    def _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1, w2, w3,
+                  N_EMAS: tl.constexpr):
+        theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        if N_EMAS > 0:
+            z0 = tl.load(z0_ptr + offs, mask=mask)
+        if N_EMAS > 1:
+            z1 = tl.load(z1_ptr + offs, mask=mask)
+        if N_EMAS > 2:
+            z2 = tl.load(z2_ptr + offs, mask=mask)
+        if N_EMAS > 3:
+            z3 = tl.load(z3_ptr + offs, mask=mask)
+        if N_EMAS > 0:
+            d = theta - z0
+            z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, theta - d * (1.0 - w0))
+            tl.store(z0_ptr + offs, z0, mask=mask)
+        if N_EMAS > 1:
+            d = theta - z1
+            z1 = tl.where(tl.abs(w1) < 0.5, z1 + w1 * d, theta - d * (1.0 - w1))
+            tl.store(z1_ptr + offs, z1, mask=mask)
+        if N_EMAS > 2:
+            d = theta - z2
+            z2 = tl.where(tl.abs(w2) < 0.5, z2 + w2 * d, theta - d * (1.0 - w2))
+            tl.store(z2_ptr + offs, z2, mask=mask)
+        if N_EMAS > 3:
+            d = theta - z3
+            z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, theta - d * (1.0 - w3))
+            tl.store(z3_ptr + offs, z3, mask=mask)
+
+    @triton.jit(do_not_specialize=["n"])
+    def _ema_flat_kernel(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, n, w0, w1, w2, w3,
+                         N_EMAS: tl.constexpr, BLOCK: tl.constexpr):
+        """EMA only (parameters that took no step while the EMA clock ticked): θ read once,
+        every ζ_k read and written once."""
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+        if start + BLOCK <= n:  # full block: unmasked, vectorised
+            _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, w0, w1, w2, w3, N_EMAS)
+        else:
+            _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n, w0, w1, w2, w3,
+                      N_EMAS)
 
     # Tensor-list kernels.  The table (int64): one row of n_tensors addresses per role, a row of
     # sizes, then n_chunks chunk tensor indices and n_chunks chunk starts (multiples of BLOCK).
@@ -214,72 +304,103 @@ if triton is not None:
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _adam_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign, neg_step_size,
-                          bc2_sqrt, ema_w, has_scale, P_DTYPE: tl.constexpr,
-                          HAS_EMA: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
-        # rows: θ, g, m, v, vmax, ζ, sizes
+                          bc2_sqrt, w0, w1, w2, w3, has_scale, P_DTYPE: tl.constexpr,
+                          N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+        # rows: θ, g, m, v, vmax, ζ0, ζ1, ζ2, ζ3, sizes
         pid = tl.program_id(0)
-        t = tl.load(table_ptr + 7 * n_tensors + pid)
-        start = tl.multiple_of(tl.load(table_ptr + 7 * n_tensors + n_chunks + pid), BLOCK)
-        numel = tl.load(table_ptr + 6 * n_tensors + t)
+        t = tl.load(table_ptr + 10 * n_tensors + pid)
+        start = tl.multiple_of(tl.load(table_ptr + 10 * n_tensors + n_chunks + pid), BLOCK)
+        numel = tl.load(table_ptr + 9 * n_tensors + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             row = table_ptr + t
-            p_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
-            g_ptr = tl.multiple_of(tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
-            m_ptr = tl.multiple_of(tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)),
-                                   16)
-            v_ptr = tl.multiple_of(tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)),
-                                   16)
+            p_ptr = tl.multiple_of(
+                tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
+            g_ptr = tl.multiple_of(
+                tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
+            m_ptr = tl.multiple_of(
+                tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            v_ptr = tl.multiple_of(
+                tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
             vmax_ptr = m_ptr
             if AMSGRAD:
                 vmax_ptr = tl.multiple_of(
                     tl.load(row + 4 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            z_ptr = m_ptr
-            if HAS_EMA:
-                z_ptr = tl.multiple_of(
+            z0_ptr = m_ptr
+            z1_ptr = m_ptr
+            z2_ptr = m_ptr
+            z3_ptr = m_ptr
+            if N_EMAS > 0:
+                z0_ptr = tl.multiple_of(
                     tl.load(row + 5 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            if N_EMAS > 1:
+                z1_ptr = tl.multiple_of(
+                    tl.load(row + 6 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            if N_EMAS > 2:
+                z2_ptr = tl.multiple_of(
+                    tl.load(row + 7 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            if N_EMAS > 3:
+                z3_ptr = tl.multiple_of(
+                    tl.load(row + 8 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
             offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
             if start + BLOCK <= numel:
-                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, None, scale,
-                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
+                           offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
+                           grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
+                           N_EMAS, AMSGRAD)
             else:
-                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z_ptr, offs, offs < numel,
-                           scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                           neg_step_size, bc2_sqrt, ema_w, has_scale, HAS_EMA, AMSGRAD)
+                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
+                           offs, offs < numel, scale, beta1_w, beta2, beta2_w, eps, decay,
+                           l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
+                           has_scale, N_EMAS, AMSGRAD)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                         first_step, ema_w, has_scale, P_DTYPE: tl.constexpr,
-                         HAS_EMA: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
-        # rows: θ, g, momentum buffer, ζ, sizes
+                         first_step, w0, w1, w2, w3, has_scale, P_DTYPE: tl.constexpr,
+                         N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+        # rows: θ, g, momentum buffer, ζ0, ζ1, ζ2, ζ3, sizes
         pid = tl.program_id(0)
-        t = tl.load(table_ptr + 5 * n_tensors + pid)
-        start = tl.multiple_of(tl.load(table_ptr + 5 * n_tensors + n_chunks + pid), BLOCK)
-        numel = tl.load(table_ptr + 4 * n_tensors + t)
+        t = tl.load(table_ptr + 8 * n_tensors + pid)
+        start = tl.multiple_of(tl.load(table_ptr + 8 * n_tensors + n_chunks + pid), BLOCK)
+        numel = tl.load(table_ptr + 7 * n_tensors + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             row = table_ptr + t
-            p_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
-            g_ptr = tl.multiple_of(tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
+            p_ptr = tl.multiple_of(
+                tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
+            g_ptr = tl.multiple_of(
+                tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
             b_ptr = p_ptr
             if HAS_MOMENTUM:
                 b_ptr = tl.multiple_of(
                     tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            z_ptr = p_ptr
-            if HAS_EMA:
-                z_ptr = tl.multiple_of(
+            z0_ptr = p_ptr
+            z1_ptr = p_ptr
+            z2_ptr = p_ptr
+            z3_ptr = p_ptr
+            if N_EMAS > 0:
+                z0_ptr = tl.multiple_of(
                     tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            if N_EMAS > 1:
+                z1_ptr = tl.multiple_of(
+                    tl.load(row + 4 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            if N_EMAS > 2:
+                z2_ptr = tl.multiple_of(
+                    tl.load(row + 5 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            if N_EMAS > 3:
+                z3_ptr = tl.multiple_of(
+                    tl.load(row + 6 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
             offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
             if start + BLOCK <= numel:
-                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, None, scale, grad_sign,
-                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+                _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
+                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
+                          first_step, w0, w1, w2, w3, has_scale, N_EMAS, HAS_MOMENTUM)
             else:
-                _sgd_math(p_ptr, g_ptr, b_ptr, z_ptr, offs, offs < numel, scale, grad_sign,
-                          weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                          ema_w, has_scale, HAS_EMA, HAS_MOMENTUM)
+                _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
+                          offs < numel, scale, grad_sign, weight_decay, momentum, dampening_w,
+                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale, N_EMAS,
+                          HAS_MOMENTUM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,22 +632,31 @@ def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], d
 # ----------------------------------------------------------------------------------------------
 # Backend interface
 # ----------------------------------------------------------------------------------------------
+def _ema_roles(what, emas, ema_weight, n):
+    """``(z roles, scalars, N_EMAS)``: the EMA lists padded to MAX_EMAS roles with None, the
+    weights w0..w3 (0.0 where absent: never read) and the EMA count."""
+    lists, weights = ema_lists(emas, ema_weight, n, what)
+    pad = MAX_EMAS - len(lists)
+    roles = list(lists) + [None] * pad
+    ws = dict(zip(("w0", "w1", "w2", "w3"), list(weights) + [0.0] * pad))
+    return roles, ws, len(lists)
+
+
 def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
              emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
              weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
              bias_correction2_sqrt: float, ema_weight: Optional[float],
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """Adam / AdamW step followed by the EMA update (see the reference backend's docstring)."""
+    """Adam / AdamW step followed by the EMA update(s) (see the reference backend's docstring)."""
     if len(params) == 0:
         return
-    has_ema = ema_weight is not None
-    if has_ema and emas is None:
-        raise ValueError("adam_ema: ema_weight is set but emas is None")
-    emas = emas if has_ema else None
+    z_roles, ws, n_emas = _ema_roles("adam_ema", emas, ema_weight, len(params))
     device = _check_lists("adam_ema", params, grads,
                           [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                           ("max_exp_avg_sqs", max_exp_avg_sqs), ("emas", emas)],
+                           ("max_exp_avg_sqs", max_exp_avg_sqs)] +
+                          [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
+                           enumerate(z_roles)],
                           grad_scale, found_inf)
     has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
     # Host scalars as torch forms them (Python doubles); Triton passes them as float32, as
@@ -535,11 +665,10 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         beta1_w=1.0 - beta1, beta2=beta2, beta2_w=1.0 - beta2, eps=eps,
         decay=(1.0 - lr * weight_decay) if (decoupled and weight_decay != 0) else 1.0,
         l2_wd=0.0 if decoupled else weight_decay, grad_sign=-1.0 if maximize else 1.0,
-        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt,
-        ema_w=ema_weight if has_ema else 0.0, has_scale=has_scale)
-    flags = dict(HAS_EMA=has_ema, AMSGRAD=max_exp_avg_sqs is not None, BLOCK=BLOCK)
+        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt, **ws, has_scale=has_scale)
+    flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, BLOCK=BLOCK)
     _launch(_adam_flat_kernel, _adam_list_kernel,
-            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas], device,
+            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs] + z_roles, device,
             grad_scale, found_inf, scalars, flags)
 
 
@@ -548,38 +677,49 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
             weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
             ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
             found_inf: Optional[Tensor] = None) -> None:
-    """SGD step followed by the EMA update (see the reference backend's docstring)."""
+    """SGD step followed by the EMA update(s) (see the reference backend's docstring)."""
     if len(params) == 0:
         return
-    has_ema = ema_weight is not None
-    if has_ema and emas is None:
-        raise ValueError("sgd_ema: ema_weight is set but emas is None")
-    emas = emas if has_ema else None
+    z_roles, ws, n_emas = _ema_roles("sgd_ema", emas, ema_weight, len(params))
     has_momentum = momentum != 0
     if has_momentum and momentum_buffers is None:
         raise ValueError("sgd_ema: momentum is non-zero but momentum_buffers is None")
     momentum_buffers = momentum_buffers if has_momentum else None
     device = _check_lists("sgd_ema", params, grads,
-                          [("momentum_buffers", momentum_buffers), ("emas", emas)],
+                          [("momentum_buffers", momentum_buffers)] +
+                          [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
+                           enumerate(z_roles)],
                           grad_scale, found_inf)
     has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
     scalars = dict(grad_sign=-1.0 if maximize else 1.0, weight_decay=weight_decay,
                    momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
-                   nesterov=int(bool(nesterov)), first_step=int(bool(first_step)),
-                   ema_w=ema_weight if has_ema else 0.0, has_scale=has_scale)
-    flags = dict(HAS_EMA=has_ema, HAS_MOMENTUM=has_momentum, BLOCK=BLOCK)
-    _launch(_sgd_flat_kernel, _sgd_list_kernel, [params, grads, momentum_buffers, emas], device,
-            grad_scale, found_inf, scalars, flags)
+                   nesterov=int(bool(nesterov)), first_step=int(bool(first_step)), **ws,
+                   has_scale=has_scale)
+    flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, BLOCK=BLOCK)
+    _launch(_sgd_flat_kernel, _sgd_list_kernel, [params, grads, momentum_buffers] + z_roles,
+            device, grad_scale, found_inf, scalars, flags)
 
 
 def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
-    """ζ += w (θ − ζ) for parameters that took no optimizer step but whose EMA clock ticked."""
-    if len(params) != len(emas):
-        raise ValueError(f"ema_only: {len(params)} params but {len(emas)} emas")
+    """ζ_k += w_k (θ − ζ_k) for parameters that took no optimizer step but whose EMA clock
+    ticked: one flat launch per parameter, θ read once for all its EMAs.  (This path serves
+    only the parameters without a gradient on a step, so it has no tensor-list kernel.)"""
     if not params:
         return
-    sources = [p if p.dtype == z.dtype else p.to(z.dtype) for p, z in zip(params, emas)]
-    torch._foreach_lerp_(list(emas), sources, ema_weight)
+    z_roles, ws, n_emas = _ema_roles("ema_only", emas, ema_weight, len(params))
+    if n_emas == 0:
+        raise ValueError("ema_only: ema_weight is None; give one weight per EMA list")
+    device = _check_lists("ema_only", params, params,
+                          [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
+                           enumerate(z_roles)], None, None)
+    with _DeviceGuard(device):
+        for i, p in enumerate(params):
+            n = p.numel()
+            if n == 0:
+                continue
+            _ema_flat_kernel[(triton.cdiv(n, BLOCK),)](
+                p, *[None if z is None else z[i] for z in z_roles], n, **ws, N_EMAS=n_emas,
+                BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,39 +732,49 @@ def aot_variants():
     """Yield ``(label, kernel, signature, constexprs, attrs)`` for every kernel variant.
 
     Variants: parameter dtype x {flat, list} x {AdamW/Adam, SGD} x the structural constexprs
-    (EMA on this step; AMSGrad or momentum).  Flat kernels get the 16-byte pointer alignment the
-    JIT specialises on for ordinary (allocator- or flat-buffer-aligned) tensors; list kernels
-    hint it themselves.
+    (the number of EMAs updated, 0..MAX_EMAS; AMSGrad or momentum), and the EMA-only flat
+    kernel for 1..MAX_EMAS EMAs.  Flat kernels get the 16-byte pointer alignment the JIT
+    specialises on for ordinary (allocator- or flat-buffer-aligned) tensors; list kernels hint
+    it themselves.
     """
     import itertools
     adam_scalars = ("beta1_w", "beta2", "beta2_w", "eps", "decay", "l2_wd", "grad_sign",
-                    "neg_step_size", "bc2_sqrt", "ema_w")
+                    "neg_step_size", "bc2_sqrt", "w0", "w1", "w2", "w3")
     sgd_scalars = ("grad_sign", "weight_decay", "momentum", "dampening_w", "neg_lr")
+    counts = range(MAX_EMAS + 1)
+
+    def zs(k):
+        return {f"z{j}_ptr": "*fp32" if j < k else "constexpr" for j in range(MAX_EMAS)}
+
     for dtype in _PARAM_DTYPES:
         pt, ty = "*" + _TY[dtype], _TY[dtype]
         amp = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-        for ema, ams in itertools.product((False, True), repeat=2):
-            flags = dict(HAS_EMA=ema, AMSGRAD=ams, BLOCK=BLOCK)
-            tail = dict({k: "fp32" for k in adam_scalars}, has_scale="i32")
+        for ams, k in itertools.product((False, True), counts):
+            flags = dict(N_EMAS=k, AMSGRAD=ams, BLOCK=BLOCK)
+            tail = dict({s: "fp32" for s in adam_scalars}, has_scale="i32")
             sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", v_ptr="*fp32",
-                       vmax_ptr="*fp32" if ams else "constexpr",
-                       z_ptr="*fp32" if ema else "constexpr", **amp, n="i32", **tail)
-            yield _variant(f"adam_flat[{ty},ema={ema},amsgrad={ams}]", _adam_flat_kernel, sig,
+                       vmax_ptr="*fp32" if ams else "constexpr", **zs(k), **amp, n="i32",
+                       **tail)
+            yield _variant(f"adam_flat[{ty},emas={k},amsgrad={ams}]", _adam_flat_kernel, sig,
                            flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"adam_list[{ty},ema={ema},amsgrad={ams}]", _adam_list_kernel, sig,
+            yield _variant(f"adam_list[{ty},emas={k},amsgrad={ams}]", _adam_list_kernel, sig,
                            dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
-        for ema, mom in itertools.product((False, True), repeat=2):
-            flags = dict(HAS_EMA=ema, HAS_MOMENTUM=mom, BLOCK=BLOCK)
-            tail = dict({k: "fp32" for k in sgd_scalars}, nesterov="i32", first_step="i32",
-                        ema_w="fp32", has_scale="i32")
-            sig = dict(p_ptr=pt, g_ptr=pt, b_ptr="*fp32" if mom else "constexpr",
-                       z_ptr="*fp32" if ema else "constexpr", **amp, n="i32", **tail)
-            yield _variant(f"sgd_flat[{ty},ema={ema},momentum={mom}]", _sgd_flat_kernel, sig,
+        for mom, k in itertools.product((False, True), counts):
+            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, BLOCK=BLOCK)
+            tail = dict({s: "fp32" for s in sgd_scalars}, nesterov="i32", first_step="i32",
+                        w0="fp32", w1="fp32", w2="fp32", w3="fp32", has_scale="i32")
+            sig = dict(p_ptr=pt, g_ptr=pt, b_ptr="*fp32" if mom else "constexpr", **zs(k),
+                       **amp, n="i32", **tail)
+            yield _variant(f"sgd_flat[{ty},emas={k},momentum={mom}]", _sgd_flat_kernel, sig,
                            flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"sgd_list[{ty},ema={ema},momentum={mom}]", _sgd_list_kernel, sig,
+            yield _variant(f"sgd_list[{ty},emas={k},momentum={mom}]", _sgd_list_kernel, sig,
                            dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+        for k in range(1, MAX_EMAS + 1):
+            sig = dict(p_ptr=pt, **zs(k), n="i32", w0="fp32", w1="fp32", w2="fp32", w3="fp32")
+            yield _variant(f"ema_flat[{ty},emas={k}]", _ema_flat_kernel, sig,
+                           dict(N_EMAS=k, BLOCK=BLOCK))
 
 
 def _variant(label, kernel, sig, flags):

@@ -28,6 +28,7 @@ _BACKEND_NAMES = ("auto",) + _ops.BACKENDS
 #   ema_base_steps  s at the last EMA update (the EMA covers [ema_base_steps, base_steps))
 #   steps           optimizer steps taken by the group (ema_every counts these)
 COUNTERS = ("base_steps", "ema_base_steps", "steps")
+EMA_KEYS = checks.EMA_KEYS  # state keys of EMA index 0, 1, ...: "ema", "ema_1", ...
 
 
 class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
@@ -147,7 +148,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
     # ---------------------------------------------------------------- the sets ---------------
     def _signature(self):
         return (id(self.state), len(self.state), len(self.param_groups),
-                tuple((id(g["params"]), len(g["params"]), self._has_ema(g), self._roles(g))
+                tuple((id(g["params"]), len(g["params"]), checks.num_emas(g), self._roles(g))
                       for g in self.param_groups))
 
     def _ensure_sets(self) -> List[List[layout.TensorSet]]:
@@ -162,13 +163,15 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         State is created for every parameter that requires grad or has a gradient (zeros,
         step 0; torch creates it at the first step, we at construction so that a fresh
         optimizer's state_dict() is a complete template for torch.distributed.checkpoint), and
-        an EMA (a copy of the parameter) for every parameter of a group that keeps one. A group
-        whose EMA was switched off drops it; one switched on starts it from the parameters."""
+        EMAs (copies of the parameter) for every parameter of a group that keeps them. A group
+        whose EMA was switched off drops it; one switched on starts it from the parameters (as
+        does an EMA added to a group's tuple: ``ema_1`` … start from the parameters of that
+        moment, sharing the group's EMA clock)."""
         sets: List[List[layout.TensorSet]] = []
         for gi, group in enumerate(self.param_groups):
             roles = self._roles(group)
-            has_ema = self._has_ema(group)
-            if has_ema and not any("ema" in self.state.get(p, ()) for p in group["params"]):
+            ema_keys = self._ema_keys(group)
+            if ema_keys and not any("ema" in self.state.get(p, ()) for p in group["params"]):
                 # An EMA switched on (or restarted by state.clear()): it starts from the
                 # parameters of this moment, so its first interval starts now too.
                 group["ema_base_steps"] = group["base_steps"]
@@ -186,38 +189,37 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
             flats = self._flat[gi] if gi < len(self._flat) else {}
             for key, (ps, positions) in by_key.items():
                 ts = layout.TensorSet(ps, positions, flats.get(key))
-                self._fill_set(ts, group, roles, has_ema)
+                self._fill_set(ts, group, roles, ema_keys)
                 gsets.append(ts)
             sets.append(gsets)
         self._sets = sets
         self._sets_sig = self._signature()
 
-    def _fill_set(self, ts: layout.TensorSet, group, roles, has_ema) -> None:
+    def _fill_set(self, ts: layout.TensorSet, group, roles, ema_keys) -> None:
         flat = ts.flat
         flat_views = {}
         if flat is not None:
-            for r in roles + (("ema",) if has_ema else ()):
+            for r in roles + ema_keys:
                 flat_views[r] = flat.role(r, ts.state_dtype)
-        for r in roles:
+        for r in roles + ema_keys:
             ts.views[r] = [None] * len(ts.params)
-        if has_ema:
-            ts.views["ema"] = [None] * len(ts.params)
+        dropped = [k for k in EMA_KEYS if k not in ema_keys]
         for i, p in enumerate(ts.params):
             st = self.state.get(p)
             if st is None:
                 st = {}
-            if has_ema:
-                if "ema" not in st:
-                    st["ema"] = self._new_state(ts, i, p, flat_views.get("ema"), copy=True)
-                ts.views["ema"][i] = ts.kernel_view(i, st["ema"])
-            else:
-                st.pop("ema", None)
+            for key in ema_keys:
+                if key not in st:
+                    st[key] = self._new_state(ts, i, p, flat_views.get(key), copy=True)
+                ts.views[key][i] = ts.kernel_view(i, st[key])
+            for key in dropped:  # EMAs the group no longer keeps
+                st.pop(key, None)
             if "step" in st or p.requires_grad or p.grad is not None:
                 self._ensure_param_state(ts, i, p, st, roles, flat_views)
             if st:
                 self.state[p] = st
         self._publish_steps(ts)
-        ts.roles, ts.has_ema = roles, has_ema
+        ts.roles, ts.ema_keys, ts.has_ema = roles, ema_keys, bool(ema_keys)
 
     def _new_state(self, ts, i, p, flat_views, copy: bool) -> torch.Tensor:
         if flat_views is not None:
@@ -260,7 +262,11 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         ts.refresh_uniform_step()
 
     def _has_ema(self, group) -> bool:
-        return group["ema_decay"] is not None or group["ema_schedule"] is not None
+        return checks.num_emas(group) > 0
+
+    def _ema_keys(self, group) -> tuple:
+        """The state keys of the group's EMAs: ``ema`` (index 0), ``ema_1``, ``ema_2``, …."""
+        return EMA_KEYS[:checks.num_emas(group)]
 
     # ---------------------------------------------------------------- gradients --------------
     @torch.no_grad()

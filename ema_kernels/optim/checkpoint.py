@@ -1,7 +1,8 @@
 """``state_dict()`` / ``load_state_dict()``: torch.optim's format, hooks and loading rules.
 
 The format is torch.optim's (``state`` by parameter index, ``param_groups`` with ``params`` as
-indices, ``param_names`` when the groups are named) plus ``ema`` per parameter: a torch.optim
+indices, ``param_names`` when the groups are named) plus ``ema`` per parameter (and ``ema_1``,
+``ema_2``, … for a group with several EMAs): a torch.optim
 AdamW/Adam/SGD checkpoint loads into the matching ema_kernels optimizer (the EMAs then start from
 the current parameters) and ours into torch's. The four torch hook registries
 (``register_state_dict_pre_hook`` …) are called exactly where torch calls them.
@@ -14,6 +15,7 @@ from typing import Any, Dict
 import torch
 
 from . import layout
+from .checks import EMA_KEYS as _EMA_KEYS
 
 # Group keys a loaded checkpoint never overrides: the parameters themselves, the schedule (an
 # object, not saved) and torch's implementation switches (ours are always fused).
@@ -104,7 +106,7 @@ class CheckpointMixin:
         for k, g in enumerate(merged):
             self.param_groups[k].update(g)
         for g, theirs in zip(self.param_groups, groups):
-            has_ema = self._has_ema(g)
+            ema_keys = self._ema_keys(g)
             roles = set(self._roles(g))
             for p, idx in zip(g["params"], theirs["params"]):
                 saved = saved_state.get(idx, {})
@@ -116,7 +118,7 @@ class CheckpointMixin:
                     if key == "step":
                         new["step"] = torch.tensor(float(v), dtype=torch.float32) \
                             if not isinstance(v, torch.Tensor) else v.detach().to("cpu", torch.float32).reshape(())
-                    elif key in roles or key == "ema":
+                    elif key in roles or key in ema_keys:
                         cur = st.get(key)
                         v = layout.local(v)
                         if cur is not None:
@@ -126,13 +128,19 @@ class CheckpointMixin:
                             t = layout.new_state_like(p)
                             layout.local(t).copy_(v)
                             new[key] = t
+                    elif key in _EMA_KEYS:
+                        continue  # an EMA index this group does not keep (any more)
                     else:
                         new[key] = v  # another optimizer's entry: kept, as torch does
-                if has_ema and "ema" not in new:
-                    cur = st.get("ema")
-                    if cur is not None:
-                        layout.local(cur).copy_(layout.local(p))
-                        new["ema"] = cur
+                for key in ema_keys:
+                    # Missing from the checkpoint (a torch.optim one, or one written with fewer
+                    # EMAs): the EMA starts from the current parameters; a new one is made by
+                    # _build_sets as a copy of them.
+                    if key not in new:
+                        cur = st.get(key)
+                        if cur is not None:
+                            layout.local(cur).copy_(layout.local(p))
+                            new[key] = cur
                 if saved and "step" not in new and any(r in new for r in roles):
                     # torch.optim.SGD saves no step: a saved buffer means it was initialised
                     new["step"] = torch.tensor(1.0)
@@ -153,7 +161,7 @@ class CheckpointMixin:
         """Refuse a checkpoint that does not fit, before anything is loaded: every tensor must
         have its parameter's shape (copy_ would broadcast a smaller one silently)."""
         for g, theirs in zip(merged, groups):
-            roles = set(self._roles(g)) | {"ema"}
+            roles = set(self._roles(g)) | set(_EMA_KEYS)
             steps = set()
             for p, idx in zip(g["params"], theirs["params"]):
                 st = saved_state.get(idx, {})

@@ -48,14 +48,73 @@ def check_ema_every(every, where: str) -> int:
     return int(every)
 
 
+from ..backends._emas import MAX_EMAS  # noqa: E402  (the kernels' compile-time bound)
+
+# State keys of EMA index 0, 1, ... (index 0 keeps the one-EMA checkpoints' name).
+EMA_KEYS = ("ema",) + tuple(f"ema_{i}" for i in range(1, MAX_EMAS))
+
+
+def _as_tuple(v):
+    """A group's ``ema_decay`` / ``ema_schedule`` as a tuple: one value per EMA index (a single
+    value is EMA 0; None is no entry)."""
+    if v is None:
+        return ()
+    if isinstance(v, (tuple, list)):
+        return tuple(v)
+    return (v,)
+
+
+def ema_sources(group: Dict[str, Any]) -> tuple:
+    """What drives each EMA of a group, by index: its schedule where ``ema_schedule`` gives one
+    (element by element: the schedule overrides the decay), else its constant ``ema_decay``.
+
+    ``()``: the group keeps no EMA. Assumes :func:`check_ema_settings` passed."""
+    decays, scheds = _as_tuple(group["ema_decay"]), _as_tuple(group["ema_schedule"])
+    out = []
+    for i in range(max(len(decays), len(scheds))):
+        sched = scheds[i] if i < len(scheds) else None
+        out.append(sched if sched is not None else decays[i])
+    return tuple(out)
+
+
+def num_emas(group: Dict[str, Any]) -> int:
+    """How many EMAs the group keeps (0: none)."""
+    return max(len(_as_tuple(group["ema_decay"])), len(_as_tuple(group["ema_schedule"])))
+
+
 def check_ema_settings(group: Dict[str, Any], where: str) -> None:
-    if group["ema_decay"] is not None:
-        scaling.check_rho(group["ema_decay"], f"ema_decay ({where})")
+    decay, sched = group["ema_decay"], group["ema_schedule"]
+    for name, v in (("ema_decay", decay), ("ema_schedule", sched)):
+        if isinstance(v, (tuple, list)) and len(v) == 0:
+            raise ValueError(f"{name}={v!r} ({where}) is an empty sequence: give one value per "
+                             f"EMA, or ema_decay=None (and ema_schedule=None) for no EMA")
+    decays, scheds = _as_tuple(decay), _as_tuple(sched)
+    multi = isinstance(decay, (tuple, list))
+    for i, d in enumerate(decays):
+        name = f"ema_decay[{i}] ({where})" if multi else f"ema_decay ({where})"
+        if d is None:
+            raise ValueError(f"{name} is None: every element of an ema_decay tuple is a decay "
+                             f"in [0, 1] (a group without EMA has ema_decay=None)")
+        if isinstance(d, bool) or not isinstance(d, numbers.Real):
+            raise TypeError(f"{name}={d!r} must be a number in [0, 1] (or ema_decay a tuple of "
+                            f"them, one per EMA)")
+        scaling.check_rho(d, name)
     check_ema_every(group["ema_every"], where)
-    sched = group["ema_schedule"]
-    if sched is not None and not callable(sched):
-        raise TypeError(f"ema_schedule={sched!r} ({where}) must be a schedule (a callable "
-                        f"s -> rho(s)), e.g. ema_kernels.schedules.warmup(0.9999)")
+    multi = isinstance(sched, (tuple, list))
+    for i, s in enumerate(scheds):
+        name = f"ema_schedule[{i}]" if multi else "ema_schedule"
+        if s is not None and not callable(s):
+            raise TypeError(f"{name}={s!r} ({where}) must be a schedule (a callable "
+                            f"s -> rho(s)), e.g. ema_kernels.schedules.warmup(0.9999)")
+        if s is None and i >= len(decays):
+            raise ValueError(f"{name} is None ({where}) and ema_decay={decay!r} has no element "
+                             f"{i}: EMA {i} needs a schedule or a decay (ema_decay=(..., rho))")
+    n = max(len(decays), len(scheds))
+    if n > MAX_EMAS:
+        raise ValueError(f"{n} EMAs ({where}: ema_decay={decay!r}, ema_schedule={sched!r}) but "
+                         f"the fused kernels update at most {MAX_EMAS} EMAs per pass (a "
+                         f"compile-time bound); track at most {MAX_EMAS} per param group, or "
+                         f"the others in a second optimizer")
 
 
 def split_params(params) -> List[Dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The EMA API of the optimizers: ``ema_parameters``, ``swap_ema``, ``ema_module`` (teachers).
 
 ζ lives in ``optimizer.state[p]["ema"]`` (per parameter, the parameter's shape and memory
-format, fp32 for 16-bit parameters). Teachers are held weakly: a teacher the user drops is
-freed, and costs nothing afterwards.
+format, fp32 for 16-bit parameters); a group with several EMAs (``ema_decay`` /
+``ema_schedule`` tuples) keeps EMA i under ``"ema"`` (i = 0) or ``f"ema_{i}"``. Teachers are
+held weakly: a teacher the user drops is freed, and costs nothing afterwards.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import layout
+from . import checks, layout
 
 
 def _ema_key(index: int) -> str:
@@ -25,8 +26,10 @@ class EMAMixin:
 
     @property
     def num_emas(self) -> int:
-        """How many EMAs each EMA-keeping group tracks (0 if no group keeps one)."""
-        return 1 if any(self._has_ema(g) for g in self.param_groups) else 0
+        """How many EMAs the optimizer tracks per parameter: the most any group keeps (0 if no
+        group keeps one). A group with fewer has ``None`` at the higher indices of
+        :meth:`ema_parameters`."""
+        return max((checks.num_emas(g) for g in self.param_groups), default=0)
 
     def _check_index(self, index) -> str:
         if isinstance(index, bool) or not isinstance(index, int) or not \
@@ -46,7 +49,7 @@ class EMAMixin:
         self._ensure_sets()
         out = []
         for g in self.param_groups:
-            has = self._has_ema(g)
+            has = key in self._ema_keys(g)
             for p in g["params"]:
                 st = self.state.get(p)
                 out.append(st[key] if has and st is not None and key in st else None)
@@ -54,16 +57,17 @@ class EMAMixin:
 
     @contextlib.contextmanager
     def swap_ema(self, index: int = 0):
-        """Inside the block the parameters hold their EMA; after it, bit for bit their own values.
+        """Inside the block the parameters hold their EMA ``index``; after it, bit for bit their
+        own values.
 
-        Parameters of groups without an EMA are left alone. ``step()`` inside raises."""
+        Parameters of groups without that EMA are left alone. ``step()`` inside raises."""
         key = self._check_index(index)
         if self._swapped:
             raise RuntimeError("swap_ema() is already active: the blocks cannot be nested")
         self._plan_checks()  # a parameter moved or cast after stepping: raise, move nothing
         dst, src = [], []
         for g in self.param_groups:
-            if not self._has_ema(g):
+            if key not in self._ema_keys(g):
                 continue
             for p in dict.fromkeys(g["params"]):
                 dst.append(layout.local(p))
@@ -83,13 +87,13 @@ class EMAMixin:
             self._swapped = False
 
     def ema_module(self, model: torch.nn.Module, index: int = 0) -> torch.nn.Module:
-        """A module with ``model``'s structure whose parameters are live views of the EMA.
+        """A module with ``model``'s structure whose parameters are live views of EMA ``index``.
 
         No copy of the EMA is made: after the next ``step()`` the teacher holds the new EMA.
-        Parameters without an EMA (a group with ``ema_decay=None``, or not in this optimizer)
-        alias the student's parameter. Floating-point buffers of the teacher follow the same EMA
-        (on EMA steps, with the decay of the first group that updated its EMA in that step,
-        like timm's ModelEmaV3); integer buffers are copied. For 16-bit models the teacher's
+        Parameters without that EMA (a group with ``ema_decay=None`` or fewer EMAs, or not in
+        this optimizer) alias the student's parameter. Floating-point buffers of the teacher
+        follow the same EMA (on EMA steps, with the decay of EMA ``index`` of the first group
+        that updated it in that step, like timm's ModelEmaV3); integer buffers are copied. For 16-bit models the teacher's
         parameters are the fp32 EMA (run it under autocast). The optimizer holds the teacher
         weakly: dropping it frees it."""
         key = self._check_index(index)
@@ -103,8 +107,9 @@ class EMAMixin:
         self._ensure_sets()
         has = {}
         for g in self.param_groups:
+            kept = key in self._ema_keys(g)
             for p in g["params"]:
-                has[p] = self._has_ema(g)
+                has[p] = kept
         memo: Dict[int, torch.nn.Parameter] = {}
         for p in model.parameters():
             st = self.state.get(p)
@@ -115,31 +120,38 @@ class EMAMixin:
             memo[id(p)] = torch.nn.Parameter(src, requires_grad=False)
         teacher = copy.deepcopy(model, memo)
         teacher.requires_grad_(False)
-        self._teachers.append((weakref.ref(teacher), weakref.ref(model)))
+        self._teachers.append((weakref.ref(teacher), weakref.ref(model), index))
         return teacher
 
     @torch.no_grad()
-    def _update_teacher_buffers(self, weight: float) -> None:
-        """Teachers' buffers follow the EMA: one foreach launch per (device, dtype)."""
+    def _update_teacher_buffers(self, weights: Dict[int, float]) -> None:
+        """Teachers' buffers follow their EMA (``weights[index]``, for the EMA indices updated
+        this step): one foreach launch per (weight, device, dtype)."""
         alive = []
         lerp: Dict[tuple, tuple] = {}
         copy_: Dict[tuple, tuple] = {}
-        for t_ref, m_ref in self._teachers:
+        for entry in self._teachers:
+            t_ref, m_ref, index = entry
             teacher, model = t_ref(), m_ref()
             if teacher is None or model is None:
                 continue  # dropped by the user: forget it
-            alive.append((t_ref, m_ref))
+            alive.append(entry)
+            if index not in weights:
+                continue  # its EMA did not move this step
+            weight = weights[index]
             src = dict(model.named_buffers())
             for name, t in teacher.named_buffers():
                 s = src.get(name)
                 if s is None:
                     continue
-                table = lerp if t.is_floating_point() else copy_
-                dst_l, src_l = table.setdefault((t.device, t.dtype), ([], []))
+                if t.is_floating_point():
+                    dst_l, src_l = lerp.setdefault((weight, t.device, t.dtype), ([], []))
+                else:
+                    dst_l, src_l = copy_.setdefault((t.device, t.dtype), ([], []))
                 dst_l.append(t)
                 src_l.append(s if s.dtype == t.dtype else s.to(t.dtype))
         self._teachers = alive
-        for dst, src in lerp.values():
+        for (weight, _, _), (dst, src) in lerp.items():
             torch._foreach_lerp_(dst, src, weight)
         for dst, src in copy_.values():
             torch._foreach_copy_(dst, src)

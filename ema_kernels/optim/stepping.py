@@ -17,7 +17,7 @@ import torch
 
 from .. import _ops, scaling
 from ..schedules import interval_decay
-from . import layout
+from . import checks, layout
 
 _strided = torch.strided
 
@@ -75,13 +75,13 @@ class StepMixin:
             grad_scale = grad_scale.to(torch.float32).reshape(1)
 
         # 2. Execute.
-        buffer_weight = None
+        buffer_weights: Dict[int, float] = {}  # EMA index -> weight of its first group stepped
         for group, hp, (ema_weight, s_after, steps), launches in plans:
             if ema_weight is not None:
                 if int(group["steps"]) == 0:
                     self._restart_emas(launches)
-                if buffer_weight is None:
-                    buffer_weight = ema_weight
+                for k, w in enumerate(ema_weight):
+                    buffer_weights.setdefault(k, w)
             for ts, backend, plan in launches:
                 if self.capturable:
                     self._run_capturable(group, hp, ts, backend, plan, ema_weight, grad_scale,
@@ -92,8 +92,8 @@ class StepMixin:
                 group["ema_base_steps"] = s_after
             group["base_steps"] = s_after
             group["steps"] = steps
-        if buffer_weight is not None:
-            self._update_teacher_buffers(buffer_weight)
+        if buffer_weights:
+            self._update_teacher_buffers(buffer_weights)
         return loss
 
     # ---------------------------------------------------------------- planning ---------------
@@ -112,22 +112,27 @@ class StepMixin:
         return plans
 
     def _ema_plan(self, group, kappa: float):
-        """``(ema_weight or None, s after this step, group step count after it)``.
+        """``(ema weights or None, s after this step, group step count after it)``: on an EMA
+        step one weight 1 − d per EMA of the group (a tuple, EMA index order); every EMA of a
+        group covers the same interval [ema_base_steps, s after).
 
-        Pure: the schedule is evaluated (and checked) while planning, so a schedule that fails
+        Pure: the schedules are evaluated (and checked) while planning, so a schedule that fails
         or returns a bad decay stops the step before anything has moved."""
         s_before = float(group["base_steps"])
         s_after = s_before + kappa
         steps = int(group["steps"]) + 1
         ema_weight = None
-        if self._has_ema(group) and steps % int(group["ema_every"]) == 0:
+        sources = checks.ema_sources(group)
+        if sources and steps % int(group["ema_every"]) == 0:
             s_from = float(group["ema_base_steps"])
-            sched = group["ema_schedule"]
-            if sched is not None:
-                decay = interval_decay(sched, s_from, s_after)
-            else:
-                decay = scaling.check_rho(group["ema_decay"]) ** (s_after - s_from)
-            ema_weight = 1.0 - decay
+            weights = []
+            for src in sources:
+                if callable(src):  # a schedule
+                    decay = interval_decay(src, s_from, s_after)
+                else:
+                    decay = scaling.check_rho(src) ** (s_after - s_from)
+                weights.append(1.0 - decay)
+            ema_weight = tuple(weights)
         return ema_weight, s_after, steps
 
     def _plan_checks(self) -> None:
@@ -265,8 +270,8 @@ class StepMixin:
         """A group's first step: every EMA starts as an exact copy of the parameters *now*
         (they may have been loaded or changed since the optimizer was built)."""
         for ts, _, _ in launches:
-            if ts.has_ema:
-                zs = [layout.local(self.state[p]["ema"]) for p in ts.params]
+            for key in ts.ema_keys:
+                zs = [layout.local(self.state[p][key]) for p in ts.params]
                 torch._foreach_copy_(zs, [layout.local(p) for p in ts.params])
 
     def _kernel_params(self, ts, ids):
@@ -288,14 +293,15 @@ class StepMixin:
         return out, back
 
     def _run_set(self, group, hp, ts, backend, plan, ema_weight, grad_scale) -> None:
-        emas = ts.views.get("ema") if ema_weight is not None else None
+        # Several EMAs: the backends' list-of-EMA-lists form, one weight each (one pass).
+        emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
         if plan["flat"]:
             fb = ts.flat
             step = ts.uniform_step + 1
             self._update(backend, group, hp, [fb.param], [fb.grad],
                          {r: [fb.roles[r]] for r in ts.roles},
-                         [fb.roles["ema"]] if emas is not None else None, step, ema_weight,
-                         grad_scale)
+                         [[fb.roles[k]] for k in ts.ema_keys] if emas is not None else None,
+                         step, ema_weight, grad_scale)
             ts.steps += 1
             ts.uniform_step = step
             return
@@ -307,7 +313,7 @@ class StepMixin:
         stepped, skipped, grads = plan["stepped"], plan["skipped"], plan["grads"]
         if skipped and emas is not None:
             ps, back = self._kernel_params(ts, skipped)
-            backend.ema_only(ps, [emas[i] for i in skipped], ema_weight)
+            backend.ema_only(ps, [[zs[i] for i in skipped] for zs in emas], ema_weight)
         if not stepped:
             return
         if ts.uniform_step is not None:
@@ -321,7 +327,7 @@ class StepMixin:
             ps, back = self._kernel_params(ts, ids)
             self._update(backend, group, hp, ps, [grads[i] for i in ids],
                          {r: [views[r][i] for i in ids] for r in ts.roles},
-                         [emas[i] for i in ids] if emas is not None else None,
+                         [[zs[i] for i in ids] for zs in emas] if emas is not None else None,
                          t + 1, ema_weight, grad_scale)
             for p, tmp in back or ():
                 p.copy_(tmp)
@@ -340,12 +346,12 @@ class StepMixin:
         The device step count is incremented before and decremented by ``found_inf`` after the
         kernel (which itself writes nothing on such a step), as torch's capturable Adam does."""
         cap = ts.cap
-        emas = ts.views.get("ema") if ema_weight is not None else None
+        emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
         if plan["flat"]:
             fb = ts.flat
             params, grads = [fb.param], [fb.grad]
             state = {r: [fb.roles[r]] for r in ts.roles}
-            emas = [fb.roles["ema"]] if emas is not None else None
+            emas = [[fb.roles[k]] for k in ts.ema_keys] if emas is not None else None
             back = None
         else:
             for i in plan["missing"]:
@@ -357,7 +363,14 @@ class StepMixin:
             state = {r: ts.views[r] for r in ts.roles}
         cap["lr"].fill_(hp["lr"])
         if ema_weight is not None:
-            cap["ema_weight"].fill_(ema_weight)
+            # One device weight per EMA (the kernels read k elements).
+            if cap["ema_weight"].numel() != len(ema_weight):
+                cap["ema_weight"] = torch.zeros(len(ema_weight), device=ts.device,
+                                                dtype=torch.float32)
+            if len(ema_weight) == 1:
+                cap["ema_weight"].fill_(ema_weight[0])
+            else:
+                cap["ema_weight"].copy_(torch.tensor(ema_weight, dtype=torch.float32))
         cap["step"].add_(1)
         self._update_capturable(backend, group, hp, ts, params, grads, state, emas,
                                 cap["ema_weight"] if ema_weight is not None else None,
