@@ -73,7 +73,10 @@ def test_parse_size_rejects():
 
 # --- a tiny run ----------------------------------------------------------------------------
 def _expected_names():
-    names = [f"ek[{b}]" for b in ema_kernels.available_backends("cpu") if b != "triton"]
+    names = []
+    for b in ema_kernels.available_backends("cpu"):
+        if b != "triton":
+            names += [f"ek[{b}]", f"ek[{b},flat]"]  # the default layout, then flatten=True
     return names + list(bench.BASELINES) + [bench.COPY]
 
 

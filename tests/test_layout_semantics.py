@@ -541,3 +541,14 @@ def test_parameter_data_replaced_is_followed(flatten):
             _loss(mm, x).backward()
             o.step()
     _close(m.parameters(), t.parameters())
+
+
+def test_empty_group_and_set_accepted_like_torch():
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = ek.AdamW([{"params": [p]}, {"params": []}], lr=0.1, ema_decay=0.5)
+    ek.AdamW({q}, lr=0.1)  # torch takes list(set) too
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p, before)
+    assert opt.ema_parameters()[0] is not None and len(opt.ema_parameters()) == 1

@@ -531,8 +531,7 @@ def test_add_param_group_after_construction(backend):
     e_opt.add_param_group({"params": new, "lr": 3e-2, "ema_decay": 0.5})
     e_opt.add_param_group({"params": list(ours[1].parameters()), "lr": 1e-3, "ema_decay": None})
     for p, v, ptr in zip(new, values, ptrs):
-        assert torch.equal(p, v) and p.data_ptr() != ptr  # moved into our buffer, same values
-        assert p.grad is not None and p.data_ptr() % 16 == 0
+        assert torch.equal(p, v) and p.data_ptr() == ptr  # the user's storage, untouched
         assert float(e_opt.state[p]["step"]) == 0 and not e_opt.state[p]["exp_avg"].any()
     emas = e_opt.ema_parameters()
     assert len(emas) == 6 and emas[4] is None and emas[5] is None
@@ -636,8 +635,8 @@ CONSTRUCTION_ERRORS = {
     "param in two groups": (lambda: _twice(lambda p: [{"params": [p]}, {"params": [p]}]),
                             ValueError, "more than one"),
     "empty list": (lambda: [], ValueError, "empty"),
-    "empty group": (lambda: [{"params": [_p(2)]}, {"params": []}], ValueError, "empty"),
-    "set of params": (lambda: {_p(3)}, TypeError, "set"),
+    # (an empty group and a bare set of parameters are accepted, as torch.optim accepts them)
+    "set of params in a group": (lambda: [{"params": {_p(3)}}], TypeError, "sets"),
     "non-tensor": (lambda: [_p(2), "weight"], TypeError, "Tensor"),
     "non-leaf": (lambda: [_p(3) * 2], ValueError, "leaf"),
 }
@@ -761,6 +760,7 @@ def test_one_group_on_two_devices(backend):
     assert len(opt._sets[0]) == 2  # one set (launch) per device
     cpu.grad = (torch.linspace(-1, 1, 7)).to(cpu.dtype)
     alone.grad = (torch.linspace(-1, 1, 7)).to(alone.dtype)
+    meta.grad = torch.zeros_like(meta)  # stepped iff it has a gradient, as in torch
     before = cpu.detach().clone()
     if backend == "reference":
         opt.step()

@@ -124,7 +124,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         group = self._checked_group(param_group, self.defaults, self.param_groups,
                                     len(self.param_groups))
         self._adopt_group(group)
-        self._sets = None
+        self._build_sets()  # its state exists from now on, as the constructor's groups' does
 
     @torch.no_grad()
     def _adopt_group(self, group: Dict[str, Any]) -> None:

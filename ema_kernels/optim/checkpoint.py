@@ -35,7 +35,8 @@ class CheckpointMixin:
         writes a whole buffer)."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        self._ensure_sets()
+        # state as it is: reading never allocates (a rebuild could make state for a group
+        # whose new settings the next step refuses)
         mappings: Dict[int, int] = {}
         start = 0
         groups = []

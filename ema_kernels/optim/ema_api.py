@@ -46,7 +46,7 @@ class EMAMixin:
         the parameter's shape and memory format (fp32 for 16-bit parameters; a DTensor laid out
         like the parameter under FSDP2), or ``None`` where the group keeps no EMA."""
         key = self._check_index(index)
-        self._ensure_sets()
+        # state as it is: reading never allocates (the next step makes what a group needs)
         out = []
         for g in self.param_groups:
             has = key in self._ema_keys(g)
@@ -104,7 +104,7 @@ class EMAMixin:
                 "teacher_out = model(x)` for teacher forward passes (the shards hold the EMA "
                 "inside the block and FSDP gathers them as usual), or opt.ema_parameters(), "
                 "which are DTensors laid out like the parameters")
-        self._ensure_sets()
+        # (state as it is: see ema_parameters)
         has = {}
         for g in self.param_groups:
             kept = key in self._ema_keys(g)

@@ -59,9 +59,13 @@ class StepMixin:
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        # Hyperparameters first: a changed group key (e.g. momentum) may add a state role,
+        # and nothing may be allocated for a group that is about to be refused.
+        hps = [self._check_hparams(g, where=f"param group {gi}")
+               for gi, g in enumerate(self.param_groups)]
         while True:
             try:
-                plans = self._plan(self._ensure_sets())
+                plans = self._plan(self._ensure_sets(), hps)
                 break
             except _Replanned:  # parameters moved before their first step: state re-made
                 continue
@@ -97,11 +101,10 @@ class StepMixin:
         return loss
 
     # ---------------------------------------------------------------- planning ---------------
-    def _plan(self, sets):
+    def _plan(self, sets, hps):
         """Check every group and set; the launches of this step. Mutates nothing."""
         plans = []
-        for gi, (group, gsets) in enumerate(zip(self.param_groups, sets)):
-            hp = self._check_hparams(group, where=f"param group {gi}")
+        for gi, (group, gsets, hp) in enumerate(zip(self.param_groups, sets, hps)):
             ema = self._ema_plan(group, float(group["kappa"]))
             launches = []
             for ts in gsets:
@@ -186,7 +189,7 @@ class StepMixin:
         flat = ts.flat
         if flat is not None and ts.uniform_step is not None and _are_flat_views(params, grads,
                                                                                  flat):
-            return {"flat": True, "stepped": None, "skipped": []}
+            return {"flat": True, "stepped": None, "skipped": [], "missing": []}
         has = list(map(operator.is_not, grads, repeat(None)))
         if all(has):
             stepped, skipped = list(range(len(params))), []
@@ -240,12 +243,18 @@ class StepMixin:
                 f"capturable=True needs the device-tensor kernels of the 'cuda' (GPU) or 'cpp' "
                 f"(CPU) backend; backend {backend.NAME!r} has none. Build the extension "
                 f"(pip install --no-build-isolation -e .) or use capturable=False")
-        if plan["skipped"]:
+        if any(ts.params[i].requires_grad for i in plan["skipped"]):
             raise RuntimeError(
                 "capturable=True steps every parameter of a set together (one device step "
                 "count), but some parameters have no gradient (grad None). Give every "
                 "parameter a gradient (e.g. opt.zero_grad(set_to_none=False) before backward) "
                 "or use capturable=False")
+        if plan["missing"] and ts.steps.max(initial=0.0) > 0:
+            raise RuntimeError(
+                "capturable=True keeps one device step count per parameter set, but a "
+                "parameter got its first gradient after the set had stepped (it was frozen): "
+                "its Adam bias correction would use the set's count. Unfreeze before the first "
+                "step, give it its own param group, or use capturable=False")
 
     def _backend_for(self, ts: layout.TensorSet):
         """The set's backend module, resolved once per (backend=, $EMA_KERNELS_BACKEND)."""
@@ -358,9 +367,13 @@ class StepMixin:
                 st = self.state.setdefault(ts.params[i], {})
                 self._ensure_param_state(ts, i, ts.params[i], st, ts.roles)
                 st["step"] = cap["step"].expand(len(ts.params))[i]
-            params, back = self._kernel_params(ts, range(len(ts.params)))
-            grads = plan["grads"]
-            state = {r: ts.views[r] for r in ts.roles}
+            # Frozen parameters without a gradient are left out (their EMA equals their
+            # constant value; an ema_only launch could not see found_inf on the device).
+            ids = plan["stepped"]
+            params, back = self._kernel_params(ts, ids)
+            grads = [plan["grads"][i] for i in ids]
+            state = {r: [ts.views[r][i] for i in ids] for r in ts.roles}
+            emas = [emas[i] for i in ids] if emas is not None else None
         cap["lr"].fill_(hp["lr"])
         if ema_weight is not None:
             # One device weight per EMA (the kernels read k elements).
