@@ -439,15 +439,19 @@ def test_old_and_torch_checkpoints_start_missing_emas_from_the_parameters():
 
 
 def test_adding_and_dropping_an_ema_later():
+    """EMA 1 added to a group's tuple starts from the parameters of the next step (before its
+    update) and shares the group's EMA clock; dropped, its state goes."""
     model = _model()
     opt = ek.SGD(model.parameters(), lr=0.1, ema_decay=0.9, backend="reference")
     _train(model, opt, steps=2)
-    opt.param_groups[0]["ema_decay"] = (0.9, 0.5)  # EMA 1 starts from the parameters of now
+    opt.param_groups[0]["ema_decay"] = (0.9, 0.5)
     assert opt.num_emas == 2
-    for z, p in zip(opt.ema_parameters(index=1), model.parameters()):
-        assert torch.equal(z, p.detach())
-    _train(model, opt, steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, steps=1, drop_grad_at=-1)
+    for z, b, p in zip(opt.ema_parameters(index=1), before, model.parameters()):
+        assert torch.equal(z, torch.lerp(b, p.detach(), 0.5))
     opt.param_groups[0]["ema_decay"] = 0.9
+    _train(model, opt, steps=1)
     assert opt.num_emas == 1 and opt.ema_parameters(index=0)[0] is not None
     assert not any("ema_1" in st for st in opt.state.values())
 

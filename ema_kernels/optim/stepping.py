@@ -373,7 +373,7 @@ class StepMixin:
             params, back = self._kernel_params(ts, ids)
             grads = [plan["grads"][i] for i in ids]
             state = {r: [ts.views[r][i] for i in ids] for r in ts.roles}
-            emas = [emas[i] for i in ids] if emas is not None else None
+            emas = [[zs[i] for i in ids] for zs in emas] if emas is not None else None
         cap["lr"].fill_(hp["lr"])
         if ema_weight is not None:
             # One device weight per EMA (the kernels read k elements).
