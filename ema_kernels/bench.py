@@ -9,6 +9,10 @@ Every row does the same job on the same parameters — one optimizer step and on
   itself; the Triton *interpreter* on CPU is skipped, it is a test vehicle, not a fast path);
 - ``torch fused + foreach_lerp``: ``torch.optim.X(fused=True)`` + ``torch._foreach_lerp_`` over
   prebuilt lists — the strongest unfused baseline; the ``speedup`` column is relative to it;
+
+With ``--emas N`` every row keeps N EMAs (decays 0.9999, 0.999, ...): ``ek`` rows one optimizer
+with an ``ema_decay`` tuple (all N updated in the step's one pass), the baselines N EMA updates
+after the optimizer step (N ``_foreach_lerp_`` calls, N timm/AveragedModel/loop EMAs).
 - ``torch foreach + timm EMAv3``: ``torch.optim.X(foreach=True)`` + the update of timm's
   ``ModelEmaV3`` (walk both ``state_dict()``s, one ``_foreach_lerp_``);
 - ``torch fused + AveragedModel``: ``torch.optim.swa_utils.AveragedModel`` with
@@ -57,7 +61,7 @@ import torch
 
 __all__ = ["bytes_per_param", "main", "run", "Case", "row_names", "build_row", "KEYS"]
 
-KEYS = ("name", "device", "optimizer", "dtype", "numel", "tensors", "ema_every", "ms",
+KEYS = ("name", "device", "optimizer", "dtype", "numel", "tensors", "ema_every", "emas", "ms",
         "bytes_per_param", "gbps", "pct_of_copy", "speedup")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,6 +73,7 @@ COPY = "stream a+=b"
 # Hyperparameters of every row (the values do not change the bytes, only the numbers).
 LR = 1e-4
 EMA_DECAY = 0.9999
+EMA_DECAYS = (EMA_DECAY, 0.999, 0.99, 0.9)  # --emas N: the first N
 SGD_MOMENTUM = 0.9
 
 
@@ -86,28 +91,32 @@ def _itemsize(dtype) -> int:
 
 def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad: bool = False,
                     momentum: float = SGD_MOMENTUM, ema: bool = True, state_dtype="fp32",
-                    ema_dtype="fp32") -> float:
+                    ema_dtype="fp32", emas: int = 1) -> float:
     """Bytes per parameter one fused optimizer step + EMA update must move (read + written).
 
     Every step reads θ and g and writes θ (parameter dtype), and reads and writes each state
     buffer (``state_dtype``): Adam/AdamW have m and v (+ v_max with AMSGrad), SGD a momentum
     buffer when ``momentum != 0``. The EMA step reads and writes ζ (``ema_dtype``); θ is
     already in registers, so it costs no extra read. With ``ema_every=k`` the EMA's bytes are
-    spread over the k steps (÷ k). Hand counts, fp32: AdamW+EMA 36 (read θ g m v ζ, write
-    θ m v ζ); SGD-momentum+EMA 28; bf16 parameters, fp32 state and EMA, AdamW+EMA 30.
+    spread over the k steps (÷ k). ``emas=N`` EMAs updated in the same pass: each reads and
+    writes its own ζ (θ is read once for all), so N·2·|ζ|. Hand counts, fp32: AdamW+EMA 36
+    (read θ g m v ζ, write θ m v ζ), with N EMAs 36 + 8·(N − 1); SGD-momentum+EMA 28; bf16
+    parameters, fp32 state and EMA, AdamW+EMA 30.
     """
     opt = optimizer.lower()
     if opt not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
     if isinstance(ema_every, bool) or int(ema_every) != ema_every or ema_every < 1:
         raise ValueError(f"ema_every={ema_every!r} must be an integer >= 1")
+    if isinstance(emas, bool) or int(emas) != emas or emas < 1:
+        raise ValueError(f"emas={emas!r} must be an integer >= 1 (EMAs per parameter)")
     p, s, z = _itemsize(dtype), _itemsize(state_dtype), _itemsize(ema_dtype)
     if opt == "sgd":
         n_state = 1 if momentum else 0
     else:
         n_state = 3 if amsgrad else 2
     step = 3 * p + 2 * s * n_state          # read θ g (+state), write θ (+state)
-    ema_bytes = 2 * z if ema else 0          # read ζ, write ζ
+    ema_bytes = 2 * z * emas if ema else 0   # read ζ_i, write ζ_i, for each EMA
     return step + ema_bytes / ema_every
 
 
@@ -122,6 +131,7 @@ class Case:
     numel: int = 1 << 20
     tensors: int = 64
     ema_every: int = 1
+    emas: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,7 +139,15 @@ class Case:
 
     @property
     def bytes_per_param(self) -> float:
-        return bytes_per_param(self.optimizer, self.dtype, self.ema_every)
+        return bytes_per_param(self.optimizer, self.dtype, self.ema_every, emas=self.emas)
+
+    @property
+    def decays(self) -> tuple:
+        """The EMAs' decays: EMA_DECAY alone, or the first ``emas`` of EMA_DECAYS."""
+        if self.emas > len(EMA_DECAYS):
+            raise ValueError(f"emas={self.emas}: the bench has decays for at most "
+                             f"{len(EMA_DECAYS)} EMAs")
+        return EMA_DECAYS[:self.emas]
 
     def sizes(self) -> List[int]:
         """``tensors`` sizes summing to ``numel`` (the first ``numel % tensors`` one larger)."""
@@ -173,7 +191,8 @@ def _ek_optimizer(case: Case, params, backend: str, flatten: bool = False):
 
     cls = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD}[case.optimizer]
     grads = [p.grad for p in params]
-    opt = cls(params, **_torch_hparams(case), ema_decay=EMA_DECAY, ema_every=case.ema_every,
+    decay = case.decays[0] if case.emas == 1 else case.decays
+    opt = cls(params, **_torch_hparams(case), ema_decay=decay, ema_every=case.ema_every,
               backend=backend, flatten=flatten)
     if flatten:
         # The flat layout's fast path: gradients are views of one buffer (bound by
@@ -209,10 +228,14 @@ def _row_fused_lerp(case: Case):
     params = _make_params(case)
     opt = _torch_optimizer(case, params, fused=True)
     cur = [p.detach() for p in params]
-    emas = [c.clone() for c in cur]
-    w = 1.0 - EMA_DECAY ** case.ema_every
-    return _every(case.ema_every, opt.step, lambda: torch._foreach_lerp_(emas, cur, w)), \
-        (opt, params, emas)
+    emas = [[c.clone() for c in cur] for _ in case.decays]
+    ws = [1.0 - d ** case.ema_every for d in case.decays]
+
+    def ema():
+        for zs, w in zip(emas, ws):
+            torch._foreach_lerp_(zs, cur, w)
+
+    return _every(case.ema_every, opt.step, ema), (opt, params, emas)
 
 
 def timm_v3_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -232,11 +255,15 @@ def _row_timm_v3(case: Case):
     """torch foreach optimizer + timm ModelEmaV3.apply_update_ (foreach branch), as published."""
     params = _make_params(case)
     model = _Model(params)
-    ema_model = _copy.deepcopy(model)
+    ema_models = [_copy.deepcopy(model) for _ in case.decays]
     opt = _torch_optimizer(case, params, foreach=True)
-    decay = EMA_DECAY ** case.ema_every
-    return _every(case.ema_every, opt.step, lambda: timm_v3_update(ema_model, model, decay)), \
-        (opt, model, ema_model)
+    decays = [d ** case.ema_every for d in case.decays]
+
+    def ema():
+        for ema_model, decay in zip(ema_models, decays):
+            timm_v3_update(ema_model, model, decay)
+
+    return _every(case.ema_every, opt.step, ema), (opt, model, ema_models)
 
 
 def _row_averaged_model(case: Case):
@@ -244,26 +271,33 @@ def _row_averaged_model(case: Case):
 
     params = _make_params(case)
     model = _Model(params)
-    avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY ** case.ema_every))
-    avg.update_parameters(model)  # the first call copies; every later one averages
+    avgs = [AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d ** case.ema_every))
+            for d in case.decays]
+    for avg in avgs:
+        avg.update_parameters(model)  # the first call copies; every later one averages
     opt = _torch_optimizer(case, params, fused=True)
-    return _every(case.ema_every, opt.step, lambda: avg.update_parameters(model)), \
-        (opt, model, avg)
+
+    def ema():
+        for avg in avgs:
+            avg.update_parameters(model)
+
+    return _every(case.ema_every, opt.step, ema), (opt, model, avgs)
 
 
 def _row_loop_ema(case: Case):
     """Per-tensor Python loop (ema-pytorch's ``ma.lerp_(cur, 1 - decay)``, no foreach)."""
     params = _make_params(case)
     model = _Model(params)
-    ema_model = _copy.deepcopy(model)
+    ema_models = [_copy.deepcopy(model) for _ in case.decays]
     opt = _torch_optimizer(case, params, fused=True)
-    w = 1.0 - EMA_DECAY ** case.ema_every
+    ws = [1.0 - d ** case.ema_every for d in case.decays]
 
     def ema():
-        for ma, cur in zip(ema_model.parameters(), model.parameters()):
-            ma.data.lerp_(cur.data, w)
+        for ema_model, w in zip(ema_models, ws):
+            for ma, cur in zip(ema_model.parameters(), model.parameters()):
+                ma.data.lerp_(cur.data, w)
 
-    return _every(case.ema_every, opt.step, ema), (opt, model, ema_model)
+    return _every(case.ema_every, opt.step, ema), (opt, model, ema_models)
 
 
 def _row_copy(case: Case):
@@ -478,7 +512,7 @@ def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup:
         if progress:
             progress(f"[{i}/{len(cases)}] {case.device} {case.optimizer} {case.dtype} "
                      f"numel={_fmt_numel(case.numel)} in {min(case.tensors, case.numel)} tensors, "
-                     f"ema_every={case.ema_every}: {len(case_names)} rows ...")
+                     f"ema_every={case.ema_every}, emas={case.emas}: {len(case_names)} rows ...")
         t0 = time.perf_counter()
         secs = _measure_case(case, case_names, warmup=warmup, repeats=repeats,
                              target_s=target_s, progress=progress)
@@ -490,7 +524,8 @@ def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup:
             rows.append(dict(name=name, device=case.device, optimizer=case.optimizer,
                              dtype=case.dtype, numel=case.numel,
                              tensors=max(1, min(case.tensors, case.numel)),
-                             ema_every=case.ema_every, ms=ms, bytes_per_param=bpp, gbps=gbps,
+                             ema_every=case.ema_every, emas=case.emas, ms=ms,
+                             bytes_per_param=bpp, gbps=gbps,
                              pct_of_copy=float("nan"), speedup=float("nan")))
             if progress:
                 progress(f"    {name:<30} {ms:10.4f} ms  {gbps:8.2f} GB/s")
@@ -504,7 +539,7 @@ def _relative_columns(rows: List[dict]) -> None:
     """Fill ``pct_of_copy`` and ``speedup`` from the copy and baseline rows of the same case."""
     def key(r):
         return (r["device"], r["optimizer"], r["dtype"], r["numel"], r["tensors"],
-                r["ema_every"])
+                r["ema_every"], r["emas"])
     ref: Dict[tuple, dict] = {}
     for r in rows:
         ref.setdefault(key(r), {})[r["name"]] = r
@@ -559,18 +594,18 @@ def format_table(rows: Sequence[dict]) -> str:
     out = []
     configs = []
     for r in rows:
-        c = (r["device"], r["optimizer"], r["dtype"], r["ema_every"])
+        c = (r["device"], r["optimizer"], r["dtype"], r["ema_every"], r.get("emas", 1))
         if c not in configs:
             configs.append(c)
-    for device, opt, dtype, every in configs:
+    for device, opt, dtype, every, n_emas in configs:
         out.append(f"device={device}  optimizer={opt}  dtype={dtype}  ema_every={every}  "
-                   f"(speedup vs '{BASELINE}')")
+                   f"emas={n_emas}  (speedup vs '{BASELINE}')")
         out.append("")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|")
         for r in rows:
-            if (r["device"], r["optimizer"], r["dtype"], r["ema_every"]) != \
-                    (device, opt, dtype, every):
+            if (r["device"], r["optimizer"], r["dtype"], r["ema_every"], r.get("emas", 1)) != \
+                    (device, opt, dtype, every, n_emas):
                 continue
             ms, speedup = r["ms"], r["speedup"]
             out.append("| " + " | ".join([
@@ -692,6 +727,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="split the parameters into K tensors (default 64)")
     p.add_argument("--ema-every", type=_positive_int, default=1, metavar="k",
                    help="update the EMA every k-th step (bytes and times are per step)")
+    p.add_argument("--emas", type=int, choices=range(1, len(EMA_DECAYS) + 1), default=1,
+                   metavar="N",
+                   help=f"EMAs per parameter (1..{len(EMA_DECAYS)}, decays "
+                        f"{', '.join(map(str, EMA_DECAYS))}): ek updates all N in the step's "
+                        f"one pass, the baselines run N EMA updates")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed samples per row (CPU; default: as many as fit ~0.25 s, 3..50)")
     p.add_argument("--warmup", type=_positive_int, default=2, help="warm-up calls per row (CPU)")
@@ -723,7 +763,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     sizes = args.numel or default_sizes(device)
     cases = [Case(device=device, optimizer=args.optimizer, dtype=args.dtype, numel=n,
-                  tensors=args.tensors, ema_every=args.ema_every) for n in sizes]
+                  tensors=args.tensors, ema_every=args.ema_every, emas=args.emas)
+             for n in sizes]
 
     def progress(msg: str) -> None:
         if not args.quiet:

@@ -42,6 +42,20 @@ def test_bytes_per_param_hand_counts(optimizer, dtype, kw, expected):
     assert bench.bytes_per_param(optimizer, dtype, **kw) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_bytes_per_param_with_n_emas(n):
+    """N EMAs in one pass: θ is read once, each ζ_i read and written: 36 + 8·(N − 1) for fp32
+    AdamW (44 for two, against torch fused AdamW + two _foreach_lerp_'s 56)."""
+    assert bench.bytes_per_param("adamw", "fp32", emas=n) == 36 + 8 * (n - 1)
+    assert bench.Case(emas=n).bytes_per_param == 36 + 8 * (n - 1)
+    # SGD with momentum: 20 + 8·N; bf16 AdamW: 22 + 8·N; ema_every=2 halves the EMAs' part
+    assert bench.bytes_per_param("sgd", "fp32", emas=n) == 20 + 8 * n
+    assert bench.bytes_per_param("adamw", "bf16", emas=n) == 22 + 8 * n
+    assert bench.bytes_per_param("adamw", "fp32", 2, emas=n) == 28 + 4 * n
+    with pytest.raises(ValueError, match="emas"):
+        bench.bytes_per_param("adamw", "fp32", emas=0)
+
+
 def test_bytes_per_param_takes_torch_dtypes_and_rejects_nonsense():
     assert bench.bytes_per_param("adamw", torch.bfloat16) == 30
     with pytest.raises(ValueError, match="optimizer"):
@@ -80,14 +94,15 @@ def _expected_names():
     return names + list(bench.BASELINES) + [bench.COPY]
 
 
-def _check_rows(rows, *, optimizer, dtype, ema_every, numel=300, tensors=3):
+def _check_rows(rows, *, optimizer, dtype, ema_every, numel=300, tensors=3, emas=1):
     assert [r["name"] for r in rows] == _expected_names()
     assert "ek[reference]" in [r["name"] for r in rows]
-    bpp = bench.bytes_per_param(optimizer, dtype, ema_every)
+    bpp = bench.bytes_per_param(optimizer, dtype, ema_every, emas=emas)
     for r in rows:
         assert list(r) == list(bench.KEYS)
         assert (r["device"], r["optimizer"], r["dtype"]) == ("cpu", optimizer, dtype)
         assert (r["numel"], r["tensors"], r["ema_every"]) == (numel, tensors, ema_every)
+        assert r["emas"] == emas
         assert r["bytes_per_param"] == pytest.approx(bpp)
         assert r["ms"] > 0 and math.isfinite(r["ms"]), r
         assert r["gbps"] == pytest.approx(bpp * numel / (r["ms"] * 1e-3) / 1e9)
@@ -113,6 +128,32 @@ def test_bench_sgd_bf16_ema_every(tmp_path):
                             "--json", str(path)])
     assert rc == 0
     _check_rows(json.loads(path.read_text()), optimizer="sgd", dtype="bf16", ema_every=2)
+
+
+def test_bench_two_emas(tmp_path, capsys):
+    """--emas 2: every row keeps two EMAs (ek in its one pass, the baselines two updates),
+    44 B/param for fp32 AdamW."""
+    path = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--emas", "2", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    _check_rows(rows, optimizer="adamw", dtype="fp32", ema_every=1, emas=2)
+    assert rows[0]["bytes_per_param"] == 44
+    assert "emas=2" in capsys.readouterr().out
+
+
+def test_bench_rows_update_every_ema():
+    """The rows really keep N EMAs: after one call each of the baseline's and ek's EMAs has
+    moved, with its own decay."""
+    case = bench.Case(numel=64, tensors=2, emas=2)
+    fn, (opt, params, emas) = bench.build_row(bench.BASELINE, case)
+    fn()
+    assert len(emas) == 2
+    assert not torch.equal(emas[0][0], emas[1][0])  # decays 0.9999 and 0.999
+    fn, (opt, params) = bench.build_row("ek[reference]", case)
+    assert opt.num_emas == 2 and opt.param_groups[0]["ema_decay"] == (0.9999, 0.999)
+    fn()
+    z0, z1 = opt.ema_parameters(index=0)[0], opt.ema_parameters(index=1)[0]
+    assert not torch.equal(z0, z1)
 
 
 def test_bench_plot(tmp_path):
