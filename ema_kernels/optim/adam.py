@@ -76,9 +76,12 @@ class AdamW(_AdamBase):
 
     Same math, defaults and group keys as ``torch.optim.AdamW``, plus:
 
-    - ``ema_decay`` ρ at the base batch in [0, 1] (``None`` in a group: no EMA for it),
+    - ``ema_decay`` ρ at the base batch in [0, 1] (``None`` in a group: no EMA for it), or a
+      tuple of them: up to four EMAs, all updated in the step's one pass (``ema_parameters``,
+      ``swap_ema`` and ``ema_module`` take ``index=``),
     - ``ema_every`` k: update the EMA every k-th step with ρ raised to the base steps covered,
-    - ``ema_schedule`` callable ``s -> ρ(s)`` (see :mod:`ema_kernels.schedules`),
+    - ``ema_schedule`` callable ``s -> ρ(s)`` (see :mod:`ema_kernels.schedules`), or a tuple
+      of them (element by element, a schedule overrides ``ema_decay`` at its index),
     - ``kappa`` κ: batch-size scale; the EMA uses ρ^κ per step and, with
       ``scale_optimizer=True``, lr·√κ, β → 1 − κ(1 − β), ε/√κ, weight decay·√κ,
     - ``backend``: ``"auto" | "reference" | "triton" | "cuda" | "cpp"``,
