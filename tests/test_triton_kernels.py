@@ -443,14 +443,23 @@ def test_table_is_cached_and_chunked():
     (table, n_chunks), = tk._table_cache.values()
     assert n_chunks == 3 + 1 + 1  # the empty tensor is left out and has no chunk
     n = 3
+    # rows: θ g m v vmax ζ0 ζ1 ζ2 ζ3 (MAX_EMAS EMA rows), sizes, chunk tensors, chunk starts
     rows = table.tolist()
     assert rows[:n] == [p.data_ptr() for p in prob.params[:n]]
-    assert rows[4 * n:6 * n] == [0] * (2 * n)  # no AMSGrad, no EMA: absent roles
-    assert rows[6 * n:7 * n] == [2 * B + 5, 1, B]
-    assert rows[7 * n:7 * n + n_chunks] == [0, 0, 0, 1, 2]
-    assert rows[7 * n + n_chunks:] == [0, B, 2 * B, 0, 0]
+    assert rows[4 * n:9 * n] == [0] * (5 * n)  # no AMSGrad, no EMA: absent roles
+    assert rows[9 * n:10 * n] == [2 * B + 5, 1, B]
+    assert rows[10 * n:10 * n + n_chunks] == [0, 0, 0, 1, 2]
+    assert rows[10 * n + n_chunks:] == [0, B, 2 * B, 0, 0]
     tk.adam_ema(*args, **kwargs)
     assert len(tk._table_cache) == 1  # same tensors: no new table, no copy
+    # two EMAs: their rows hold the ζ_i addresses, the others stay 0
+    zs = [[torch.zeros_like(p) for p in prob.params] for _ in range(2)]
+    tk.adam_ema(*args[:5], zs, **dict(kwargs, ema_weight=[0.5, 0.25]))
+    assert len(tk._table_cache) == 2
+    rows = list(tk._table_cache.values())[-1][0].tolist()
+    assert rows[5 * n:6 * n] == [z.data_ptr() for z in zs[0][:n]]
+    assert rows[6 * n:7 * n] == [z.data_ptr() for z in zs[1][:n]]
+    assert rows[7 * n:9 * n] == [0] * (2 * n)
 
 
 @pytest.mark.parametrize("opt", ["adam", "sgd"])

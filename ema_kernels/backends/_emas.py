@@ -40,7 +40,8 @@ def ema_lists(emas, ema_weight, n: int, what: str) -> Tuple[List[List[Tensor]], 
     if ema_weight is None:
         return [], []
     if emas is None:
-        raise ValueError(f"{what}: ema_weight is set ({ema_weight!r}) but emas is None")
+        raise ValueError(f"{what}: ema_weight is set but emas is None (give the EMA tensors, "
+                         f"or ema_weight=None for a step without EMA)")
     if isinstance(ema_weight, numbers.Real) and not isinstance(ema_weight, bool):
         emas = list(emas)
         if emas and not isinstance(emas[0], Tensor):
