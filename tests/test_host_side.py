@@ -114,7 +114,7 @@ def test_grad_scale_must_be_a_scalar_tensor_and_fails_before_anything_moves():
     for p in m.parameters():
         p.grad = torch.randn_like(p)
     before = [p.detach().clone() for p in m.parameters()]
-    with pytest.raises(TypeError, match="grad_scale must be a one-element"):
+    with pytest.raises(ValueError, match="grad_scale must have exactly one element"):
         opt.step(grad_scale=torch.ones(2))
     with pytest.raises(TypeError, match="found_inf must be a one-element"):
         opt.step(found_inf=1.0)

@@ -314,6 +314,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         self._settle()
         state = super().__getstate__()
         state.pop("_pending", None)
+        state.pop("_found_host", None)
         state["_flat"] = self._flat
         for k in self._CONFIG:
             state[k] = getattr(self, k)

@@ -102,7 +102,7 @@ class StepMixin:
         if buffer_weight is not None:
             self._update_teacher_buffers(buffer_weight, found_inf)
         if undo is not None:
-            self._pending = undo.arm(found_inf)
+            self._pending = undo.arm(found_inf, self.__dict__.setdefault("_found_host", {}))
         return loss
 
     def _settle(self) -> None:
@@ -399,24 +399,16 @@ class StepMixin:
                 st = self.state.setdefault(ts.params[i], {})
                 self._ensure_param_state(ts, i, ts.params[i], st, ts.roles)
                 st["step"] = cap["step"].expand(len(ts.params))[i]
-<<<<<<< HEAD
             # Frozen parameters without a gradient are left out (their EMA equals their
-            # constant value; an ema_only launch could not see found_inf on the device).
+            # constant value).
             ids = plan["stepped"]
             params, back = self._kernel_params(ts, ids)
             grads = [plan["grads"][i] for i in ids]
             state = {r: [ts.views[r][i] for i in ids] for r in ts.roles}
             emas = [emas[i] for i in ids] if emas is not None else None
-        cap["lr"].fill_(hp["lr"])
-        if ema_weight is not None:
-=======
-            params, back = self._kernel_params(ts, range(len(ts.params)))
-            grads = plan["grads"]
-            state = {r: ts.views[r] for r in ts.roles}
         if ema_weight is not None and not _capturing():
             # constant under capturable=True (ema_every=1, no schedule): filled eagerly only,
             # never recorded into a graph
->>>>>>> bb05e95 (step() reads nothing on the host: found_inf consumed on the device (reference included), counters rolled back one step late via a non-blocking copy; tensor lr read by the kernels; capturable lr filled outside capture; GradScaler tensors per device in planning; counters advance after every launch)
             cap["ema_weight"].fill_(ema_weight)
         cap["step"].add_(1)
         self._update_capturable(backend, group, hp, ts, params, grads, state, emas,
@@ -475,13 +467,18 @@ def _amp_per_device(plans, grad_scale, found_inf):
     (non-blocking, device to device) to each, as torch's fused optimizers do — during
     planning, so a bad value raises before anything moved."""
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1
-                              or not t.is_floating_point()):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(
                 f"{name} must be a one-element floating-point tensor (torch.amp.GradScaler's "
                 f"contract), got {type(t).__name__}"
-                f"{'' if not isinstance(t, torch.Tensor) else f' of shape {tuple(t.shape)} and dtype {t.dtype}'}"
-                f". Pass the GradScaler's tensors, or leave {name} unset")
+                f"{f' of dtype {t.dtype}' if isinstance(t, torch.Tensor) else ''}. Pass the "
+                f"GradScaler's tensors, or leave {name} unset")
+        if t.numel() != 1:
+            raise ValueError(
+                f"{name} must have exactly one element (torch.amp.GradScaler's contract), got "
+                f"shape {tuple(t.shape)}. Pass the GradScaler's tensors, or leave {name} unset")
     if grad_scale is None and found_inf is None:
         return {}
     out = {}
@@ -520,12 +517,15 @@ class _Undo:
                      for *_, launches in plans for ts, _, _ in launches]
         self.host = self.event = None
 
-    def arm(self, found_inf: torch.Tensor) -> "_Undo":
+    def arm(self, found_inf: torch.Tensor, buffers: dict) -> "_Undo":
         """Start the flag's trip to the host: a non-blocking copy (into pinned memory from a
         GPU) and an event after it. The one code path for every device: on CPU the copy is
-        synchronous and there is no event."""
+        synchronous and there is no event. ``buffers`` keeps the host buffer for the next
+        step (one is enough: a step settles the previous one before it arms)."""
         on_gpu = found_inf.device.type == "cuda"
-        host = torch.empty(1, dtype=torch.float32, pin_memory=on_gpu)
+        host = buffers.get(on_gpu)
+        if host is None:
+            host = buffers[on_gpu] = torch.empty(1, dtype=torch.float32, pin_memory=on_gpu)
         host.copy_(found_inf.detach().reshape(1), non_blocking=True)
         self.host = host.numpy()  # read as numpy: never a torch host read of a device tensor
         if on_gpu:
