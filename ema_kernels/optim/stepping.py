@@ -128,7 +128,7 @@ class StepMixin:
         any CUDA-graph capture (a fill recorded into a graph would replay the capture-time lr
         forever), so a replay reads whatever the last eager step or the user put there."""
         out = {}
-        capturing = _capturing()
+        capturing = self.capturable and _capturing()  # a CUDA query: only where it matters
         for group, hp, _, launches in plans:
             lr_t = hp.get("lr_tensor")
             for ts, _, _ in launches:
@@ -450,6 +450,8 @@ class StepMixin:
 
 
 def _capturing() -> bool:
+    """Is the current CUDA stream capturing a graph? (False without CUDA; only asked on
+    capturable paths: the query costs tens of µs where no driver answers.)"""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
