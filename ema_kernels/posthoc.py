@@ -180,6 +180,8 @@ def snapshot(opt, index: Union[int, Sequence[int]] = (0, 1), *,
     ``ema_every > 1`` the EMA has not moved since then). ``model=`` only names the parameters
     (see the module docstring). DTensor (FSDP2) EMAs are gathered: call it on every rank.
     """
+    if hasattr(opt, "_settle"):
+        opt._settle()  # s must not count a found_inf step the device skipped
     num = int(getattr(opt, "num_emas", 1))
     idx = _indices(index, num)
     names = _param_names(opt, model)

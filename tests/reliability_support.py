@@ -352,7 +352,13 @@ def _cat64(ts):
 def snapshot(ps, opt) -> Dict[str, Any]:
     """Everything a step may change, copied: θ, per-parameter state (step, moments, EMA: read
     through ``opt.state``, torch.optim's public per-parameter state), the live EMA views of
-    ``ema_parameters()``, the group counters; frozen parameters separately."""
+    ``ema_parameters()``, the group counters; frozen parameters separately.
+
+    The host counters of a found_inf step are learnt one step late (step() never reads
+    found_inf on the host); what reads them (state_dict, the next step) settles them first,
+    and so does this."""
+    if hasattr(opt, "_settle"):
+        opt._settle()
     ordered = [p for g in opt.param_groups for p in g["params"]]
     ema_of = dict(zip(map(id, ordered), opt.ema_parameters()))
     emas = [ema_of.get(id(p)) for p in ps]

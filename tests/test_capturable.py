@@ -4,6 +4,8 @@ CI has no GPU, so the capturable path runs through the compiled extension's CPU 
 which uses the same device-tensor interface as the CUDA kernels; the CUDA-graph capture itself is
 tested in tests/test_cuda_ext.py on GPU machines.
 """
+import types
+
 import pytest
 import torch
 
@@ -59,6 +61,18 @@ def test_capturable_matches_the_host_path_without_syncing(cls, kw, monkeypatch):
     assert steps == {5.0}
 
 
+def test_reference_capturable_matches_cpp_capturable():
+    """The reference reads lr, t and 1 − ρ̂ from device tensors too (pure torch ops, so a
+    capture records them): the oracle of the capturable kernels."""
+    kw = dict(lr=1e-2, weight_decay=0.1, ema_decay=0.8, kappa=2.0)
+    m_ref, o_ref = run(ek.AdamW, True, 5, found_inf_at=(2,), backend="reference", **kw)
+    m_cpp, o_cpp = run(ek.AdamW, True, 5, found_inf_at=(2,), backend="cpp", **kw)
+    for p, q in zip(m_ref.parameters(), m_cpp.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    for p, q in zip(o_ref.ema_parameters(), o_cpp.ema_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
 def test_capturable_state_dict_round_trip():
     model, opt = run(ek.AdamW, True, 3, lr=1e-2, ema_decay=0.9)
     sd = opt.state_dict()
@@ -82,7 +96,9 @@ def test_capturable_rejects_what_a_graph_cannot_replay():
         ek.AdamW(params, capturable=True, ema_every=2)
     with pytest.raises(ValueError, match="ema_schedule"):
         ek.AdamW(params, capturable=True, ema_schedule=ek.schedules.polyak())
+    # a backend without device-scalar kernels (triton's take lr as a launch argument)
     opt = ek.AdamW(params, capturable=True, backend="reference")
+    opt._backend_for = lambda ts: types.SimpleNamespace(NAME="triton")
     with pytest.raises(ek.BackendUnavailableError, match="capturable"):
         opt.step()
     opt = ek.AdamW(params, capturable=True, backend="cpp")

@@ -527,3 +527,34 @@ def test_posthoc_snapshots_of_one_optimizer_with_two_power_emas():
     assert err < 0.05, float(err)
     for g, w in zip(posthoc.synthesize(snaps, 0.10), opt.ema_parameters(index=1)):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# With the host-side machinery: found_inf consumed on the device, tensor lr
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"], indirect=True)
+def test_found_inf_step_moves_no_ema_and_tensor_lr_matches_float_lr(backend):
+    """A found_inf step (on the device, no host read) leaves both EMAs bit for bit, the
+    EMA-only path of a parameter without gradient included; a tensor lr (the device-scalar
+    kernels, one weight per EMA) gives the float lr's result."""
+    name = backend.NAME
+    model = _model()
+    opt = ek.AdamW(model.parameters(), lr=1e-2, ema_decay=(0.9, 0.99), backend=name)
+    _train(model, opt, steps=2)
+    before = [[z.clone() for z in opt.ema_parameters(index=i)] for i in range(2)]
+    params = list(model.parameters())
+    for p in params[:-1]:
+        p.grad = torch.full_like(p, float("inf"))
+    params[-1].grad = None  # its EMAs take the EMA-only path
+    opt.step(grad_scale=torch.ones(1), found_inf=torch.ones(1))
+    for i in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(opt.ema_parameters(index=i), before[i]))
+    runs = []
+    for lr in (1e-2, torch.tensor(1e-2)):
+        m = _model()
+        o = ek.AdamW(m.parameters(), lr=lr, ema_decay=(0.9, 0.99), backend=name)
+        _train(m, o, steps=3)
+        runs.append([p.detach().clone() for p in m.parameters()] +
+                    o.ema_parameters(index=0) + o.ema_parameters(index=1))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -33,8 +33,17 @@ def _too_many(what: str, k: int) -> ValueError:
                       f"put the others in a second optimizer")
 
 
-def ema_lists(emas, ema_weight, n: int, what: str) -> Tuple[List[List[Tensor]], List[float]]:
-    """``(lists, weights)``: one list of n tensors and one float weight per EMA updated.
+def _weight(w):
+    """A host weight as a float; a device scalar (the reference's capturable path) as it is:
+    reading it would synchronise."""
+    if isinstance(w, Tensor):
+        return w.reshape(())
+    return float(w)
+
+
+def ema_lists(emas, ema_weight, n: int, what: str) -> Tuple[List[List[Tensor]], List]:
+    """``(lists, weights)``: one list of n tensors and one weight per EMA updated (floats; 0-d
+    device tensors where the caller gave tensors).
 
     ``ema_weight is None``: no EMA this step, ``([], [])`` (``emas`` is ignored)."""
     if ema_weight is None:
@@ -42,19 +51,21 @@ def ema_lists(emas, ema_weight, n: int, what: str) -> Tuple[List[List[Tensor]], 
     if emas is None:
         raise ValueError(f"{what}: ema_weight is set but emas is None (give the EMA tensors, "
                          f"or ema_weight=None for a step without EMA)")
-    if isinstance(ema_weight, numbers.Real) and not isinstance(ema_weight, bool):
+    one = isinstance(ema_weight, Tensor) and ema_weight.numel() == 1 and \
+        (not emas or isinstance(list(emas)[0], Tensor))
+    if one or (isinstance(ema_weight, numbers.Real) and not isinstance(ema_weight, bool)):
         emas = list(emas)
         if emas and not isinstance(emas[0], Tensor):
             raise TypeError(f"{what}: a single ema_weight goes with one EMA list (tensors); "
                             f"for several EMAs give one weight per EMA list")
         # One EMA: its list's length is checked with the other lists' by the backend.
-        return [emas], [float(ema_weight)]
+        return [emas], [_weight(ema_weight)]
     else:
         if isinstance(ema_weight, (Tensor, str, bool)) or \
                 not isinstance(ema_weight, Sequence):
             raise TypeError(f"{what}: ema_weight must be a number (one EMA) or a sequence of "
                             f"numbers (one per EMA), got {type(ema_weight).__name__}")
-        weights = [float(w) for w in ema_weight]
+        weights = [_weight(w) for w in ema_weight]
         lists = [list(e) for e in emas]
         if len(lists) != len(weights):
             raise ValueError(f"{what}: {len(weights)} EMA weights but {len(lists)} EMA lists; "

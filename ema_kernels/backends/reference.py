@@ -29,7 +29,8 @@ Backend interface (every backend module implements the same two functions)::
   doubles, as in torch.optim.Adam.
 - ``grad_scale`` (divide gradients by it) and ``found_inf`` (non-zero: change nothing) are
   optional one-element float32 tensors on the parameters' device (torch.amp.GradScaler's
-  contract). Gradients are never written.
+  contract). Gradients are never written. ``found_inf`` is never read on the host: it picks,
+  on the device, weights that leave every tensor unchanged (:class:`_Skip`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from typing import List, Optional
 
 import torch
 
-from ._emas import ema_lists
+from ._emas import ema_lists, ema_lists_capturable
 
 Tensor = torch.Tensor
 
@@ -63,9 +64,42 @@ def _scratch_buffers(device: torch.device, dtype: torch.dtype, n: int):
     return [b[:n] for b in bufs]
 
 
-def _skip(found_inf: Optional[Tensor]) -> bool:
-    # The reference may synchronise: it is the oracle, not the fast path.
-    return found_inf is not None and bool(found_inf.item())
+class _Skip:
+    """found_inf consumed on the device: the step still runs, with neutral values.
+
+    No host read (the reference runs on CUDA too, and ``step()`` never synchronises): where
+    ``found_inf != 0`` the gradient is replaced by zeros and every weight that would move a
+    tensor by one that leaves it bit for bit unchanged (lerp weight 0, multiplier 1), chosen on
+    the device with ``torch.where``. Where ``found_inf == 0`` the values are exactly the
+    scalars the plain path passes, so both paths round identically."""
+
+    def __init__(self, found_inf: Tensor, device: torch.device, cdt: torch.dtype):
+        self.flag = found_inf.to(device=device).reshape(()) != 0
+        self.cdt = cdt
+        self.zero = torch.zeros((), device=device, dtype=cdt)
+
+    def value(self, when_applied, when_skipped: float) -> Tensor:
+        # float32 rounding of the host double (or device scalar), as the plain path's ops
+        # round it
+        dev = self.flag.device
+        applied = _device_scalar(when_applied, self.cdt, dev)
+        return torch.where(self.flag, torch.full((), when_skipped, dtype=self.cdt, device=dev),
+                           applied)
+
+    def zeroed(self, t: Tensor, out: Tensor) -> Tensor:
+        return torch.where(self.flag, self.zero, t, out=out)
+
+
+def _device_scalar(x, dtype, device) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=dtype).reshape(())
+    return torch.full((), x, dtype=dtype, device=device)
+
+
+def _skipper(found_inf: Optional[Tensor], params: List[Tensor]):
+    if found_inf is None or not params:
+        return None
+    return _Skip(found_inf, params[0].device, _compute_dtype(params[0].dtype))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,10 +129,20 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
              bias_correction2_sqrt: float, ema_weight: Optional[float],
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """Adam / AdamW step followed by the EMA update (see the module docstring)."""
+    """Adam / AdamW step followed by the EMA update(s) (see the module docstring)."""
     z_lists, weights = ema_lists(emas, ema_weight, len(params), "adam_ema")
-    if _skip(found_inf):
-        return
+    skip = _skipper(found_inf, params)
+    if skip is not None:  # device-chosen weights (see _Skip); the plain floats otherwise
+        w_m = skip.value(1 - beta1, 0.0)
+        w_v = skip.value(beta2, 1.0)
+        w_decay = skip.value(1 - lr * weight_decay, 1.0) if weight_decay != 0 else 1.0
+        w_zs = [skip.value(w, 0.0) for w in weights]
+    else:
+        w_m, w_v, w_decay, w_zs = 1 - beta1, beta2, 1 - lr * weight_decay, weights
+    if isinstance(w_decay, Tensor) and params:
+        w_decay = w_decay.to(dtype=_compute_dtype(params[0].dtype))
+    neg_step = -step_size.to(_compute_dtype(params[0].dtype)) \
+        if isinstance(step_size, Tensor) and params else None
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
@@ -109,24 +153,35 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
             p, m, v = p_flat[a:b], m_flat[a:b], v_flat[a:b]
             t_g, t_p, t_d = _scratch_buffers(p.device, cdt, b - a)
             l2 = weight_decay != 0 and not decoupled
-            g = _load_grad(g_flat[a:b], t_g, grad_scale, maximize, need_copy=l2)
+            g = _load_grad(g_flat[a:b], t_g, grad_scale, maximize,
+                           need_copy=l2 or skip is not None)
             theta = p if p.dtype == cdt else t_p.copy_(p)
             if weight_decay != 0:
                 if decoupled:
-                    theta.mul_(1 - lr * weight_decay)
+                    theta.mul_(w_decay)
                 else:
                     g.add_(theta, alpha=weight_decay)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if skip is not None:
+                g = skip.zeroed(g, out=t_g)  # a skipped step's gradient: zeros (may be inf)
+            m.lerp_(g, w_m)
+            v.mul_(w_v).addcmul_(g, g, value=1 - beta2)
             if vmax_flat is not None:
                 vmax = vmax_flat[a:b]
-                torch.maximum(vmax, v, out=vmax)
+                if skip is None:
+                    torch.maximum(vmax, v, out=vmax)
+                else:  # kept on a skip even if a loaded state had vmax < v somewhere
+                    torch.where(skip.flag, vmax, torch.maximum(vmax, v, out=t_d), out=vmax)
                 torch.sqrt(vmax, out=t_d)
             else:
                 torch.sqrt(v, out=t_d)
             t_d.div_(bias_correction2_sqrt).add_(eps)
-            theta.addcdiv_(m, t_d, value=-step_size)
-            _store_and_average(p, theta, z_flats, a, b, weights)
+            # the update's numerator: m, or zeros on a skip (g is no longer needed)
+            num = m if skip is None else skip.zeroed(m, out=t_g)
+            if isinstance(step_size, Tensor):  # device lr: the same three roundings
+                theta.add_(torch.mul(num, neg_step, out=t_g).div_(t_d))
+            else:
+                theta.addcdiv_(num, t_d, value=-step_size)
+            _store_and_average(p, theta, z_flats, a, b, w_zs)
 
 
 def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
@@ -140,8 +195,14 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
     gradient (no dampening), as torch.optim.SGD does.
     """
     z_lists, weights = ema_lists(emas, ema_weight, len(params), "sgd_ema")
-    if _skip(found_inf):
-        return
+    skip = _skipper(found_inf, params)
+    if skip is not None:
+        w_mom = skip.value(momentum, 1.0)
+        w_zs = [skip.value(w, 0.0) for w in weights]
+    else:
+        w_mom, w_zs = momentum, weights
+    neg_lr = -lr.to(_compute_dtype(params[0].dtype)).reshape(()) \
+        if isinstance(lr, Tensor) and params else None
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         buf_flat = momentum_buffers[i].view(-1) if momentum != 0 else None
@@ -150,22 +211,33 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
         for a, b in _chunks(p_flat.numel()):
             p = p_flat[a:b]
             t_g, t_p, t_d = _scratch_buffers(p.device, cdt, b - a)
-            d = _load_grad(g_flat[a:b], t_g, grad_scale, maximize, need_copy=weight_decay != 0)
+            d = _load_grad(g_flat[a:b], t_g, grad_scale, maximize,
+                           need_copy=weight_decay != 0 or skip is not None)
             theta = p if p.dtype == cdt else t_p.copy_(p)
             if weight_decay != 0:
                 d.add_(theta, alpha=weight_decay)
+            if skip is not None:
+                d = skip.zeroed(d, out=t_g)  # a skipped step's gradient: zeros (may be inf)
             if buf_flat is not None:
                 buf = buf_flat[a:b]
                 if first_step:
-                    buf.copy_(d)
+                    if skip is None:
+                        buf.copy_(d)
+                    else:
+                        torch.where(skip.flag, buf, d, out=buf)
                 else:
-                    buf.mul_(momentum).add_(d, alpha=1 - dampening)
+                    buf.mul_(w_mom).add_(d, alpha=1 - dampening)
                 if nesterov:
                     d = torch.add(d, buf, alpha=momentum, out=t_d)
                 else:
                     d = buf
-            theta.add_(d, alpha=-lr)
-            _store_and_average(p, theta, z_flats, a, b, weights)
+            if skip is not None:
+                d = skip.zeroed(d, out=t_d)  # never buf itself: it keeps its value
+            if isinstance(lr, Tensor):  # device lr
+                theta.addcmul_(d, neg_lr)
+            else:
+                theta.add_(d, alpha=-lr)
+            _store_and_average(p, theta, z_flats, a, b, w_zs)
 
 
 def _store_and_average(p, theta, z_flats, a, b, weights):
@@ -176,6 +248,52 @@ def _store_and_average(p, theta, z_flats, a, b, weights):
         theta.copy_(p)
     for z_flat, w in zip(z_flats, weights):
         z_flat[a:b].lerp_(theta, w)
+
+
+def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                        exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
+                        emas: Optional[List[Tensor]], *, lr: Tensor, step: Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float,
+                        decoupled: bool, maximize: bool, ema_weight: Optional[Tensor],
+                        grad_scale: Optional[Tensor] = None,
+                        found_inf: Optional[Tensor] = None) -> None:
+    """Adam / AdamW + EMA reading ``lr``, ``step`` (t, already incremented) and ``ema_weight``
+    from one-element tensors on the device: the bias corrections formed there in double, as
+    the compiled kernels form them (fused_math.h, adam_step_values)."""
+    if not params:
+        return
+    lr64 = lr.detach().reshape(()).double()
+    t = step.detach().reshape(()).double()
+    step_size = lr64 / (1.0 - beta1 ** t)
+    bc2_sqrt = torch.sqrt(1.0 - beta2 ** t).to(_compute_dtype(params[0].dtype))
+    lists, weights = _capturable_emas(emas, ema_weight, len(params), "adam_ema_capturable")
+    adam_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lists, lr=lr64,
+             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+             maximize=maximize, step_size=step_size, bias_correction2_sqrt=bc2_sqrt,
+             ema_weight=weights, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
+                       momentum_buffers: Optional[List[Tensor]], emas: Optional[List[Tensor]], *,
+                       lr: Tensor, momentum: float, dampening: float, weight_decay: float,
+                       nesterov: bool, maximize: bool, first_step: bool,
+                       ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
+                       found_inf: Optional[Tensor] = None) -> None:
+    """SGD + EMA reading ``lr`` and ``ema_weight`` from tensors on the device."""
+    lists, weights = _capturable_emas(emas, ema_weight, len(params), "sgd_ema_capturable")
+    sgd_ema(params, grads, momentum_buffers, lists, lr=lr.detach().reshape(()),
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, first_step=first_step, ema_weight=weights,
+            grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _capturable_emas(emas, ema_weight, n, what):
+    """``(EMA lists, weights)`` of a capturable call: the weight tensor holds one element per
+    EMA; each is passed on as a 0-d device tensor (never read on the host)."""
+    lists, w = ema_lists_capturable(emas, ema_weight, n, what)
+    if w is None:
+        return None, None
+    return lists, [w.detach().reshape(-1)[k] for k in range(len(lists))]
 
 
 def ema_only(params: List[Tensor], emas, ema_weight) -> None:

@@ -50,7 +50,7 @@ class _AdamBase(EMAOptimizer):
             else ("exp_avg", "exp_avg_sq")
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
-                grad_scale):
+                grad_scale, found_inf):
         beta1, beta2 = hp["betas"]
         backend.adam_ema(
             params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
@@ -59,14 +59,14 @@ class _AdamBase(EMAOptimizer):
             weight_decay=hp["weight_decay"], decoupled=self._decoupled,
             maximize=bool(group["maximize"]), step_size=hp["lr"] / (1.0 - beta1 ** step),
             bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
-            grad_scale=grad_scale, found_inf=None)
+            grad_scale=grad_scale, found_inf=found_inf)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
-                           grad_scale, found_inf):
+                           grad_scale, found_inf, lr, step):
         beta1, beta2 = hp["betas"]
         backend.adam_ema_capturable(
             params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-            emas, lr=ts.cap["lr"], step=ts.cap["step"], beta1=beta1, beta2=beta2, eps=hp["eps"],
+            emas, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=hp["eps"],
             weight_decay=hp["weight_decay"], decoupled=self._decoupled,
             maximize=bool(group["maximize"]), ema_weight=ema_weight, grad_scale=grad_scale,
             found_inf=found_inf)

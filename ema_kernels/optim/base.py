@@ -73,6 +73,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         self._sets_sig = None
         self._swapped = False
         self._teachers: List[tuple] = []
+        self._pending = None  # a found_inf step whose outcome the host has not learnt yet
 
     # ---------------------------------------------------------------- validation -------------
     def _check_hparams(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -97,6 +98,12 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
                 f"replayed CUDA graph runs no Python, so the EMA decay must be the same every "
                 f"step. Use ema_decay=rho, or capturable=False")
         self._check_update_hparams(group, where)
+        if isinstance(lr, torch.Tensor):
+            # A tensor lr is never read on the host: the rule's factor (√κ, κ) is applied on
+            # the device and the kernels read the product (stepping._device_lrs).
+            hp = self._scaled(dict(group, lr=1.0), kappa)
+            hp["lr_scale"], hp["lr_tensor"], hp["lr"] = hp["lr"], lr, None
+            return hp
         return self._scaled(group, kappa)  # raises if κ breaks the optimizer's own rule
 
     def _check_update_hparams(self, group, where):  # pragma: no cover - overridden
@@ -167,6 +174,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         whose EMA was switched off drops it; one switched on starts it from the parameters (as
         does an EMA added to a group's tuple: ``ema_1`` … start from the parameters of that
         moment, sharing the group's EMA clock)."""
+        self._settle()  # the counters the sets are rebuilt from must be final
         sets: List[List[layout.TensorSet]] = []
         for gi, group in enumerate(self.param_groups):
             roles = self._roles(group)
@@ -309,7 +317,10 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- pickling ---------------
     def __getstate__(self) -> Dict[str, Any]:
+        self._settle()
         state = super().__getstate__()
+        state.pop("_pending", None)
+        state.pop("_found_host", None)
         state["_flat"] = self._flat
         for k in self._CONFIG:
             state[k] = getattr(self, k)

@@ -33,6 +33,7 @@ class CheckpointMixin:
         Tensors are the state itself, as torch returns them (copies only where ours are views
         of a shared buffer — ``flatten=True``, the step counts — so that saving one entry never
         writes a whole buffer)."""
+        self._settle()  # a pending found_inf step's counters are final before they are saved
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         # state as it is: reading never allocates (a rebuild could make state for a group
@@ -76,6 +77,7 @@ class CheckpointMixin:
         ``ema_schedule`` (not saved) is kept; ``param_names`` are taken from the checkpoint when
         it has them, as torch does. A parameter without an ``ema`` entry starts its EMA from its
         current value. A checkpoint that does not fit is refused before anything is loaded."""
+        self._settle()  # the pending step's roll-back must not land on the loaded state
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)

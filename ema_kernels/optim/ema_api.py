@@ -124,9 +124,13 @@ class EMAMixin:
         return teacher
 
     @torch.no_grad()
-    def _update_teacher_buffers(self, weights: Dict[int, float]) -> None:
+    def _update_teacher_buffers(self, weights: Dict[int, float], found_inf=None) -> None:
         """Teachers' buffers follow their EMA (``weights[index]``, for the EMA indices updated
-        this step): one foreach launch per (weight, device, dtype)."""
+        this step): one foreach launch per (weight, device, dtype).
+
+        On a step with ``found_inf`` the weight is chosen on the device (0 where found_inf is
+        set: lerp with weight 0 leaves a buffer bit for bit) and integer buffers are copied
+        only where it is not set: no host read."""
         alive = []
         lerp: Dict[tuple, tuple] = {}
         copy_: Dict[tuple, tuple] = {}
@@ -151,7 +155,22 @@ class EMAMixin:
                 dst_l.append(t)
                 src_l.append(s if s.dtype == t.dtype else s.to(t.dtype))
         self._teachers = alive
-        for (weight, _, _), (dst, src) in lerp.items():
-            torch._foreach_lerp_(dst, src, weight)
-        for dst, src in copy_.values():
-            torch._foreach_copy_(dst, src)
+        skips: Dict[torch.device, torch.Tensor] = {}
+
+        def skip_on(dev):
+            if dev not in skips:
+                skips[dev] = found_inf.detach().to(dev, non_blocking=True).reshape(()) != 0
+            return skips[dev]
+        for (weight, dev, dt), (dst, src) in lerp.items():
+            if found_inf is None:
+                torch._foreach_lerp_(dst, src, weight)
+            else:
+                w = torch.where(skip_on(dev), torch.zeros((), dtype=dt, device=dev),
+                                torch.full((), weight, dtype=dt, device=dev))
+                torch._foreach_lerp_(dst, src, w)
+        for (dev, _), (dst, src) in copy_.items():
+            if found_inf is None:
+                torch._foreach_copy_(dst, src)
+            else:
+                for d, s_ in zip(dst, src):
+                    torch.where(skip_on(dev), d, s_, out=d)

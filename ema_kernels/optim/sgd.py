@@ -53,22 +53,23 @@ class SGD(EMAOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
-                grad_scale):
+                grad_scale, found_inf):
         backend.sgd_ema(
             params, grads, state.get("momentum_buffer"), emas if ema_weight is not None else None,
             lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
             weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
-            grad_scale=grad_scale, found_inf=None)
+            grad_scale=grad_scale, found_inf=found_inf)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
-                           grad_scale, found_inf):
+                           grad_scale, found_inf, lr, step):
         backend.sgd_ema_capturable(
-            params, grads, state.get("momentum_buffer"), emas, lr=ts.cap["lr"],
+            params, grads, state.get("momentum_buffer"), emas, lr=lr,
             momentum=hp["momentum"], dampening=hp["dampening"],
             weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
-            # Never first_step: which step is the first *applied* one is known only on the
-            # device (found_inf). With dampening 0 (enforced) a zero buffer updated as
-            # momentum·0 + d is exactly torch's first-step buf = d.
-            maximize=bool(group["maximize"]), first_step=False,
+            # capturable=True: never first_step: which step is the first *applied* one is
+            # known only on the device (found_inf). With dampening 0 (enforced) a zero buffer
+            # updated as momentum·0 + d is exactly torch's first-step buf = d. A host-counted
+            # step with a tensor lr knows it (hp["first_step"]).
+            maximize=bool(group["maximize"]), first_step=hp.get("first_step", False),
             ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)

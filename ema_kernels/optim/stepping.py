@@ -59,6 +59,7 @@ class StepMixin:
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        self._settle()  # did the previous step apply? (found_inf, learnt one step late)
         # Hyperparameters first: a changed group key (e.g. momentum) may add a state role,
         # and nothing may be allocated for a group that is about to be refused.
         hps = [self._check_hparams(g, where=f"param group {gi}")
@@ -73,12 +74,11 @@ class StepMixin:
             for *_, launches in plans:
                 for ts, backend, plan in launches:
                     self._check_capturable(ts, backend, plan)
-        elif found_inf is not None and bool(found_inf.item()):
-            return loss  # one host sync: the counters and schedules live on the host
-        if isinstance(grad_scale, torch.Tensor):
-            grad_scale = grad_scale.to(torch.float32).reshape(1)
+        amp = _amp_per_device(plans, grad_scale, found_inf)
+        lrs = self._device_lrs(plans)
 
-        # 2. Execute.
+        # 2. Execute. The counters move only after every launch was made.
+        undo = _Undo(plans) if found_inf is not None and not self.capturable else None
         buffer_weights: Dict[int, float] = {}  # EMA index -> weight of its first group stepped
         for group, hp, (ema_weight, s_after, steps), launches in plans:
             if ema_weight is not None:
@@ -87,18 +87,56 @@ class StepMixin:
                 for k, w in enumerate(ema_weight):
                     buffer_weights.setdefault(k, w)
             for ts, backend, plan in launches:
+                gs, fi = amp.get(ts.device, (None, None))
+                lr_dev = lrs.get((id(group), ts.device))
                 if self.capturable:
-                    self._run_capturable(group, hp, ts, backend, plan, ema_weight, grad_scale,
-                                         found_inf)
+                    self._run_capturable(group, hp, ts, backend, plan, ema_weight, gs, fi,
+                                         lr_dev)
                 else:
-                    self._run_set(group, hp, ts, backend, plan, ema_weight, grad_scale)
+                    self._run_set(group, hp, ts, backend, plan, ema_weight, gs, fi, lr_dev)
+        for group, hp, (ema_weight, s_after, steps), launches in plans:
             if ema_weight is not None:
                 group["ema_base_steps"] = s_after
             group["base_steps"] = s_after
             group["steps"] = steps
         if buffer_weights:
-            self._update_teacher_buffers(buffer_weights)
+            self._update_teacher_buffers(buffer_weights, found_inf)
+        if undo is not None:
+            self._pending = undo.arm(found_inf, self.__dict__.setdefault("_found_host", {}))
         return loss
+
+    def _settle(self) -> None:
+        """Apply what the device decided about the last step with a ``found_inf``.
+
+        A step with ``found_inf`` runs its launches (which change nothing where found_inf is
+        set) and advances the host counters optimistically; the flag travels to the host by a
+        non-blocking copy, and the next step (or anything that reads the counters: state_dict,
+        a rebuild, pickling) rolls the counters back if it was set. Waiting on the copy's event
+        costs nothing by then in a training loop (the GPU finished that step long ago); it is
+        never a read inside the step that produced the flag."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        self._pending = None
+        pending.settle()
+
+    def _device_lrs(self, plans):
+        """Device learning rates, ``{(id(group), device): one-element float32 tensor}``.
+
+        A tensor ``lr`` is read by the kernels (scaled on the device, no host read); with
+        capturable=True a float ``lr`` is written into the set's device scalar here, outside
+        any CUDA-graph capture (a fill recorded into a graph would replay the capture-time lr
+        forever), so a replay reads whatever the last eager step or the user put there."""
+        out = {}
+        capturing = self.capturable and _capturing()  # a CUDA query: only where it matters
+        for group, hp, _, launches in plans:
+            lr_t = hp.get("lr_tensor")
+            for ts, _, _ in launches:
+                if lr_t is not None:
+                    out[(id(group), ts.device)] = _scaled_lr(lr_t, hp["lr_scale"], ts.device)
+                elif self.capturable and not capturing:
+                    ts.cap["lr"].fill_(hp["lr"])
+        return out
 
     # ---------------------------------------------------------------- planning ---------------
     def _plan(self, sets, hps):
@@ -240,8 +278,8 @@ class StepMixin:
     def _check_capturable(self, ts, backend, plan) -> None:
         if not hasattr(backend, "adam_ema_capturable"):
             raise _ops.BackendUnavailableError(
-                f"capturable=True needs the device-tensor kernels of the 'cuda' (GPU) or 'cpp' "
-                f"(CPU) backend; backend {backend.NAME!r} has none. Build the extension "
+                f"capturable=True needs the device-scalar kernels of the 'cuda', 'cpp' or "
+                f"'reference' backend; backend {backend.NAME!r} has none. Build the extension "
                 f"(pip install --no-build-isolation -e .) or use capturable=False")
         if any(ts.params[i].requires_grad for i in plan["skipped"]):
             raise RuntimeError(
@@ -301,16 +339,18 @@ class StepMixin:
                 back.append((p, tmp))
         return out, back
 
-    def _run_set(self, group, hp, ts, backend, plan, ema_weight, grad_scale) -> None:
+    def _run_set(self, group, hp, ts, backend, plan, ema_weight, grad_scale, found_inf,
+                 lr_dev) -> None:
         # Several EMAs: the backends' list-of-EMA-lists form, one weight each (one pass).
         emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
+        run = self._update if lr_dev is None else self._update_device_lr
+        extra = (grad_scale, found_inf) if lr_dev is None else (grad_scale, found_inf, lr_dev)
         if plan["flat"]:
             fb = ts.flat
             step = ts.uniform_step + 1
-            self._update(backend, group, hp, [fb.param], [fb.grad],
-                         {r: [fb.roles[r]] for r in ts.roles},
-                         [[fb.roles[k]] for k in ts.ema_keys] if emas is not None else None,
-                         step, ema_weight, grad_scale)
+            run(backend, group, hp, [fb.param], [fb.grad], {r: [fb.roles[r]] for r in ts.roles},
+                [[fb.roles[k]] for k in ts.ema_keys] if emas is not None else None, step,
+                ema_weight, *extra)
             ts.steps += 1
             ts.uniform_step = step
             return
@@ -322,7 +362,8 @@ class StepMixin:
         stepped, skipped, grads = plan["stepped"], plan["skipped"], plan["grads"]
         if skipped and emas is not None:
             ps, back = self._kernel_params(ts, skipped)
-            backend.ema_only(ps, [[zs[i] for i in skipped] for zs in emas], ema_weight)
+            _ema_only(backend, ps, [[zs[i] for i in skipped] for zs in emas], ema_weight,
+                      found_inf)
         if not stepped:
             return
         if ts.uniform_step is not None:
@@ -334,10 +375,10 @@ class StepMixin:
         views = ts.views
         for t, ids in sorted(by_step.items()):
             ps, back = self._kernel_params(ts, ids)
-            self._update(backend, group, hp, ps, [grads[i] for i in ids],
-                         {r: [views[r][i] for i in ids] for r in ts.roles},
-                         [[zs[i] for i in ids] for zs in emas] if emas is not None else None,
-                         t + 1, ema_weight, grad_scale)
+            run(backend, group, hp, ps, [grads[i] for i in ids],
+                {r: [views[r][i] for i in ids] for r in ts.roles},
+                [[zs[i] for i in ids] for zs in emas] if emas is not None else None, t + 1,
+                ema_weight, *extra)
             for p, tmp in back or ():
                 p.copy_(tmp)
         if len(stepped) == len(ts.params):
@@ -349,7 +390,7 @@ class StepMixin:
             ts.refresh_uniform_step()
 
     def _run_capturable(self, group, hp, ts, backend, plan, ema_weight, grad_scale,
-                        found_inf) -> None:
+                        found_inf, lr_dev) -> None:
         """One launch reading lr, t and 1 − ρ̂ from device tensors; no host synchronisation.
 
         The device step count is incremented before and decremented by ``found_inf`` after the
@@ -368,26 +409,24 @@ class StepMixin:
                 self._ensure_param_state(ts, i, ts.params[i], st, ts.roles)
                 st["step"] = cap["step"].expand(len(ts.params))[i]
             # Frozen parameters without a gradient are left out (their EMA equals their
-            # constant value; an ema_only launch could not see found_inf on the device).
+            # constant value).
             ids = plan["stepped"]
             params, back = self._kernel_params(ts, ids)
             grads = [plan["grads"][i] for i in ids]
             state = {r: [ts.views[r][i] for i in ids] for r in ts.roles}
             emas = [[zs[i] for i in ids] for zs in emas] if emas is not None else None
-        cap["lr"].fill_(hp["lr"])
-        if ema_weight is not None:
-            # One device weight per EMA (the kernels read k elements).
+        if ema_weight is not None and not _capturing():
+            # constant under capturable=True (ema_every=1, no schedule): filled eagerly only,
+            # never recorded into a graph; one device weight per EMA (the kernels read k)
             if cap["ema_weight"].numel() != len(ema_weight):
                 cap["ema_weight"] = torch.zeros(len(ema_weight), device=ts.device,
                                                 dtype=torch.float32)
-            if len(ema_weight) == 1:
-                cap["ema_weight"].fill_(ema_weight[0])
-            else:
-                cap["ema_weight"].copy_(torch.tensor(ema_weight, dtype=torch.float32))
+            _fill_weights(cap["ema_weight"], ema_weight)
         cap["step"].add_(1)
         self._update_capturable(backend, group, hp, ts, params, grads, state, emas,
                                 cap["ema_weight"] if ema_weight is not None else None,
-                                grad_scale, found_inf)
+                                grad_scale, found_inf, cap["lr"] if lr_dev is None else lr_dev,
+                                cap["step"])
         for p, tmp in back or ():
             p.copy_(tmp)
         if found_inf is not None:
@@ -395,12 +434,142 @@ class StepMixin:
         ts.steps += 1  # calls, not applied steps: the device count is the truth here
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
-                grad_scale):  # pragma: no cover - overridden
+                grad_scale, found_inf):  # pragma: no cover - overridden
         raise NotImplementedError
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas,
-                           ema_weight, grad_scale, found_inf):  # pragma: no cover - overridden
+                           ema_weight, grad_scale, found_inf, lr, step
+                           ):  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _update_device_lr(self, backend, group, hp, params, grads, state, emas, step,
+                          ema_weight, grad_scale, found_inf, lr_dev) -> None:
+        """A host-counted step whose lr is a device tensor: the device-scalar kernels, with
+        the host's step count and EMA weight written into device scalars (fills, no copies
+        from pageable memory, so nothing waits)."""
+        if not hasattr(backend, "adam_ema_capturable"):
+            # Triton's kernels take lr as a launch argument: the one host read left (see
+            # _ops docs); every other backend reads the tensor on the device.
+            hp = dict(hp, lr=float(lr_dev))
+            return self._update(backend, group, hp, params, grads, state, emas, step,
+                                ema_weight, grad_scale, found_inf)
+        dev = params[0].device
+        step_t = torch.full((1,), float(step), dtype=torch.float32, device=dev)
+        w_t = None
+        if ema_weight is not None:
+            w_t = _fill_weights(torch.empty(len(ema_weight), dtype=torch.float32, device=dev),
+                                ema_weight)
+        self._update_capturable(backend, group, dict(hp, first_step=step == 1), None, params,
+                                grads, state, emas, w_t, grad_scale, found_inf, lr_dev, step_t)
+
+
+def _capturing() -> bool:
+    """Is the current CUDA stream capturing a graph? (False without CUDA; only asked on
+    capturable paths: the query costs tens of µs where no driver answers.)"""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _scaled_lr(lr: torch.Tensor, scale: float, device) -> torch.Tensor:
+    """The group's tensor lr times its κ factor, as a one-element float32 tensor on ``device``:
+    device ops only (the value is never read on the host)."""
+    t = lr.detach().to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+    return t if scale == 1.0 else t * scale
+
+
+def _amp_per_device(plans, grad_scale, found_inf):
+    """``{device: (grad_scale, found_inf)}`` for every device that holds parameters.
+
+    GradScaler keeps its scale on one device; the kernels read it on theirs, so it is copied
+    (non-blocking, device to device) to each, as torch's fused optimizers do — during
+    planning, so a bad value raises before anything moved."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a one-element floating-point tensor (torch.amp.GradScaler's "
+                f"contract), got {type(t).__name__}"
+                f"{f' of dtype {t.dtype}' if isinstance(t, torch.Tensor) else ''}. Pass the "
+                f"GradScaler's tensors, or leave {name} unset")
+        if t.numel() != 1:
+            raise ValueError(
+                f"{name} must have exactly one element (torch.amp.GradScaler's contract), got "
+                f"shape {tuple(t.shape)}. Pass the GradScaler's tensors, or leave {name} unset")
+    if grad_scale is None and found_inf is None:
+        return {}
+    out = {}
+    for *_, launches in plans:
+        for ts, _, _ in launches:
+            if ts.device not in out:
+                out[ts.device] = tuple(
+                    None if t is None else
+                    t.detach().to(device=ts.device, dtype=torch.float32,
+                                  non_blocking=True).reshape(1)
+                    for t in (grad_scale, found_inf))
+    return out
+
+
+def _fill_weights(t: torch.Tensor, weights) -> torch.Tensor:
+    """The EMA weights into a device tensor, one element each: fills (no copy from pageable
+    host memory, so nothing waits)."""
+    for j, w in enumerate(weights):
+        t[j].fill_(w)
+    return t
+
+
+def _ema_only(backend, params, emas, ema_weight, found_inf):
+    """EMAs of parameters without a gradient this step (``emas``: one list per EMA, one weight
+    each); on a found_inf step they must not move either, so each weight becomes 0 on the device
+    (lerp with weight 0 is exact)."""
+    if found_inf is None:
+        backend.ema_only(params, emas, ema_weight)
+        return
+    skip = found_inf.reshape(()) != 0
+    zero = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    for zs, weight in zip(emas, ema_weight):
+        w = torch.where(skip, zero, torch.full((), weight, dtype=torch.float32,
+                                                device=found_inf.device))
+        torch._foreach_lerp_(list(zs), [p if p.dtype == z.dtype else p.to(z.dtype)
+                                        for p, z in zip(params, zs)], w)
+
+
+class _Undo:
+    """The host counters of a step with ``found_inf``, as they were before it (see _settle)."""
+    __slots__ = ("groups", "sets", "host", "event")
+
+    def __init__(self, plans):
+        self.groups = [(g, {k: g[k] for k in ("base_steps", "ema_base_steps", "steps")})
+                       for g, *_ in plans]
+        self.sets = [(ts, ts.steps.copy(), ts.uniform_step)
+                     for *_, launches in plans for ts, _, _ in launches]
+        self.host = self.event = None
+
+    def arm(self, found_inf: torch.Tensor, buffers: dict) -> "_Undo":
+        """Start the flag's trip to the host: a non-blocking copy (into pinned memory from a
+        GPU) and an event after it. The one code path for every device: on CPU the copy is
+        synchronous and there is no event. ``buffers`` keeps the host buffer for the next
+        step (one is enough: a step settles the previous one before it arms)."""
+        on_gpu = found_inf.device.type == "cuda"
+        host = buffers.get(on_gpu)
+        if host is None:
+            host = buffers[on_gpu] = torch.empty(1, dtype=torch.float32, pin_memory=on_gpu)
+        host.copy_(found_inf.detach().reshape(1), non_blocking=True)
+        self.host = host.numpy()  # read as numpy: never a torch host read of a device tensor
+        if on_gpu:
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(found_inf.device))
+        return self
+
+    def settle(self) -> None:
+        if self.event is not None and not self.event.query():
+            self.event.synchronize()
+        if self.host[0] == 0:
+            return
+        for g, counters in self.groups:  # the step was skipped: it never happened
+            g.update(counters)
+        for ts, steps, uniform in self.sets:
+            ts.steps[:] = steps  # in place: state[p]["step"] tensors view this array
+            ts.uniform_step = uniform
 
 
 class _Replanned(Exception):
