@@ -22,15 +22,6 @@ from . import checks, layout
 _strided = torch.strided
 
 
-class _Launch:
-    """One backend call over (a subset of) a TensorSet."""
-    __slots__ = ("ts", "params", "grads", "state", "emas", "step", "ids", "writeback")
-
-    def __init__(self, ts, params, grads, state, emas, step, ids, writeback=None):
-        self.ts, self.params, self.grads, self.state, self.emas = ts, params, grads, state, emas
-        self.step, self.ids, self.writeback = step, ids, writeback
-
-
 class StepMixin:
     """The step of :class:`~.base.EMAOptimizer`."""
 
