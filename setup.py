@@ -110,7 +110,7 @@ def _extensions():
     omp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"] + omp
     define_macros = [("TORCH_API_INCLUDE_EXTENSION_H", None)]
-    sources = ["csrc/bindings.cpp", "csrc/fused_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/step_table.cpp", "csrc/fused_cpu.cpp"]
     depends = [os.path.join("csrc", f) for f in
                ("fused_math.h", "kernels.h", "fused_cpu_impl.h")]
     if with_cuda:
@@ -141,11 +141,12 @@ def _extensions():
     emu_cxx = ["-O2", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
                "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
     emu = CppExtension(
-        "ema_kernels._C_emu", ["csrc/bindings_emu.cpp", "csrc/fused_cuda_emu.cpp"],
+        "ema_kernels._C_emu", ["csrc/bindings_emu.cpp", "csrc/step_table_emu.cpp",
+                              "csrc/fused_cuda_emu.cpp"],
         define_macros=[("TORCH_API_INCLUDE_EXTENSION_H", None), ("EK_CUDA_EMULATION", None)],
         extra_compile_args={"cxx": emu_cxx},
         depends=depends + [os.path.join("csrc", f) for f in
-                           ("bindings.cpp", "fused_cuda.cu", "cuda_emu.h")])
+                           ("bindings.cpp", "step_table.cpp", "fused_cuda.cu", "cuda_emu.h")])
     _say("also building ema_kernels._C_emu, the CUDA kernels of csrc/fused_cuda.cu compiled for "
          "the host (with EMA_KERNELS_CUDA_EMULATION=1 set before importing ema_kernels, "
          "backend='cuda' runs them on CPU tensors: a test vehicle; needs no GPU and no nvcc)")

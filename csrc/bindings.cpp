@@ -675,8 +675,9 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CUDA, m) {
 }
 #endif
 
-// A minimal Python module: importing ema_kernels._C (or _C_emu) loads this library, whose static
-// initialisers above register the ops.  All functionality is in torch.ops.<namespace>.
+// The Python module: importing ema_kernels._C (or _C_emu) loads this library, whose static
+// initialisers above register the ops (torch.ops.<namespace>); the module itself holds only
+// StepTable (step_table.cpp), step()'s per-step host work.
 #ifdef EK_CUDA_EMULATION
 #define EK_PYINIT PyInit__C_emu
 #define EK_MODULE_NAME "_C_emu"
@@ -689,6 +690,10 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CUDA, m) {
   "ema_kernels compiled extension: ops registered as torch.ops.ema_kernels_ext.*"
 #endif
 
+namespace ek {
+void add_step_table(PyObject* module);  // step_table.cpp: the per-step host work, via pybind11
+}
+
 extern "C" PyMODINIT_FUNC EK_PYINIT(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
@@ -697,5 +702,14 @@ extern "C" PyMODINIT_FUNC EK_PYINIT(void) {
       -1,
       nullptr,
   };
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  try {
+    ek::add_step_table(m);
+  } catch (const std::exception& e) {  // pybind11 raised: report it as the import's error
+    Py_DECREF(m);
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
+  return m;
 }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ema_kernels as ek
-from ema_kernels.optim import stepping
+from ema_kernels.optim import stepping, tables
 
 _HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__,
                torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__index__}
@@ -144,6 +144,14 @@ def test_a_failure_in_the_second_group_leaves_the_first_group_and_counters(where
                 raise RuntimeError("injected planning failure")
             return real(ts, gi, group)
         monkeypatch.setattr(opt, "_plan_set", plan_set)
+        # ... and where the set is planned in C++ (the StepTable path, cpp backend)
+        real_ready, second = tables.ready, opt._sets[1]
+
+        def ready(table, ts):
+            if any(ts is s for s in second):
+                raise RuntimeError("injected planning failure")
+            return real_ready(table, ts)
+        monkeypatch.setattr(tables, "ready", ready)
     else:
         real = opt._run_set
 

@@ -61,6 +61,13 @@ class _AdamBase(EMAOptimizer):
             bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=found_inf)
 
+    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf):
+        beta1, beta2 = hp["betas"]
+        table.adam(hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], self._decoupled,
+                   bool(group["maximize"]), bool(group["amsgrad"]),
+                   hp["lr"] / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5,
+                   ema_weight or (), grad_scale, found_inf)
+
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step):
         beta1, beta2 = hp["betas"]

@@ -74,6 +74,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         self._swapped = False
         self._teachers: List[tuple] = []
         self._pending = None  # a found_inf step whose outcome the host has not learnt yet
+        self._hp_cache = {}  # group index -> (group, its values, checked hparams): stepping
 
     # ---------------------------------------------------------------- validation -------------
     def _check_hparams(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -241,6 +242,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         """Give parameter i of ``ts`` its step and zeroed moments where missing."""
         if flat_views is None and ts.flat is not None:
             flat_views = {r: ts.flat.role(r, ts.state_dtype) for r in roles}
+        ts.table = None  # views may change below: the set's StepTable is rebuilt
         step = st.get("step")
         ts.steps[i] = float(step) if step is not None else 0.0  # host read: rebuilds only
         st["step"] = step  # re-pointed at steps_t by _publish_steps

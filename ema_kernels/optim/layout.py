@@ -147,6 +147,12 @@ class FlatBuffers:
                 out.append(flat.as_strided(shape, stride, flat.storage_offset() + o))
         return out
 
+    def _ptrs(self, flat: torch.Tensor) -> List[int]:
+        """Where each parameter's view of ``flat`` starts (a bound view elsewhere, e.g. a copy
+        unpickled without its buffer, is not ours)."""
+        base, size = flat.data_ptr(), flat.element_size()
+        return [base + o * size for o in self.offsets]
+
     def role(self, name: str, dtype: torch.dtype) -> List[torch.Tensor]:
         """Views of the buffer for state ``name`` (allocated, zeroed, on first use)."""
         if name not in self.roles:
@@ -166,6 +172,9 @@ class FlatBuffers:
         gradients a one-launch step expects to find."""
         if self.grad is None:
             self.grad = torch.zeros(self.total, device=self.device, dtype=self.dtype)
+        elif self.bound_grads is not None and \
+                [g.data_ptr() for g in self.bound_grads] == self._ptrs(self.grad):
+            return self.bound_grads  # the same views again: a cached StepTable stays valid
         self.bound_grads = self.views(self.grad)
         self.grad_ptrs = [g.data_ptr() for g in self.bound_grads]
         return self.bound_grads
@@ -189,6 +198,7 @@ class TensorSet:
         self.state_dtype = state_dtype_for(self.dtype)
         self.dtensor = is_dtensor(params[0])
         self.shapes = [tuple(t.shape) for t in lp]
+        self.strides = [t.stride() for t in lp]  # those of the state made for them
         self.kinds = [kind_of(t) for t in lp]
         self.plain = all(k == CONTIGUOUS for k in self.kinds) and not self.dtensor
         self.views: Dict[str, List[Optional[torch.Tensor]]] = {}
@@ -198,6 +208,10 @@ class TensorSet:
         self.cap: Optional[Dict[str, torch.Tensor]] = None  # capturable device scalars
         self.backend_module = None
         self.backend_key = None
+        # The C++ StepTable (optim/tables.py): None until built, False where unusable.
+        self.table = None
+        self.table_backend = None
+        self.table_bound = None
 
     def kernel_view(self, i: int, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``t`` (parameter i's state or EMA, in its own layout) as the kernels take it."""

@@ -61,6 +61,11 @@ class SGD(EMAOptimizer):
             maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=found_inf)
 
+    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf):
+        table.sgd(hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
+                  bool(group["nesterov"]), bool(group["maximize"]), step == 1,
+                  ema_weight or (), grad_scale, found_inf)
+
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step):
         backend.sgd_ema_capturable(

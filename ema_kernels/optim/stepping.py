@@ -17,9 +17,10 @@ import torch
 
 from .. import _ops, scaling
 from ..schedules import interval_decay
-from . import checks, layout
+from . import checks, layout, tables
 
 _strided = torch.strided
+_TABLE_PLAN = {"flat": False, "table": True, "stepped": None, "skipped": [], "missing": []}
 
 
 class StepMixin:
@@ -53,8 +54,7 @@ class StepMixin:
         self._settle()  # did the previous step apply? (found_inf, learnt one step late)
         # Hyperparameters first: a changed group key (e.g. momentum) may add a state role,
         # and nothing may be allocated for a group that is about to be refused.
-        hps = [self._check_hparams(g, where=f"param group {gi}")
-               for gi, g in enumerate(self.param_groups)]
+        hps = [self._step_hparams(gi, g) for gi, g in enumerate(self.param_groups)]
         while True:
             try:
                 plans = self._plan(self._ensure_sets(), hps)
@@ -90,11 +90,26 @@ class StepMixin:
                 group["ema_base_steps"] = s_after
             group["base_steps"] = s_after
             group["steps"] = steps
-        if buffer_weights:
+        if buffer_weights and self._teachers:
             self._update_teacher_buffers(buffer_weights, found_inf)
         if undo is not None:
             self._pending = undo.arm(found_inf, self.__dict__.setdefault("_found_host", {}))
         return loss
+
+    def _step_hparams(self, gi: int, group) -> Dict[str, Any]:
+        """The group's checked, κ-scaled hyperparameters: :meth:`_check_hparams`, re-run only
+        when a value changed (by identity: a scheduler's new lr float, a new tuple, a key
+        added). A training loop that changes nothing pays one pass over the group's keys."""
+        vals = [tuple(v) if type(v) is list else v
+                for k, v in group.items() if k not in _NOT_HPARAMS]
+        cache = self.__dict__.setdefault("_hp_cache", {})
+        hit = cache.get(gi)
+        if hit is not None and hit[0] is group and len(hit[1]) == len(vals) and \
+                all(map(_same, hit[1], vals)):
+            return hit[2]
+        hp = self._check_hparams(group, where=f"param group {gi}")
+        cache[gi] = (group, vals, hp)
+        return hp
 
     def _settle(self) -> None:
         """Apply what the device decided about the last step with a ``found_inf``.
@@ -137,8 +152,15 @@ class StepMixin:
             ema = self._ema_plan(group, float(group["kappa"]))
             launches = []
             for ts in gsets:
-                self._check_params(ts, gi)
                 backend = self._backend_for(ts)
+                # The common case in C++ (one call; Python then does nothing per parameter),
+                # anything else in Python below. A tensor lr takes the device-lr kernels.
+                table = tables.table_for(ts, backend, self.capturable) \
+                    if hp.get("lr_tensor") is None else None
+                if table is not None and tables.ready(table, ts):
+                    launches.append((ts, backend, _TABLE_PLAN))
+                    continue
+                self._check_params(ts, gi)
                 launches.append((ts, backend, self._plan_set(ts, gi, group)))
             plans.append((group, hp, ema, launches))
         return plans
@@ -334,6 +356,12 @@ class StepMixin:
                  lr_dev) -> None:
         # Several EMAs: the backends' list-of-EMA-lists form, one weight each (one pass).
         emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
+        if plan is _TABLE_PLAN:  # prepared in C++ while planning: one launch
+            step = ts.uniform_step + 1
+            self._update_table(ts.table, group, hp, step, ema_weight, grad_scale, found_inf)
+            ts.steps += 1
+            ts.uniform_step = step
+            return
         run = self._update if lr_dev is None else self._update_device_lr
         extra = (grad_scale, found_inf) if lr_dev is None else (grad_scale, found_inf, lr_dev)
         if plan["flat"]:
@@ -428,6 +456,10 @@ class StepMixin:
                 grad_scale, found_inf):  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf
+                      ):  # pragma: no cover - overridden
+        raise NotImplementedError
+
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas,
                            ema_weight, grad_scale, found_inf, lr, step
                            ):  # pragma: no cover - overridden
@@ -452,6 +484,19 @@ class StepMixin:
                                 ema_weight)
         self._update_capturable(backend, group, dict(hp, first_step=step == 1), None, params,
                                 grads, state, emas, w_t, grad_scale, found_inf, lr_dev, step_t)
+
+
+# Group keys that are not hyperparameters: the parameters and the counters step() advances.
+_NOT_HPARAMS = frozenset(("params", "param_names", "base_steps", "ema_base_steps", "steps"))
+
+
+def _same(a, b) -> bool:
+    """Unchanged hyperparameter: the same object, or (for a list's snapshot) equal items that
+    are the same objects."""
+    if a is b:
+        return True
+    return type(a) is tuple and type(b) is tuple and len(a) == len(b) and \
+        all(map(operator.is_, a, b))
 
 
 def _capturing() -> bool:

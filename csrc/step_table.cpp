@@ -1,0 +1,416 @@
+// step_table.cpp -- the per-step host work of optimizer.step() in C++: one call per parameter set.
+//
+// On a GPU the fused kernel for a 100M-parameter model takes well under a millisecond, so the
+// host work around it decides the speed: reading every parameter's .grad, checking it, gathering
+// the pointer table.  Done in Python that is ~15 us per parameter (attribute reads, list
+// building, boxing 4+ tensors per parameter into a torch.ops call); here it is a few ns.
+//
+// A StepTable is built once per parameter set (ema_kernels/optim/layout.py's TensorSet) and
+// holds the set's parameters (the Parameter objects' TensorImpls, so `p.data = t` and new .grad
+// tensors are seen), its state and EMA tensors.  Each step:
+//
+//   table.prepare()  -> 0 when every parameter has a gradient the kernels can take as it is
+//                       (right dtype/device/shape, the parameter's strides) and every
+//                       parameter still has the shape, strides, dtype and device its state was
+//                       made for; the pointers are gathered.  Anything else returns a nonzero
+//                       status and step() takes its general path (which raises the error that
+//                       names the parameter, re-makes state, skips grad-None parameters, or
+//                       copies an odd gradient layout) -- the same results, only in Python.
+//   table.adam(...) / table.sgd(...)  -> one fused launch over the gathered table.
+//
+// prepare() runs for every set of every group before the first launch, so a step that must
+// fail does so before anything moves.  Exposed with pybind11 (not torch.ops): a torch.ops call
+// boxes every tensor argument (~0.3 us each), which is the cost this file exists to remove.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#ifdef EK_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace ek {
+namespace {
+
+using at::Tensor;
+
+// prepare()'s answer.  Not errors: each sends step() to its general path, which decides.
+enum Status : int {
+  kReady = 0,         // pointers gathered: launch
+  kParamChanged = 1,  // a parameter's dtype/device/shape/strides differ from its state's
+  kNoGrad = 2,        // a parameter has no gradient this step
+  kGradLayout = 3,    // a gradient the kernels cannot take as it is (dtype, shape, strides...)
+  kFlatUnbound = 4,   // flatten=True: a parameter or gradient is no longer our buffer's view
+};
+
+DType kernel_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return DType::kF32;
+    case c10::ScalarType::BFloat16: return DType::kBF16;
+    case c10::ScalarType::Half: return DType::kF16;
+    default:
+      TORCH_CHECK_TYPE(false, "StepTable: parameters of dtype ", c10::toString(t),
+                       "; the fused kernels take float32, bfloat16 or float16");
+  }
+}
+
+const float* device_scalar(const c10::optional<Tensor>& t, const char* name,
+                           const c10::Device& device) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == device, "StepTable: ", name, " is on ", t->device(),
+              " but the parameters are on ", device);
+  TORCH_CHECK_TYPE(t->scalar_type() == c10::ScalarType::Float, "StepTable: ", name,
+                   " must be a float32 tensor, got ", c10::toString(t->scalar_type()));
+  TORCH_CHECK(t->numel() == 1, "StepTable: ", name, " must have one element, got ",
+              t->numel());
+  return t->const_data_ptr<float>();
+}
+
+class StepTable {
+ public:
+  // params: the set's parameters (the Parameter objects).  state: one list per state role
+  // (Adam: exp_avg, exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] or none), emas: one
+  // list per EMA, each aligned with params and holding the kernel views (1-D aliases for
+  // channels_last tensors).  cuda_kernels: launch fused_cuda.cu's kernels (on the current
+  // stream; emulated on the host in the _C_emu build), else the CPU twin.
+  // like: an empty tensor of the set's dtype and device; shapes/strides: each parameter's when
+  // its state was made (a parameter that no longer has them goes the general path).
+  StepTable(std::vector<Tensor> params, const Tensor& like, std::vector<std::vector<int64_t>> shapes,
+            std::vector<std::vector<int64_t>> strides, std::vector<std::vector<Tensor>> state,
+            std::vector<std::vector<Tensor>> emas, bool cuda_kernels)
+      : params_(std::move(params)), state_(std::move(state)), emas_(std::move(emas)),
+        sizes_(std::move(shapes)), strides_(std::move(strides)), cuda_(cuda_kernels) {
+    init_common(like);
+    const size_t n = params_.size();
+    TORCH_CHECK(sizes_.size() == n && strides_.size() == n, "StepTable: ", sizes_.size(),
+                " shapes and ", strides_.size(), " strides for ", n, " parameters");
+    for (size_t i = 0; i < n; ++i)
+      TORCH_CHECK(sizes_[i].size() == strides_[i].size(), "StepTable: parameter ", i, " has ",
+                  sizes_[i].size(), " sizes but ", strides_[i].size(), " strides");
+    for (const auto& role : state_) check_aligned(role, "state");
+    for (const auto& z : emas_) check_aligned(z, "emas");
+    table_.resize(n);
+    ema_ptrs_.assign(kMaxEmas, std::vector<float*>(n, nullptr));
+    gather_state();
+  }
+
+  // flatten=True: one entry over whole buffers.  bound_grads are the views zero_grad bound
+  // (a step is one launch only while every p.grad is that very view and every parameter still
+  // lives at its offset of flat_param).
+  static StepTable flat(std::vector<Tensor> params, std::vector<Tensor> bound_grads,
+                        std::vector<int64_t> param_ptrs, Tensor flat_param, Tensor flat_grad,
+                        std::vector<Tensor> state, std::vector<Tensor> emas,
+                        bool cuda_kernels) {
+    StepTable t;
+    t.params_ = std::move(params);
+    t.cuda_ = cuda_kernels;
+    t.is_flat_ = true;
+    t.init_common(flat_param);
+    TORCH_CHECK(bound_grads.size() == t.params_.size() &&
+                    param_ptrs.size() == t.params_.size(),
+                "StepTable.flat: ", bound_grads.size(), " bound gradients and ",
+                param_ptrs.size(), " parameter pointers for ", t.params_.size(), " parameters");
+    for (const auto& g : bound_grads) {
+      t.bound_impls_.push_back(g.unsafeGetTensorImpl());
+      t.bound_ptrs_.push_back(g.data_ptr());
+    }
+    for (int64_t p : param_ptrs) t.param_ptrs_.push_back(reinterpret_cast<void*>(p));
+    t.flat_param_ = std::move(flat_param);
+    t.flat_grad_ = std::move(flat_grad);
+    for (auto& s : state) t.state_.push_back({std::move(s)});
+    for (auto& z : emas) t.emas_.push_back({std::move(z)});
+    t.table_.resize(1);
+    t.ema_ptrs_.assign(kMaxEmas, std::vector<float*>(1, nullptr));
+    t.gather_state();
+    return t;
+  }
+
+  int prepare() {
+    prepared_ = false;
+    const int rc = is_flat_ ? prepare_flat() : prepare_list();
+    prepared_ = rc == kReady;
+    return rc;
+  }
+
+  // Adam / AdamW over the prepared table (host step count: step_size, bc2_sqrt from the host).
+  void adam(double lr, double beta1, double beta2, double eps, double weight_decay,
+            bool decoupled, bool maximize, bool amsgrad, double step_size, double bc2_sqrt,
+            const std::vector<double>& ema_weights, const c10::optional<Tensor>& grad_scale,
+            const c10::optional<Tensor>& found_inf) {
+    AdamArgs a;
+    a.lr = lr;
+    a.step_size = step_size;
+    a.bc2_sqrt = bc2_sqrt;
+    a.beta1 = beta1;
+    a.beta2 = beta2;
+    a.eps = eps;
+    a.weight_decay = weight_decay;
+    a.decoupled = decoupled;
+    a.maximize = maximize;
+    a.amsgrad = amsgrad;
+    TORCH_CHECK(state_.size() == (amsgrad ? 3u : 2u), "StepTable.adam: the table holds ",
+                state_.size(), " state roles; Adam needs ", amsgrad ? 3 : 2);
+    a.n_emas = set_emas(ema_weights, a.ema_w);
+    a.grad_scale = device_scalar(grad_scale, "grad_scale", device_);
+    a.found_inf = device_scalar(found_inf, "found_inf", device_);
+    fill_state(a.n_emas);
+    launch([&](int dev, void* stream) -> const char* {
+#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
+      if (cuda_) return adam_ema_cuda(active(), dtype_, a, dev, stream);
+#endif
+#ifndef EK_CUDA_EMULATION
+      adam_ema_cpu(active(), dtype_, a);
+#endif
+      return nullptr;
+    });
+  }
+
+  void sgd(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+           bool maximize, bool first_step, const std::vector<double>& ema_weights,
+           const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf) {
+    SgdArgs a;
+    a.lr = lr;
+    a.momentum = momentum;
+    a.dampening = dampening;
+    a.weight_decay = weight_decay;
+    a.nesterov = nesterov;
+    a.maximize = maximize;
+    a.first_step = first_step;
+    TORCH_CHECK(state_.size() == (momentum != 0 ? 1u : 0u), "StepTable.sgd: the table holds ",
+                state_.size(), " state roles; momentum=", momentum, " needs ",
+                momentum != 0 ? 1 : 0);
+    a.n_emas = set_emas(ema_weights, a.ema_w);
+    a.grad_scale = device_scalar(grad_scale, "grad_scale", device_);
+    a.found_inf = device_scalar(found_inf, "found_inf", device_);
+    fill_state(a.n_emas);
+    launch([&](int dev, void* stream) -> const char* {
+#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
+      if (cuda_) return sgd_ema_cuda(active(), dtype_, a, dev, stream);
+#endif
+#ifndef EK_CUDA_EMULATION
+      sgd_ema_cpu(active(), dtype_, a);
+#endif
+      return nullptr;
+    });
+  }
+
+  int64_t size() const { return int64_t(params_.size()); }
+  bool is_flat() const { return is_flat_; }
+
+ private:
+  StepTable() = default;
+
+  void init_common(const Tensor& like) {
+    TORCH_CHECK(!params_.empty(), "StepTable: no parameters");
+    device_ = like.device();
+    sdtype_ = like.scalar_type();
+    meta_ = like.dtype();
+    dtype_ = kernel_dtype(sdtype_);
+#ifdef EK_CUDA_EMULATION
+    TORCH_CHECK(cuda_, "StepTable: the emulation build has only the CUDA kernels");
+    TORCH_CHECK(device_.is_cpu(), "StepTable: the emulated CUDA kernels run on CPU tensors");
+#else
+    if (cuda_) {
+#ifdef EK_WITH_CUDA
+      TORCH_CHECK(device_.is_cuda(), "StepTable: CUDA kernels for tensors on ", device_);
+#else
+      TORCH_CHECK(false, "StepTable: this build of ema_kernels._C has no CUDA kernels");
+#endif
+    } else {
+      TORCH_CHECK(device_.is_cpu(), "StepTable: the CPU kernels for tensors on ", device_);
+    }
+#endif
+  }
+
+  void check_aligned(const std::vector<Tensor>& ts, const char* what) const {
+    TORCH_CHECK(ts.size() == params_.size(), "StepTable: a ", what, " list of ", ts.size(),
+                " tensors for ", params_.size(), " parameters");
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const Tensor& t = ts[i];
+      TORCH_CHECK(t.defined() && t.device() == device_ &&
+                      t.scalar_type() == c10::ScalarType::Float && t.is_contiguous() &&
+                      t.numel() == params_[i].numel(),
+                  "StepTable: ", what, " tensor ", i, " must be a contiguous float32 tensor of ",
+                  params_[i].numel(), " elements on ", device_);
+    }
+  }
+
+  // The per-parameter loop of every step: raw TensorImpl reads (Tensor::grad() would also ask
+  // autograd whether the tensor is a leaf, data_ptr<T>() checks the dtype again, and
+  // IntArrayRef::equals calls memcmp): ~10 ns per parameter.
+  int prepare_list() {
+    const size_t n = params_.size();
+    for (size_t i = 0; i < n; ++i) {
+      c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+      if (p->dtype() != meta_ || p->device() != device_ || !same_geometry(p, i))
+        return kParamChanged;
+      const Tensor& gt = p->grad();
+      if (!gt.defined()) return kNoGrad;
+      // The kernels walk θ and g with one index: same strides (a channels_last gradient of a
+      // channels_last weight is fine, a contiguous one is not: step()'s general path copies).
+      const c10::TensorImpl* g = gt.unsafeGetTensorImpl();
+      if (g->layout() != c10::kStrided || g->dtype() != meta_ || g->device() != device_ ||
+          !same_geometry(g, i))
+        return kGradLayout;
+      TensorPtrs& t = table_[i];
+      t.p = p->mutable_data();
+      t.g = g->data();
+    }
+    return kReady;
+  }
+
+  bool same_geometry(const c10::TensorImpl* t, size_t i) const {
+    const c10::IntArrayRef sz = t->sizes(), st = t->strides();
+    const std::vector<int64_t>& want_sz = sizes_[i];
+    const std::vector<int64_t>& want_st = strides_[i];
+    if (sz.size() != want_sz.size()) return false;
+    for (size_t d = 0; d < sz.size(); ++d)
+      if (sz[d] != want_sz[d] || st[d] != want_st[d]) return false;
+    return true;
+  }
+
+  int prepare_flat() {
+    const size_t n = params_.size();
+    for (size_t i = 0; i < n; ++i) {
+      c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+      if (p->mutable_data() != param_ptrs_[i]) return kFlatUnbound;
+      const Tensor& g = p->grad();
+      if (!g.defined()) return kNoGrad;
+      if (g.unsafeGetTensorImpl() != bound_impls_[i] || g.unsafeGetTensorImpl()->data() !=
+                                                            bound_ptrs_[i])
+        return kFlatUnbound;
+    }
+    TensorPtrs& t = table_[0];
+    t.p = flat_param_.data_ptr();
+    t.g = flat_grad_.const_data_ptr();
+    return kReady;
+  }
+
+  // State and EMA pointers, gathered once: these are the optimizer's own tensors, updated in
+  // place (a loaded state dict replaces optimizer.state, and step() then builds new tables).
+  void gather_state() {
+    for (size_t i = 0; i < table_.size(); ++i) {
+      TensorPtrs& t = table_[i];
+      t.n = is_flat_ ? flat_param_.numel() : params_[i].numel();
+      t.s0 = state_.size() > 0 ? state_[0][i].data_ptr<float>() : nullptr;
+      t.s1 = state_.size() > 1 ? state_[1][i].data_ptr<float>() : nullptr;
+      t.s2 = state_.size() > 2 ? state_[2][i].data_ptr<float>() : nullptr;
+      for (size_t k = 0; k < emas_.size() && k < size_t(kMaxEmas); ++k)
+        ema_ptrs_[k][i] = emas_[k][i].data_ptr<float>();
+    }
+  }
+
+  // EMA pointers of this launch: the first n_emas EMAs, the others nullptr (a non-EMA step
+  // reads and writes no EMA bytes).
+  void fill_state(int n_emas) {
+    TORCH_CHECK(prepared_, "StepTable: launch without a successful prepare() in this step");
+    TORCH_CHECK(n_emas <= int(emas_.size()), "StepTable: ", n_emas, " EMA weights but the "
+                "table holds ", emas_.size(), " EMAs");
+    if (n_emas == filled_emas_) return;
+    for (size_t i = 0; i < table_.size(); ++i)
+      for (int k = 0; k < kMaxEmas; ++k) table_[i].z[k] = k < n_emas ? ema_ptrs_[k][i] : nullptr;
+    filled_emas_ = n_emas;
+  }
+
+  int set_emas(const std::vector<double>& w, double* out) const {
+    TORCH_CHECK(w.size() <= size_t(kMaxEmas), "StepTable: ", w.size(), " EMA weights, at most ",
+                kMaxEmas);
+    for (size_t k = 0; k < w.size(); ++k) out[k] = w[k];
+    return int(w.size());
+  }
+
+  // The tensors a launch walks: the prepared table without zero-element entries (a 0-element
+  // parameter may have no storage at all).
+  const std::vector<TensorPtrs>& active() {
+    bool any_empty = false;
+    for (const auto& t : table_) any_empty |= t.n == 0;
+    if (!any_empty) return table_;
+    launch_.clear();
+    for (const auto& t : table_)
+      if (t.n != 0) launch_.push_back(t);
+    return launch_;
+  }
+
+  template <class Launch>
+  void launch(Launch&& run) {
+    const char* err = nullptr;
+    {
+      py::gil_scoped_release no_gil;  // a large model's CPU kernel runs for milliseconds
+#ifdef EK_WITH_CUDA
+      if (cuda_) {
+        const c10::cuda::CUDAGuard guard(device_);
+        const auto stream = c10::cuda::getCurrentCUDAStream(device_.index());
+        err = run(device_.index(), static_cast<void*>(stream.stream()));
+      } else {
+        err = run(-1, nullptr);
+      }
+#else
+      err = run(0, nullptr);
+#endif
+    }
+    prepared_ = false;
+    TORCH_CHECK(err == nullptr, "StepTable: CUDA kernel launch failed: ", err);
+  }
+
+  std::vector<Tensor> params_;
+  std::vector<std::vector<Tensor>> state_, emas_;
+  std::vector<std::vector<int64_t>> sizes_, strides_;
+  std::vector<TensorPtrs> table_, launch_;
+  std::vector<std::vector<float*>> ema_ptrs_;  // [EMA k][tensor i]
+  int filled_emas_ = -1;                        // EMAs whose pointers table_ holds now
+  // flatten=True
+  bool is_flat_ = false;
+  std::vector<const c10::TensorImpl*> bound_impls_;
+  std::vector<const void*> bound_ptrs_;
+  std::vector<const void*> param_ptrs_;
+  Tensor flat_param_, flat_grad_;
+
+  c10::Device device_ = c10::Device(c10::kCPU);
+  c10::ScalarType sdtype_ = c10::ScalarType::Float;
+  caffe2::TypeMeta meta_;
+  DType dtype_ = DType::kF32;
+  bool cuda_ = false;
+  bool prepared_ = false;
+};
+
+}  // namespace
+
+// Called by the module's PyInit (bindings.cpp): adds StepTable to ema_kernels._C / _C_emu.
+void add_step_table(PyObject* module) {
+  py::module_ m = py::reinterpret_borrow<py::module_>(module);
+  py::class_<StepTable>(m, "StepTable",
+                        "One parameter set's per-step host work (csrc/step_table.cpp).")
+      .def(py::init<std::vector<Tensor>, const Tensor&, std::vector<std::vector<int64_t>>,
+                    std::vector<std::vector<int64_t>>, std::vector<std::vector<Tensor>>,
+                    std::vector<std::vector<Tensor>>, bool>(),
+           py::arg("params"), py::arg("like"), py::arg("shapes"), py::arg("strides"),
+           py::arg("state"), py::arg("emas"), py::arg("cuda_kernels"))
+      .def_static("flat", &StepTable::flat, py::arg("params"), py::arg("bound_grads"),
+                  py::arg("param_ptrs"), py::arg("flat_param"), py::arg("flat_grad"),
+                  py::arg("state"), py::arg("emas"), py::arg("cuda_kernels"))
+      .def("prepare", &StepTable::prepare,
+           "Read and check every .grad; 0: ready to launch, else the reason it is not")
+      .def("adam", &StepTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+           py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
+           py::arg("amsgrad"), py::arg("step_size"), py::arg("bias_correction2_sqrt"),
+           py::arg("ema_weights"), py::arg("grad_scale"), py::arg("found_inf"))
+      .def("sgd", &StepTable::sgd, py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
+           py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
+           py::arg("first_step"), py::arg("ema_weights"), py::arg("grad_scale"),
+           py::arg("found_inf"))
+      .def("__len__", &StepTable::size)
+      .def_property_readonly("is_flat", &StepTable::is_flat);
+  m.attr("STATUS") = py::dict(py::arg("ready") = int(kReady),
+                              py::arg("param_changed") = int(kParamChanged),
+                              py::arg("no_grad") = int(kNoGrad),
+                              py::arg("grad_layout") = int(kGradLayout),
+                              py::arg("flat_unbound") = int(kFlatUnbound));
+}
+
+}  // namespace ek

@@ -1,0 +1,81 @@
+"""The C++ step tables: step()'s per-parameter host work, one call per parameter set.
+
+A :class:`~.layout.TensorSet` run by the ``cpp`` or ``cuda`` backend gets a ``StepTable``
+(csrc/step_table.cpp) holding its parameters, state and EMA tensors. Each step,
+``table.prepare()`` reads and checks every ``.grad`` and gathers the kernel's pointer table in
+C++ (a few ns per parameter, where the same work in Python costs ~15 µs), and ``table.adam(…)``
+/ ``table.sgd(…)`` launch the fused kernel. Python per step is then O(sets), not O(parameters).
+
+The table covers the common case only — every parameter has a gradient with the parameter's
+layout, all parameters at one step count. ``prepare()`` answers with a status otherwise, and
+step() plans that set in Python (:mod:`.stepping`): the same kernels and results, plus the
+errors that name a parameter, state re-made for moved parameters, grad-None parameters left
+out, odd gradient layouts copied. Both paths are tested against each other.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ..backends import _extension as _ext
+from . import layout
+
+# TensorSet.table values besides a StepTable: not built yet / this set cannot use one.
+UNBUILT, UNUSABLE = None, False
+
+
+def _module_for(backend, device):
+    """The compiled module whose tables launch ``backend``'s kernels on ``device``, or None."""
+    name = getattr(backend, "NAME", None)
+    if name == "cpp":
+        lib, cuda = _ext.MAIN, False
+    elif name == "cuda":  # CPU tensors reach the cuda backend only in the emulation build
+        lib, cuda = (_ext.EMU if device.type == "cpu" else _ext.MAIN), True
+    else:  # reference, triton: their own host paths
+        return None, False
+    if not lib.loaded:  # the backend resolved, so its library loaded; be safe anyway
+        return None, False
+    mod = importlib.import_module(lib.module)
+    return getattr(mod, "StepTable", None), cuda
+
+
+def table_for(ts: layout.TensorSet, backend, capturable: bool):
+    """The set's StepTable (built on first use), or None where this set takes the Python
+    path: capturable mode, DTensor shards, non-dense parameters, missing state, float64, or a
+    backend without tables."""
+    table = ts.table
+    if table is not UNBUILT and ts.table_backend is backend:
+        if table is not UNUSABLE and ts.flat is not None \
+                and ts.table_bound is not ts.flat.bound_grads:
+            table = UNBUILT  # zero_grad(set_to_none=False) bound new gradient views
+        else:
+            return table or None
+    ts.table, ts.table_backend, ts.table_bound = UNUSABLE, backend, None
+    if capturable or ts.dtensor or any(k == layout.STRIDED for k in ts.kinds):
+        return None
+    cls, cuda = _module_for(backend, ts.device)
+    if cls is None:
+        return None
+    roles = [ts.views[r] for r in ts.roles]
+    emas = [ts.views[k] for k in ts.ema_keys]
+    if any(v is None for vs in roles + emas for v in vs):
+        return None  # a parameter frozen so far has no state yet: made at its first gradient
+    fb = ts.flat
+    if fb is not None:
+        if fb.bound_grads is None or fb.grad is None:
+            return None  # until zero_grad(set_to_none=False) binds flat gradients
+        ts.table = cls.flat(ts.params, fb.bound_grads, fb.param_ptrs, fb.param, fb.grad,
+                            [fb.roles[r] for r in ts.roles], [fb.roles[k] for k in ts.ema_keys],
+                            cuda)
+        ts.table_bound = fb.bound_grads
+    else:
+        like = torch.empty(0, dtype=ts.dtype, device=ts.device)
+        ts.table = cls(ts.params, like, ts.shapes, ts.strides, roles, emas, cuda)
+    return ts.table
+
+
+def ready(table, ts: layout.TensorSet) -> bool:
+    """Can this step take the table? (Every parameter at one step count and prepare() OK.)"""
+    return ts.uniform_step is not None and table.prepare() == 0
