@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -145,7 +147,7 @@ class ClipMixin:
             f"backward, or .grad replaced or written in place): its clip coefficient was "
             f"discarded, so these gradients are not clipped by it (torch would have clipped the "
             f"old gradients in place before the change). Call clip_grad_norm_ after the last "
-            f"backward, right before step()", stacklevel=4)
+            f"backward, right before step()", stacklevel=_user_stacklevel())
         return None
 
     def _fold_clip(self, plans, amp: Dict, grad_scale, found_inf):
@@ -184,6 +186,17 @@ class ClipMixin:
                 out[dev] = (torch.reciprocal(coef) if gs is None else gs / coef,
                             fi.to(dev, non_blocking=True))
         return out, fi
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside ema_kernels and
+    torch (step() runs under torch's hooks and decorators, so no fixed count is right)."""
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+              os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1  # level 1: the caller, who calls warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # -------------------------------------------------------------------- validation -----------
