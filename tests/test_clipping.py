@@ -688,3 +688,24 @@ def test_distributed_clipping_equals_single_process_torch(dist_results, wrap, ma
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
     if max_norm < 1:
         assert all(n > max_norm for n in norms)  # clipping was active at every step
+
+
+def test_grad_scaler_norm_of_scaled_fp16_gradients_does_not_overflow():
+    """grad_scaler= with fp16 gradients whose *scaled* norm exceeds fp16's range: the norm is
+    taken in fp32 before unscaling, so it is finite and equals the unscaled gradients' norm (in
+    fp16, the dtype torch returns). torch's unscale_ refuses fp16 gradients altogether."""
+    torch.manual_seed(16)
+    p = torch.nn.Parameter(torch.randn(4096).half())
+    opt = ek.AdamW([p], lr=1e-2, backend="cpp")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    g = torch.randn(4096) * 10
+    scaler.scale(torch.zeros(()))  # its scale tensor exists from the first scale()
+    p.grad = (g * 2.0 ** 10).half()
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([p.grad]))  # fp16 overflows
+    n = opt.clip_grad_norm_(1.0, grad_scaler=scaler)
+    want = torch.linalg.vector_norm(p.grad.float()) / 2.0 ** 10
+    assert n.dtype == torch.float16 and torch.isfinite(n)
+    assert torch.equal(n, want.half())
+    before = p.detach().clone()
+    scaler.step(opt)
+    assert not torch.equal(p, before) and torch.isfinite(p).all()
