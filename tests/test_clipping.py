@@ -2,7 +2,6 @@
 inside the next step's pass (gradients never written), a non-finite norm skipping the step,
 GradScaler, the stale-coefficient rule, no host reads, capturable, DDP and FSDP2."""
 import copy
-import math
 import os
 import socket
 import traceback
