@@ -13,6 +13,14 @@ Every row does the same job on the same parameters — one optimizer step and on
 With ``--emas N`` every row keeps N EMAs (decays 0.9999, 0.999, ...): ``ek`` rows one optimizer
 with an ``ema_decay`` tuple (all N updated in the step's one pass), the baselines N EMA updates
 after the optimizer step (N ``_foreach_lerp_`` calls, N timm/AveragedModel/loop EMAs).
+With ``--clip`` every step also clips the gradients' total norm (max_norm
+:data:`CLIP_MAX_NORM`, active at every step): ``ek`` rows ``opt.clip_grad_norm_`` + ``step()``
+(the norm reads g once, the coefficient is applied inside the step's pass: fp32 AdamW + EMA
+40 B/param), against ``torch fused + clip_grad_norm_ + foreach_lerp``:
+``torch.nn.utils.clip_grad_norm_`` (reads g, then reads and writes it) + fused AdamW +
+``_foreach_lerp_`` (52 B/param, :func:`torch_clip_bytes_per_param`). In this mode every row's
+GB/s is against its own byte count (the ``B/param`` column), and only those rows (and the
+stream) run.
 - ``torch foreach + timm EMAv3``: ``torch.optim.X(foreach=True)`` + the update of timm's
   ``ModelEmaV3`` (walk both ``state_dict()``s, one ``_foreach_lerp_``);
 - ``torch fused + AveragedModel``: ``torch.optim.swa_utils.AveragedModel`` with
@@ -59,16 +67,19 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["bytes_per_param", "main", "run", "Case", "row_names", "build_row", "KEYS"]
+__all__ = ["bytes_per_param", "torch_clip_bytes_per_param", "main", "run", "Case",
+           "row_names", "build_row", "KEYS"]
 
 KEYS = ("name", "device", "optimizer", "dtype", "numel", "tensors", "ema_every", "emas", "ms",
-        "bytes_per_param", "gbps", "pct_of_copy", "speedup")
+        "bytes_per_param", "gbps", "pct_of_copy", "speedup", "clip")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BASELINE = "torch fused + foreach_lerp"
 COPY = "stream a+=b"
+CLIP_BASELINE = "torch fused + clip_grad_norm_ + foreach_lerp"
+CLIP_MAX_NORM = 1.0  # the gradients (randn · 1e-2) have norm ≈ 1e-2·√numel: clipped from 10^4 on
 
 # Hyperparameters of every row (the values do not change the bytes, only the numbers).
 LR = 1e-4
@@ -91,7 +102,7 @@ def _itemsize(dtype) -> int:
 
 def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad: bool = False,
                     momentum: float = SGD_MOMENTUM, ema: bool = True, state_dtype="fp32",
-                    ema_dtype="fp32", emas: int = 1) -> float:
+                    ema_dtype="fp32", emas: int = 1, clip: bool = False) -> float:
     """Bytes per parameter one fused optimizer step + EMA update must move (read + written).
 
     Every step reads θ and g and writes θ (parameter dtype), and reads and writes each state
@@ -101,7 +112,8 @@ def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad
     spread over the k steps (÷ k). ``emas=N`` EMAs updated in the same pass: each reads and
     writes its own ζ (θ is read once for all), so N·2·|ζ|. Hand counts, fp32: AdamW+EMA 36
     (read θ g m v ζ, write θ m v ζ), with N EMAs 36 + 8·(N − 1); SGD-momentum+EMA 28; bf16
-    parameters, fp32 state and EMA, AdamW+EMA 30.
+    parameters, fp32 state and EMA, AdamW+EMA 30. ``clip=True``: the norm reads g once more
+    (the coefficient is applied inside the pass): fp32 AdamW+EMA 40.
     """
     opt = optimizer.lower()
     if opt not in OPTIMIZERS:
@@ -117,7 +129,21 @@ def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad
         n_state = 3 if amsgrad else 2
     step = 3 * p + 2 * s * n_state          # read θ g (+state), write θ (+state)
     ema_bytes = 2 * z * emas if ema else 0   # read ζ_i, write ζ_i, for each EMA
-    return step + ema_bytes / ema_every
+    norm = p if clip else 0                  # clip_grad_norm_: read g
+    return norm + step + ema_bytes / ema_every
+
+
+def torch_clip_bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *,
+                               amsgrad: bool = False, momentum: float = SGD_MOMENTUM,
+                               emas: int = 1) -> float:
+    """Bytes per parameter of the ``--clip`` baseline: ``torch.nn.utils.clip_grad_norm_``
+    (read g for the norm, then read and write g for ``g *= coef``) + torch's fused optimizer
+    (state in the parameter dtype, as torch keeps it) + ``_foreach_lerp_`` per EMA (read θ and
+    ζ, write ζ; ζ in the parameter dtype). fp32 AdamW + EMA: 4 + 8 + 28 + 12 = 52."""
+    step = bytes_per_param(optimizer, dtype, ema_every, amsgrad=amsgrad, momentum=momentum,
+                           ema=False, state_dtype=dtype)
+    p = _itemsize(dtype)
+    return 3 * p + step + 3 * p * emas / ema_every
 
 
 # ------------------------------------------------------------------------------------------
@@ -132,6 +158,7 @@ class Case:
     tensors: int = 64
     ema_every: int = 1
     emas: int = 1
+    clip: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -139,7 +166,16 @@ class Case:
 
     @property
     def bytes_per_param(self) -> float:
-        return bytes_per_param(self.optimizer, self.dtype, self.ema_every, emas=self.emas)
+        return bytes_per_param(self.optimizer, self.dtype, self.ema_every, emas=self.emas,
+                               clip=self.clip)
+
+    def row_bytes_per_param(self, name: str) -> float:
+        """The bytes row ``name``'s GB/s is credited with: the fused step's count, except the
+        ``--clip`` baseline, which is credited with what it moves."""
+        if name == CLIP_BASELINE:
+            return torch_clip_bytes_per_param(self.optimizer, self.dtype, self.ema_every,
+                                              emas=self.emas)
+        return self.bytes_per_param
 
     @property
     def decays(self) -> tuple:
@@ -220,7 +256,12 @@ def _row_ek(backend: str, flatten: bool = False):
         opt = _ek_optimizer(case, params, backend, flatten)
         # ema_every is the optimizer's own: k calls of step() cover one EMA period.
         k = case.ema_every
-        return _every(k, opt.step, lambda: None), (opt, params)
+        step = opt.step
+        if case.clip:
+            def step():
+                opt.clip_grad_norm_(CLIP_MAX_NORM)  # applied inside the next step's pass
+                opt.step()
+        return _every(k, step, lambda: None), (opt, params)
     return build
 
 
@@ -236,6 +277,26 @@ def _row_fused_lerp(case: Case):
             torch._foreach_lerp_(zs, cur, w)
 
     return _every(case.ema_every, opt.step, ema), (opt, params, emas)
+
+
+def _row_fused_clip_lerp(case: Case):
+    """torch.nn.utils.clip_grad_norm_ + fused optimizer + _foreach_lerp_ (the ``--clip``
+    baseline; the norm and the clip are two passes over the gradients, as torch runs them)."""
+    params = _make_params(case)
+    opt = _torch_optimizer(case, params, fused=True)
+    cur = [p.detach() for p in params]
+    emas = [[c.clone() for c in cur] for _ in case.decays]
+    ws = [1.0 - d ** case.ema_every for d in case.decays]
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, CLIP_MAX_NORM)
+        opt.step()
+
+    def ema():
+        for zs, w in zip(emas, ws):
+            torch._foreach_lerp_(zs, cur, w)
+
+    return _every(case.ema_every, step, ema), (opt, params, emas)
 
 
 def timm_v3_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -329,11 +390,13 @@ def ek_backends(device: str) -> List[str]:
     return names
 
 
-def row_names(device: str) -> List[str]:
-    """Every row of a run on ``device``, in table order."""
+def row_names(device: str, clip: bool = False) -> List[str]:
+    """Every row of a run on ``device``, in table order (``clip``: the ``--clip`` rows)."""
     names = []
     for b in ek_backends(device):
         names += [f"ek[{b}]", f"ek[{b},flat]"]  # default layout, then flatten=True
+    if clip:
+        return names + [CLIP_BASELINE, COPY]
     return names + list(BASELINES) + [COPY]
 
 
@@ -345,6 +408,13 @@ def build_row(name: str, case: Case):
     if name == COPY:
         fn, keep = _row_copy(case)
         return fn, keep
+    if name == CLIP_BASELINE:
+        if not case.clip:
+            raise ValueError(f"row {CLIP_BASELINE!r} needs a Case with clip=True (--clip)")
+        return _row_fused_clip_lerp(case)
+    if case.clip:
+        raise ValueError(f"row {name!r} has no clipping variant; with --clip the rows are "
+                         f"{row_names(case.device, clip=True)}")
     return BASELINES[name](case)
 
 
@@ -508,16 +578,17 @@ def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup:
     """Benchmark every row on every case; a list of dicts with :data:`KEYS`."""
     rows: List[dict] = []
     for i, case in enumerate(cases, 1):
-        case_names = list(names or row_names(case.device))
+        case_names = list(names or row_names(case.device, clip=case.clip))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.device} {case.optimizer} {case.dtype} "
                      f"numel={_fmt_numel(case.numel)} in {min(case.tensors, case.numel)} tensors, "
-                     f"ema_every={case.ema_every}, emas={case.emas}: {len(case_names)} rows ...")
+                     f"ema_every={case.ema_every}, emas={case.emas}"
+                     f"{', clip' if case.clip else ''}: {len(case_names)} rows ...")
         t0 = time.perf_counter()
         secs = _measure_case(case, case_names, warmup=warmup, repeats=repeats,
                              target_s=target_s, progress=progress)
-        bpp = case.bytes_per_param
         for name in case_names:
+            bpp = case.row_bytes_per_param(name)
             ms = secs[name] * 1e3 / calls_per_fn(name, case)
             gbps = bpp * case.numel / (ms * 1e-3) / 1e9 if ms == ms and ms > 0 \
                 else float("nan")
@@ -526,7 +597,7 @@ def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup:
                              tensors=max(1, min(case.tensors, case.numel)),
                              ema_every=case.ema_every, emas=case.emas, ms=ms,
                              bytes_per_param=bpp, gbps=gbps,
-                             pct_of_copy=float("nan"), speedup=float("nan")))
+                             pct_of_copy=float("nan"), speedup=float("nan"), clip=case.clip))
             if progress:
                 progress(f"    {name:<30} {ms:10.4f} ms  {gbps:8.2f} GB/s")
         if progress:
@@ -539,13 +610,13 @@ def _relative_columns(rows: List[dict]) -> None:
     """Fill ``pct_of_copy`` and ``speedup`` from the copy and baseline rows of the same case."""
     def key(r):
         return (r["device"], r["optimizer"], r["dtype"], r["numel"], r["tensors"],
-                r["ema_every"], r["emas"])
+                r["ema_every"], r["emas"], r.get("clip", False))
     ref: Dict[tuple, dict] = {}
     for r in rows:
         ref.setdefault(key(r), {})[r["name"]] = r
     for r in rows:
         same = ref[key(r)]
-        cp, base = same.get(COPY), same.get(BASELINE)
+        cp, base = same.get(COPY), same.get(BASELINE, same.get(CLIP_BASELINE))
         if cp is not None and cp["gbps"] == cp["gbps"] and cp["gbps"] > 0:
             r["pct_of_copy"] = 100.0 * r["gbps"] / cp["gbps"]
         if base is not None and base["ms"] == base["ms"] and r["ms"] == r["ms"] and r["ms"] > 0:
@@ -594,18 +665,20 @@ def format_table(rows: Sequence[dict]) -> str:
     out = []
     configs = []
     for r in rows:
-        c = (r["device"], r["optimizer"], r["dtype"], r["ema_every"], r.get("emas", 1))
+        c = (r["device"], r["optimizer"], r["dtype"], r["ema_every"], r.get("emas", 1),
+             r.get("clip", False))
         if c not in configs:
             configs.append(c)
-    for device, opt, dtype, every, n_emas in configs:
+    for device, opt, dtype, every, n_emas, clip in configs:
         out.append(f"device={device}  optimizer={opt}  dtype={dtype}  ema_every={every}  "
-                   f"emas={n_emas}  (speedup vs '{BASELINE}')")
+                   f"emas={n_emas}{'  clip=True' if clip else ''}  (speedup vs "
+                   f"'{CLIP_BASELINE if clip else BASELINE}')")
         out.append("")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|")
         for r in rows:
-            if (r["device"], r["optimizer"], r["dtype"], r["ema_every"], r.get("emas", 1)) != \
-                    (device, opt, dtype, every, n_emas):
+            if (r["device"], r["optimizer"], r["dtype"], r["ema_every"], r.get("emas", 1),
+                    r.get("clip", False)) != (device, opt, dtype, every, n_emas, clip):
                 continue
             ms, speedup = r["ms"], r["speedup"]
             out.append("| " + " | ".join([
@@ -732,6 +805,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"EMAs per parameter (1..{len(EMA_DECAYS)}, decays "
                         f"{', '.join(map(str, EMA_DECAYS))}): ek updates all N in the step's "
                         f"one pass, the baselines run N EMA updates")
+    p.add_argument("--clip", action="store_true",
+                   help=f"clip the gradients' norm every step (max_norm {CLIP_MAX_NORM}): ek "
+                        f"rows clip_grad_norm_ + step (fp32 AdamW+EMA 40 B/param) against "
+                        f"'{CLIP_BASELINE}' (52 B/param)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="NAME",
+                   help="run only these rows (exact names as in the table; e.g. to keep a "
+                        "large case within the interleaved-timing memory bound)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed samples per row (CPU; default: as many as fit ~0.25 s, 3..50)")
     p.add_argument("--warmup", type=_positive_int, default=2, help="warm-up calls per row (CPU)")
@@ -763,8 +843,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     sizes = args.numel or default_sizes(device)
     cases = [Case(device=device, optimizer=args.optimizer, dtype=args.dtype, numel=n,
-                  tensors=args.tensors, ema_every=args.ema_every, emas=args.emas)
+                  tensors=args.tensors, ema_every=args.ema_every, emas=args.emas,
+                  clip=args.clip)
              for n in sizes]
+    if args.rows:
+        known = row_names(device, clip=args.clip)
+        bad = [r for r in args.rows if r not in known]
+        if bad:
+            print(f"error: --rows {bad} are not rows of this run; choose from {known}",
+                  file=sys.stderr)
+            return 2
 
     def progress(msg: str) -> None:
         if not args.quiet:
@@ -781,7 +869,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if busy:
         progress(busy)
     t0 = time.perf_counter()
-    rows = run(cases, warmup=args.warmup, repeats=args.repeats, progress=progress)
+    rows = run(cases, names=args.rows, warmup=args.warmup, repeats=args.repeats,
+               progress=progress)
     progress(f"done in {time.perf_counter() - t0:.1f} s")
 
     print(f"# {desc}")
@@ -790,6 +879,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("# B/param = bytes the fused step must move per parameter; GB/s = B/param x numel / "
           "median time;\n# % of stream = GB/s over that of an in-place fp32 a += b moving the "
           "same bytes (the copy bandwidth)")
+    if args.clip:
+        print(f"# --clip: the '{CLIP_BASELINE}' row is credited with the bytes it moves "
+              f"(norm pass + clip pass + step + lerp), the ek rows with the fused count")
     print()
     print(format_table(rows))
     if args.json:

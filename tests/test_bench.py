@@ -186,3 +186,75 @@ def test_python_m_ema_kernels_bench(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["python -m ema_kernels"])  # argv is passed, not read
     assert cli_main(argv) == 0
     _check_rows(json.loads(path.read_text()), optimizer="adamw", dtype="fp32", ema_every=1)
+
+
+# --- --clip: clip_grad_norm_ folded into the step vs torch's clip + fused step + lerp -------
+@pytest.mark.parametrize("optimizer, dtype, ours, theirs", [
+    # ours: + read g for the norm. torch: norm (read g) + g *= coef (read, write g) + fused
+    # step (state in the parameter dtype) + lerp (read θ ζ, write ζ)
+    ("adamw", "fp32", 36 + 4, 4 + 8 + 28 + 12),
+    ("sgd", "fp32", 28 + 4, 4 + 8 + 20 + 12),
+    ("adamw", "bf16", 30 + 2, 2 + 4 + (6 + 8) + 6),
+])
+def test_clip_bytes_per_param_hand_counts(optimizer, dtype, ours, theirs):
+    assert bench.bytes_per_param(optimizer, dtype, clip=True) == ours
+    assert bench.torch_clip_bytes_per_param(optimizer, dtype) == theirs
+    case = bench.Case(optimizer=optimizer, dtype=dtype, clip=True)
+    assert case.row_bytes_per_param("ek[cpp]") == ours
+    assert case.row_bytes_per_param(bench.CLIP_BASELINE) == theirs
+    assert bench.torch_clip_bytes_per_param("adamw", "fp32", emas=2) == 52 + 12
+
+
+def test_bench_clip_rows(tmp_path, capsys):
+    """--clip: the ek rows (40 B/param, fp32 AdamW) against torch's clip + fused AdamW + lerp
+    (52 B/param), each row's GB/s against its own count, speedup vs the clip baseline."""
+    path = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--clip", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    names = [n for n in _expected_names() if n.startswith("ek[")]
+    assert [r["name"] for r in rows] == names + [bench.CLIP_BASELINE, bench.COPY]
+    for r in rows:
+        assert list(r) == list(bench.KEYS) and r["clip"] is True
+        bpp = 52 if r["name"] == bench.CLIP_BASELINE else 40
+        assert r["bytes_per_param"] == bpp
+        assert r["gbps"] == pytest.approx(bpp * 300 / (r["ms"] * 1e-3) / 1e9)
+        assert r["speedup"] > 0 and r["pct_of_copy"] > 0
+    by = {r["name"]: r for r in rows}
+    assert by[bench.CLIP_BASELINE]["speedup"] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert "clip=True" in out and f"| {bench.CLIP_BASELINE} |" in out
+
+
+def test_bench_clip_rows_really_clip():
+    """The ek row clips inside its step (gradients untouched, the coefficient consumed), the
+    baseline through torch.nn.utils.clip_grad_norm_ (gradients rewritten to norm max_norm)."""
+    case = bench.Case(numel=1 << 15, tensors=4, clip=True)
+    fn, (opt, params) = bench.build_row("ek[reference]", case)
+    grads = [p.grad.clone() for p in params]
+    before = [p.detach().clone() for p in params]
+    norm = torch.nn.utils.get_total_norm(grads)
+    assert norm > bench.CLIP_MAX_NORM
+    fn()
+    assert opt._clip_pending is None
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    ref = [torch.nn.Parameter(b.clone()) for b in before]
+    coef = torch.clamp(bench.CLIP_MAX_NORM / (norm + 1e-6), max=1.0)
+    for r, g in zip(ref, grads):
+        r.grad = g.clone()
+    bench._ek_optimizer(case, ref, "reference").step(grad_scale=(1 / coef).reshape(1))
+    assert all(torch.equal(p, r) for p, r in zip(params, ref))
+    fn, (t_opt, t_params, _) = bench.build_row(bench.CLIP_BASELINE, case)
+    fn()
+    after = torch.nn.utils.get_total_norm([p.grad for p in t_params])
+    assert after == pytest.approx(bench.CLIP_MAX_NORM, rel=1e-4)
+    with pytest.raises(ValueError, match="no clipping variant"):
+        bench.build_row("torch fused + loop EMA", case)
+
+
+def test_bench_rows_option_and_its_error(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    keep = ["ek[reference]", bench.BASELINE, bench.COPY]
+    assert bench.main(TINY + ["--rows", *keep, "--json", str(path)]) == 0
+    assert [r["name"] for r in json.loads(path.read_text())] == keep
+    assert bench.main(TINY + ["--clip", "--rows", "torch fused + loop EMA"]) == 2
+    assert "not rows of this run" in capsys.readouterr().err

@@ -7,6 +7,7 @@ Where things are:
 - :mod:`.checks` — validation of parameters, groups and hyperparameters (torch's cases);
 - :mod:`.layout` — where state lives (per parameter by default; ``flatten=True`` buffers);
 - :mod:`.stepping` — ``step()``: planning, then one fused launch per parameter set;
+- :mod:`.clipping` — ``clip_grad_norm_``: the norm, and its coefficient folded into the step;
 - :mod:`.ema_api` — ``ema_parameters``, ``swap_ema``, ``ema_module`` (teachers);
 - :mod:`.checkpoint` — ``state_dict``/``load_state_dict`` and their hooks.
 """

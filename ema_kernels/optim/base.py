@@ -19,6 +19,7 @@ import torch
 from .. import _ops
 from . import checks, layout
 from .checkpoint import CheckpointMixin
+from .clipping import ClipMixin
 from .ema_api import EMAMixin
 from .stepping import StepMixin
 
@@ -31,7 +32,7 @@ COUNTERS = ("base_steps", "ema_base_steps", "steps")
 EMA_KEYS = checks.EMA_KEYS  # state keys of EMA index 0, 1, ...: "ema", "ema_1", ...
 
 
-class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
+class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
     """Shared machinery of AdamW, Adam and SGD (subclasses supply the update's glue)."""
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf, no unscale pass
@@ -75,6 +76,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         self._teachers: List[tuple] = []
         self._pending = None  # a found_inf step whose outcome the host has not learnt yet
         self._hp_cache = {}  # group index -> (group, its values, checked hparams): stepping
+        self._clip_pending = None  # clip_grad_norm_'s coefficient for the next step
 
     # ---------------------------------------------------------------- validation -------------
     def _check_hparams(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -291,6 +293,7 @@ class EMAOptimizer(StepMixin, EMAMixin, CheckpointMixin, torch.optim.Optimizer):
         """
         if self._swapped:
             raise RuntimeError("zero_grad() inside `with opt.swap_ema():`; call it outside")
+        self._clip_pending = None  # the gradients it measured are gone (see clipping.py)
         to_zero: Dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):
             flats = self._flat[gi]

@@ -66,6 +66,8 @@ class StepMixin:
                 for ts, backend, plan in launches:
                     self._check_capturable(ts, backend, plan)
         amp = _amp_per_device(plans, grad_scale, found_inf)
+        if self._clip_pending is not None:  # clip_grad_norm_'s coefficient joins grad_scale
+            amp, found_inf = self._fold_clip(plans, amp, grad_scale, found_inf)
         lrs = self._device_lrs(plans)
 
         # 2. Execute. The counters move only after every launch was made.
@@ -85,6 +87,7 @@ class StepMixin:
                                          lr_dev)
                 else:
                     self._run_set(group, hp, ts, backend, plan, ema_weight, gs, fi, lr_dev)
+        self._clip_pending = None  # applied: a coefficient is used by one step
         for group, hp, (ema_weight, s_after, steps), launches in plans:
             if ema_weight is not None:
                 group["ema_base_steps"] = s_after
