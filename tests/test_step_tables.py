@@ -1,0 +1,283 @@
+"""The C++ step tables (csrc/step_table.cpp, ema_kernels/optim/tables.py).
+
+A set run by the cpp backend (or the cuda backend, here its emulation build on CPU tensors)
+is prepared and launched by one StepTable call each; everything the table cannot take goes
+through step()'s Python planning. The two paths must give the same bits, the table must really
+be the path of an ordinary step, and Python's work per step must not grow with the number of
+parameters.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import ema_kernels as ek
+from ema_kernels import _ops
+from ema_kernels.backends import _extension as _ext
+from ema_kernels.optim import tables
+
+
+def _backends():
+    names = []
+    if _ops.availability("cpp", "cpu")[0]:
+        names.append("cpp")
+    from ema_kernels.backends import cuda
+    if cuda._emulation_availability()[0]:
+        names.append("cuda")
+    return names
+
+
+BACKENDS = _backends()
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="the compiled extension is not built")
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """'cpp', or 'cuda' with the emulated CUDA kernels on CPU tensors for this test only."""
+    name = request.param
+    if name == "cuda":
+        from ema_kernels.backends import cuda
+        monkeypatch.setattr(cuda, "EMULATION", True)
+        monkeypatch.setattr(cuda, "_avail_cache", {})
+        monkeypatch.setattr(_ops, "_availability_cache", {})
+        ok, why = cuda.availability("cpu")
+        assert ok, why
+    return name
+
+
+def _python_path(monkeypatch):
+    """Every set planned in Python (the tables switched off)."""
+    monkeypatch.setattr(tables, "table_for", lambda ts, backend, capturable: None)
+
+
+def _model(dtype=torch.float32, channels_last=False, seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Flatten(),
+                            torch.nn.Linear(5 * 4 * 4, 7), torch.nn.Linear(7, 1))
+    m = m.to(dtype)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+CONFIGS = {
+    "adamw": (ek.AdamW, dict(lr=1e-2, weight_decay=0.1, ema_decay=0.9)),
+    "adam_amsgrad": (ek.Adam, dict(lr=1e-2, weight_decay=0.05, amsgrad=True, ema_decay=0.8)),
+    "adamw_two_emas_every2": (ek.AdamW, dict(lr=1e-2, ema_decay=(0.9, 0.99), ema_every=2,
+                                             kappa=2.0)),
+    "sgd_nesterov": (ek.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                  ema_decay=0.95)),
+    "sgd_plain": (ek.SGD, dict(lr=1e-2, ema_decay=0.95, maximize=True)),
+}
+
+
+def _train(m, opt, steps, seed=1, amp=False):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(m.parameters()).dtype
+    for t in range(steps):
+        opt.zero_grad()
+        x = torch.randn(4, 3, 6, 6, generator=g).to(dtype)
+        m(x).float().pow(2).mean().backward()
+        if amp:
+            scale = torch.full((1,), 4.0)
+            for p in m.parameters():
+                p.grad.mul_(4.0)
+            inf = torch.full((1,), 1.0 if t == 2 else 0.0)  # step 2 is skipped
+            opt.step(grad_scale=scale, found_inf=inf)
+        else:
+            opt.step()
+
+
+def _snapshot(m, opt):
+    out = [p.detach().clone() for p in m.parameters()]
+    for st in opt.state.values():
+        out += [v.clone() if isinstance(v, torch.Tensor) else torch.tensor(v)
+                for _, v in sorted(st.items())]
+    return out
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "channels_last", "flat", "amp"])
+def test_table_path_equals_python_path_bit_for_bit(backend, config, variant, monkeypatch):
+    cls, kw = CONFIGS[config]
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    runs = []
+    for python in (False, True):
+        with monkeypatch.context() as mp:
+            if python:
+                _python_path(mp)
+            m = _model(dtype, channels_last=variant == "channels_last")
+            opt = cls(m.parameters(), backend=backend, flatten=variant == "flat", **kw)
+            if variant == "flat":
+                opt.zero_grad(set_to_none=False)  # bind the flat gradient views
+                _train_flat(m, opt, 5)
+            else:
+                _train(m, opt, 5, amp=variant == "amp")
+            used = [ts.table for gsets in opt._sets for ts in gsets]
+            if python:
+                assert all(t is None or t is False for t in used)
+            else:  # the ordinary step really took the tables
+                assert all(t not in (None, False) for t in used), used
+            runs.append(_snapshot(m, opt) + [torch.tensor(opt.param_groups[0]["steps"])])
+    _assert_same(*runs)
+
+
+def _train_flat(m, opt, steps):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=False)
+        m(torch.randn(4, 3, 6, 6, generator=g)).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_an_ordinary_step_plans_nothing_in_python(backend, monkeypatch):
+    m = _model()
+    opt = ek.AdamW(m.parameters(), lr=1e-2, ema_decay=0.9, backend=backend)
+    _train(m, opt, 1)
+
+    def refuse(*a, **k):
+        raise AssertionError("planned in Python")
+    monkeypatch.setattr(opt, "_plan_set", refuse)
+    monkeypatch.setattr(opt, "_check_params", refuse)
+    _train(m, opt, 3)
+    assert int(opt.param_groups[0]["steps"]) == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_what_the_table_cannot_take_goes_the_python_way(backend, monkeypatch):
+    """grad None on one parameter (frozen, then unfrozen), a contiguous gradient of a
+    channels_last weight, ``p.data = t``: each step equals the Python path's."""
+    runs = []
+    for python in (False, True):
+        with monkeypatch.context() as mp:
+            if python:
+                _python_path(mp)
+            m = _model(channels_last=True)
+            opt = ek.AdamW(m.parameters(), lr=1e-2, ema_decay=0.9, backend=backend)
+            conv, head = m[0].weight, m[3].weight
+            _train(m, opt, 2)
+            head.requires_grad_(False)  # no gradient: its EMA still ticks
+            _train(m, opt, 2)
+            head.requires_grad_(True)
+            _train(m, opt, 2)
+            for _ in range(2):  # a contiguous gradient for the channels_last conv weight
+                for p in m.parameters():
+                    p.grad = torch.full(p.shape, 0.01)  # contiguous, whatever p's layout
+                assert not conv.grad.is_contiguous(memory_format=torch.channels_last)
+                opt.step()
+            with torch.no_grad():
+                head.data = head.detach().clone() * 0.5  # new storage, same shape
+            _train(m, opt, 2)
+            runs.append(_snapshot(m, opt))
+    _assert_same(*runs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_cast_after_steps_raises_before_anything_moves(backend):
+    m = _model()
+    opt = ek.AdamW(m.parameters(), lr=1e-2, ema_decay=0.9, backend=backend)
+    _train(m, opt, 2)
+    before = _snapshot(m, opt)
+    m[3].double()
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="changed from .* after the optimizer stepped it"):
+        opt.step()
+    m[3].float()
+    for p in m.parameters():
+        p.grad = None
+    _assert_same(before, _snapshot(m, opt))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_odd_offset_views_and_empty_parameters(backend, monkeypatch):
+    """Parameters that are views at odd element offsets of one storage, and a 0-element one."""
+    runs = []
+    for python in (False, True):
+        with monkeypatch.context() as mp:
+            if python:
+                _python_path(mp)
+            torch.manual_seed(3)
+            base = torch.randn(1000)
+            ps = [torch.nn.Parameter(base[1:130]), torch.nn.Parameter(base[131:132]),
+                  torch.nn.Parameter(torch.randn(0)), torch.nn.Parameter(base[333:1000])]
+            opt = ek.AdamW(ps, lr=1e-2, ema_decay=0.9, backend=backend)
+            g = torch.Generator().manual_seed(4)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            runs.append([p.detach().clone() for p in ps] + list(opt.ema_parameters()))
+    _assert_same(*runs)
+
+
+def _python_calls_per_step(n: int, backend: str) -> int:
+    ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(n)]
+    opt = ek.AdamW(ps, lr=1e-3, ema_decay=0.9, backend=backend)
+    for p in ps:
+        p.grad = torch.randn(4)
+    opt.step()
+    opt.step()
+    calls = [0]
+
+    def prof(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+    sys.setprofile(prof)
+    try:
+        opt.step()
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_python_work_per_step_does_not_grow_with_the_parameters(backend):
+    """Python function calls in step(): the same for 10 and 2000 parameters (O(groups))."""
+    small, large = _python_calls_per_step(10, backend), _python_calls_per_step(2000, backend)
+    assert large == small, (small, large)
+
+
+def test_step_table_checks_its_inputs():
+    _ext.load_extension()
+    from ema_kernels import _C
+    p = torch.nn.Parameter(torch.randn(5))
+    like = torch.empty(0)
+    state = [[torch.zeros(5)], [torch.zeros(5)]]
+    with pytest.raises(RuntimeError, match="a state list of 2 tensors for 1 parameters"):
+        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(5), torch.zeros(5)]], [], False)
+    with pytest.raises(RuntimeError, match="must be a contiguous float32 tensor of 5"):
+        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(4)]], [], False)
+    with pytest.raises(TypeError, match="dtype Double"):
+        _C.StepTable([p.double()], like.double(), [[5]], [[1]], state, [], False)
+    t = _C.StepTable([p], like, [[5]], [[1]], state, [[p.detach().clone()]], False)
+    assert t.prepare() == _C.STATUS["no_grad"]
+    with pytest.raises(RuntimeError, match="without a successful prepare"):
+        t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [], None, None)
+    p.grad = torch.randn(5).double()
+    assert t.prepare() == _C.STATUS["grad_layout"]
+    p.grad = torch.randn(5)
+    assert t.prepare() == _C.STATUS["ready"]
+    with pytest.raises(RuntimeError, match="Adam needs 3"):
+        t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, True, 1e-2, 0.03, [], None, None)
+    assert t.prepare() == _C.STATUS["ready"]
+    with pytest.raises(RuntimeError, match="2 EMA weights but the table holds 1"):
+        t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [0.1, 0.1], None,
+               None)
+    assert t.prepare() == _C.STATUS["ready"]
+    with pytest.raises(RuntimeError, match="found_inf must have one element"):
+        t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [], None,
+               torch.zeros(2))
+    with torch.no_grad():
+        p.data = torch.randn(6)
+    assert t.prepare() == _C.STATUS["param_changed"]
