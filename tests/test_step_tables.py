@@ -264,8 +264,11 @@ def test_step_table_checks_its_inputs():
     assert t.prepare() == _C.STATUS["no_grad"]
     with pytest.raises(RuntimeError, match="without a successful prepare"):
         t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [], None, None)
-    p.grad = torch.randn(5).double()
-    assert t.prepare() == _C.STATUS["grad_layout"]
+    w = torch.nn.Parameter(torch.randn(2, 3))
+    tw = _C.StepTable([w], like, [[2, 3]], [[3, 1]], [[torch.zeros(6)], [torch.zeros(6)]], [],
+                      False)
+    w.grad = torch.randn(3, 2).t()  # the right shape, transposed strides
+    assert tw.prepare() == _C.STATUS["grad_layout"]
     p.grad = torch.randn(5)
     assert t.prepare() == _C.STATUS["ready"]
     with pytest.raises(RuntimeError, match="Adam needs 3"):
