@@ -47,6 +47,7 @@ enum Status : int {
   kNoGrad = 2,        // a parameter has no gradient this step
   kGradLayout = 3,    // a gradient the kernels cannot take as it is (dtype, shape, strides...)
   kFlatUnbound = 4,   // flatten=True: a parameter or gradient is no longer our buffer's view
+  kMisaligned = 5,    // triton: an address not 16-byte aligned (its list kernel assumes it)
 };
 
 DType kernel_dtype(c10::ScalarType t) {
@@ -77,16 +78,18 @@ class StepTable {
   // params: the set's parameters (the Parameter objects).  state: one list per state role
   // (Adam: exp_avg, exp_avg_sq[, max_exp_avg_sq]; SGD: [momentum_buffer] or none), emas: one
   // list per EMA, each aligned with params and holding the kernel views (1-D aliases for
-  // channels_last tensors).  cuda_kernels: launch fused_cuda.cu's kernels (on the current
-  // stream; emulated on the host in the _C_emu build), else the CPU twin.
+  // channels_last tensors).  kernels: "cuda" launches fused_cuda.cu's kernels (on the current
+  // stream; emulated on the host in the _C_emu build), "cpu" the CPU twin, "triton" nothing:
+  // the table then only prepares, and hands the Triton launcher its pointer table
+  // (triton_table()).
   // like: an empty tensor of the set's dtype and device; shapes/strides: each parameter's when
   // its state was made (a parameter that no longer has them goes the general path).
   StepTable(std::vector<Tensor> params, const Tensor& like, std::vector<std::vector<int64_t>> shapes,
             std::vector<std::vector<int64_t>> strides, std::vector<std::vector<Tensor>> state,
-            std::vector<std::vector<Tensor>> emas, bool cuda_kernels)
+            std::vector<std::vector<Tensor>> emas, const std::string& kernels)
       : params_(std::move(params)), state_(std::move(state)), emas_(std::move(emas)),
-        sizes_(std::move(shapes)), strides_(std::move(strides)), cuda_(cuda_kernels) {
-    init_common(like);
+        sizes_(std::move(shapes)), strides_(std::move(strides)) {
+    init_common(like, kernels);
     const size_t n = params_.size();
     TORCH_CHECK(sizes_.size() == n && strides_.size() == n, "StepTable: ", sizes_.size(),
                 " shapes and ", strides_.size(), " strides for ", n, " parameters");
@@ -106,12 +109,11 @@ class StepTable {
   static StepTable flat(std::vector<Tensor> params, std::vector<Tensor> bound_grads,
                         std::vector<int64_t> param_ptrs, Tensor flat_param, Tensor flat_grad,
                         std::vector<Tensor> state, std::vector<Tensor> emas,
-                        bool cuda_kernels) {
+                        const std::string& kernels) {
     StepTable t;
     t.params_ = std::move(params);
-    t.cuda_ = cuda_kernels;
     t.is_flat_ = true;
-    t.init_common(flat_param);
+    t.init_common(flat_param, kernels);
     TORCH_CHECK(bound_grads.size() == t.params_.size() &&
                     param_ptrs.size() == t.params_.size(),
                 "StepTable.flat: ", bound_grads.size(), " bound gradients and ",
@@ -143,6 +145,7 @@ class StepTable {
             bool decoupled, bool maximize, bool amsgrad, double step_size, double bc2_sqrt,
             const std::vector<double>& ema_weights, const c10::optional<Tensor>& grad_scale,
             const c10::optional<Tensor>& found_inf) {
+    TORCH_CHECK(!triton_, "StepTable.adam: a triton table is launched by Triton");
     AdamArgs a;
     a.lr = lr;
     a.step_size = step_size;
@@ -174,6 +177,7 @@ class StepTable {
   void sgd(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
            bool maximize, bool first_step, const std::vector<double>& ema_weights,
            const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf) {
+    TORCH_CHECK(!triton_, "StepTable.sgd: a triton table is launched by Triton");
     SgdArgs a;
     a.lr = lr;
     a.momentum = momentum;
@@ -200,18 +204,75 @@ class StepTable {
     });
   }
 
+  // The Triton list kernels' table of the prepared step (int64, on the host): address rows
+  // θ, g, `state_rows` state slots (0 where this table has fewer roles), ζ0..ζ3 (0 past
+  // n_emas), a row of sizes, then per BLOCK-sized chunk its tensor index and start.  Returns
+  // (table, number of chunks, a 63-bit hash of the table's content): the launcher keeps device
+  // copies keyed by it, so a steady-state step copies nothing to the device.
+  py::tuple triton_table(int64_t state_rows, int64_t n_emas, int64_t block) {
+    TORCH_CHECK(triton_, "StepTable.triton_table: this table launches its own kernels");
+    TORCH_CHECK(prepared_, "StepTable.triton_table: no successful prepare() in this step");
+    TORCH_CHECK(state_rows >= int64_t(state_.size()) && n_emas <= int64_t(emas_.size()) &&
+                    n_emas <= kMaxEmas && block > 0,
+                "StepTable.triton_table: ", state_rows, " state rows for ", state_.size(),
+                " roles, ", n_emas, " EMAs of ", emas_.size(), ", block ", block);
+    fill_state(int(n_emas));
+    prepared_ = false;
+    const int64_t n = int64_t(table_.size());
+    const int64_t rows = 2 + state_rows + kMaxEmas;
+    int64_t chunks = 0;
+    for (const auto& t : table_) chunks += (t.n + block - 1) / block;
+    Tensor host = at::empty({(rows + 1) * n + 2 * chunks}, at::TensorOptions().dtype(at::kLong));
+    int64_t* out = host.data_ptr<int64_t>();
+    auto addr = [](const void* ptr) { return int64_t(reinterpret_cast<uintptr_t>(ptr)); };
+    for (int64_t i = 0; i < n; ++i) {
+      const TensorPtrs& t = table_[i];
+      const float* state[3] = {t.s0, t.s1, t.s2};
+      out[i] = addr(t.p);
+      out[n + i] = addr(t.g);
+      for (int64_t r = 0; r < state_rows; ++r)
+        out[(2 + r) * n + i] = r < int64_t(state_.size()) && r < 3 ? addr(state[r]) : 0;
+      for (int k = 0; k < kMaxEmas; ++k) out[(2 + state_rows + k) * n + i] = addr(t.z[k]);
+      out[rows * n + i] = t.n;
+    }
+    int64_t* chunk_t = out + (rows + 1) * n;
+    int64_t* chunk_start = chunk_t + chunks;
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t a = 0; a < table_[i].n; a += block, ++c) {
+        chunk_t[c] = i;
+        chunk_start[c] = a;
+      }
+    // splitmix64 over the words: a content key, not a proof (the launcher compares a cached
+    // table's content before it trusts a hit)
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ uint64_t(host.numel());
+    for (int64_t w = 0; w < host.numel(); ++w) {
+      uint64_t x = h ^ uint64_t(out[w]);
+      x += 0x9E3779B97F4A7C15ull;
+      x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+      x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+      h = x ^ (x >> 31);
+    }
+    return py::make_tuple(host, chunks, int64_t(h >> 1));
+  }
+
   int64_t size() const { return int64_t(params_.size()); }
   bool is_flat() const { return is_flat_; }
 
  private:
   StepTable() = default;
 
-  void init_common(const Tensor& like) {
+  void init_common(const Tensor& like, const std::string& kernels) {
     TORCH_CHECK(!params_.empty(), "StepTable: no parameters");
+    TORCH_CHECK(kernels == "cpu" || kernels == "cuda" || kernels == "triton",
+                "StepTable: kernels must be 'cpu', 'cuda' or 'triton', got '", kernels, "'");
+    cuda_ = kernels == "cuda";
+    triton_ = kernels == "triton";
     device_ = like.device();
     sdtype_ = like.scalar_type();
     meta_ = like.dtype();
     dtype_ = kernel_dtype(sdtype_);
+    if (triton_) return;  // launched by Triton, on whatever device it runs
 #ifdef EK_CUDA_EMULATION
     TORCH_CHECK(cuda_, "StepTable: the emulation build has only the CUDA kernels");
     TORCH_CHECK(device_.is_cpu(), "StepTable: the emulated CUDA kernels run on CPU tensors");
@@ -261,6 +322,9 @@ class StepTable {
       TensorPtrs& t = table_[i];
       t.p = p->mutable_data();
       t.g = g->data();
+      if (triton_ && t.n != 0 &&
+          ((reinterpret_cast<uintptr_t>(t.p) | reinterpret_cast<uintptr_t>(t.g)) & 15) != 0)
+        return kMisaligned;
     }
     return kReady;
   }
@@ -376,6 +440,7 @@ class StepTable {
   caffe2::TypeMeta meta_;
   DType dtype_ = DType::kF32;
   bool cuda_ = false;
+  bool triton_ = false;
   bool prepared_ = false;
 };
 
@@ -388,12 +453,12 @@ void add_step_table(PyObject* module) {
                         "One parameter set's per-step host work (csrc/step_table.cpp).")
       .def(py::init<std::vector<Tensor>, const Tensor&, std::vector<std::vector<int64_t>>,
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<Tensor>>,
-                    std::vector<std::vector<Tensor>>, bool>(),
+                    std::vector<std::vector<Tensor>>, const std::string&>(),
            py::arg("params"), py::arg("like"), py::arg("shapes"), py::arg("strides"),
-           py::arg("state"), py::arg("emas"), py::arg("cuda_kernels"))
+           py::arg("state"), py::arg("emas"), py::arg("kernels"))
       .def_static("flat", &StepTable::flat, py::arg("params"), py::arg("bound_grads"),
                   py::arg("param_ptrs"), py::arg("flat_param"), py::arg("flat_grad"),
-                  py::arg("state"), py::arg("emas"), py::arg("cuda_kernels"))
+                  py::arg("state"), py::arg("emas"), py::arg("kernels"))
       .def("prepare", &StepTable::prepare,
            "Read and check every .grad; 0: ready to launch, else the reason it is not")
       .def("adam", &StepTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
@@ -404,13 +469,16 @@ void add_step_table(PyObject* module) {
            py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
            py::arg("first_step"), py::arg("ema_weights"), py::arg("grad_scale"),
            py::arg("found_inf"))
+      .def("triton_table", &StepTable::triton_table, py::arg("state_rows"), py::arg("n_emas"),
+           py::arg("block"))
       .def("__len__", &StepTable::size)
       .def_property_readonly("is_flat", &StepTable::is_flat);
   m.attr("STATUS") = py::dict(py::arg("ready") = int(kReady),
                               py::arg("param_changed") = int(kParamChanged),
                               py::arg("no_grad") = int(kNoGrad),
                               py::arg("grad_layout") = int(kGradLayout),
-                              py::arg("flat_unbound") = int(kFlatUnbound));
+                              py::arg("flat_unbound") = int(kFlatUnbound),
+                              py::arg("misaligned") = int(kMisaligned));
 }
 
 }  // namespace ek

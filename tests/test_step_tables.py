@@ -255,18 +255,18 @@ def test_step_table_checks_its_inputs():
     like = torch.empty(0)
     state = [[torch.zeros(5)], [torch.zeros(5)]]
     with pytest.raises(RuntimeError, match="a state list of 2 tensors for 1 parameters"):
-        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(5), torch.zeros(5)]], [], False)
+        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(5), torch.zeros(5)]], [], "cpu")
     with pytest.raises(RuntimeError, match="must be a contiguous float32 tensor of 5"):
-        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(4)]], [], False)
+        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(4)]], [], "cpu")
     with pytest.raises(TypeError, match="dtype Double"):
-        _C.StepTable([p.double()], like.double(), [[5]], [[1]], state, [], False)
-    t = _C.StepTable([p], like, [[5]], [[1]], state, [[p.detach().clone()]], False)
+        _C.StepTable([p.double()], like.double(), [[5]], [[1]], state, [], "cpu")
+    t = _C.StepTable([p], like, [[5]], [[1]], state, [[p.detach().clone()]], "cpu")
     assert t.prepare() == _C.STATUS["no_grad"]
     with pytest.raises(RuntimeError, match="without a successful prepare"):
         t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [], None, None)
     w = torch.nn.Parameter(torch.randn(2, 3))
     tw = _C.StepTable([w], like, [[2, 3]], [[3, 1]], [[torch.zeros(6)], [torch.zeros(6)]], [],
-                      False)
+                      "cpu")
     w.grad = torch.randn(3, 2).t()  # the right shape, transposed strides
     assert tw.prepare() == _C.STATUS["grad_layout"]
     p.grad = torch.randn(5)

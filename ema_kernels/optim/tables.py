@@ -30,15 +30,15 @@ def _module_for(backend, device):
     """The compiled module whose tables launch ``backend``'s kernels on ``device``, or None."""
     name = getattr(backend, "NAME", None)
     if name == "cpp":
-        lib, cuda = _ext.MAIN, False
+        lib, kernels = _ext.MAIN, "cpu"
     elif name == "cuda":  # CPU tensors reach the cuda backend only in the emulation build
-        lib, cuda = (_ext.EMU if device.type == "cpu" else _ext.MAIN), True
+        lib, kernels = (_ext.EMU if device.type == "cpu" else _ext.MAIN), "cuda"
     else:  # reference, triton: their own host paths
-        return None, False
+        return None, None
     if not lib.loaded:  # the backend resolved, so its library loaded; be safe anyway
-        return None, False
+        return None, None
     mod = importlib.import_module(lib.module)
-    return getattr(mod, "StepTable", None), cuda
+    return getattr(mod, "StepTable", None), kernels
 
 
 def table_for(ts: layout.TensorSet, backend, capturable: bool):
@@ -55,7 +55,7 @@ def table_for(ts: layout.TensorSet, backend, capturable: bool):
     ts.table, ts.table_backend, ts.table_bound = UNUSABLE, backend, None
     if capturable or ts.dtensor or any(k == layout.STRIDED for k in ts.kinds):
         return None
-    cls, cuda = _module_for(backend, ts.device)
+    cls, kernels = _module_for(backend, ts.device)
     if cls is None:
         return None
     roles = [ts.views[r] for r in ts.roles]
@@ -68,11 +68,11 @@ def table_for(ts: layout.TensorSet, backend, capturable: bool):
             return None  # until zero_grad(set_to_none=False) binds flat gradients
         ts.table = cls.flat(ts.params, fb.bound_grads, fb.param_ptrs, fb.param, fb.grad,
                             [fb.roles[r] for r in ts.roles], [fb.roles[k] for k in ts.ema_keys],
-                            cuda)
+                            kernels)
         ts.table_bound = fb.bound_grads
     else:
         like = torch.empty(0, dtype=ts.dtype, device=ts.device)
-        ts.table = cls(ts.params, like, ts.shapes, ts.strides, roles, emas, cuda)
+        ts.table = cls(ts.params, like, ts.shapes, ts.strides, roles, emas, kernels)
     return ts.table
 
 
