@@ -35,10 +35,15 @@ class StepMixin:
         attributes GradScaler sets): gradients are divided by ``grad_scale``; a step with
         ``found_inf != 0`` changes nothing — parameters, state, EMA and counters.
         """
-        return self._step_eager(closure, grad_scale, found_inf)
+        if torch.compiler.is_compiling():  # dynamo tracing: a graph break, run eagerly
+            return self._step_graph_break(closure, grad_scale, found_inf)
+        return self._step_eager(closure, grad_scale, found_inf)  # eager: skip the wrapper's µs
 
     @torch.compiler.disable(reason="ema_kernels' step is one fused launch per parameter set "
                                    "planned in Python; it runs eagerly (a graph break)")
+    def _step_graph_break(self, closure, grad_scale, found_inf):
+        return self._step_eager(closure, grad_scale, found_inf)
+
     def _step_eager(self, closure, grad_scale, found_inf):
         if self._swapped:
             raise RuntimeError("optimizer.step() inside `with opt.swap_ema():` — the parameters "
