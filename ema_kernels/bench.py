@@ -44,6 +44,10 @@ then the *effective* bandwidth of every row for the same job, whatever the row a
 the baselines their EMA in the parameter dtype, i.e. fewer bytes and less precision than
 ema_kernels' fp32 state and EMA).
 
+``--host`` times something else: the host (CPU-side) µs of one ``step()`` call at
+:data:`HOST_NUMEL`-element tensors over a sweep of tensor counts (``--tensors K [K ...]``,
+default :data:`HOST_TENSORS`), fresh gradients every step; see :func:`run_host`.
+
 Timing: CPU — ``time.perf_counter`` around batches of calls (each sample >= 2 ms), the rows
 of a size sampled in turns (round-robin, so a busy machine slows them alike), median per row;
 CUDA — ``triton.testing.do_bench`` (median; L2 flushed between calls), CUDA events if triton is
@@ -68,7 +72,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 __all__ = ["bytes_per_param", "torch_clip_bytes_per_param", "main", "run", "Case",
-           "row_names", "build_row", "KEYS"]
+           "row_names", "build_row", "KEYS", "run_host", "host_row_names", "HOST_KEYS"]
 
 KEYS = ("name", "device", "optimizer", "dtype", "numel", "tensors", "ema_every", "emas", "ms",
         "bytes_per_param", "gbps", "pct_of_copy", "speedup", "clip")
