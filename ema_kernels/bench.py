@@ -1035,7 +1035,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run only these rows (exact names as in the table; e.g. to keep a "
                         "large case within the interleaved-timing memory bound)")
     p.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timed samples per row (CPU; default: as many as fit ~0.25 s, 3..50)")
+                   help="timed samples per row (CPU; default: as many as fit ~0.25 s, 3..50; "
+                        "--host: timed steps per row, default 60000/K within 30..1000)")
     p.add_argument("--warmup", type=_positive_int, default=2, help="warm-up calls per row (CPU)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (torch.set_num_threads); default: torch's default")
