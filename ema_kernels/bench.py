@@ -1130,7 +1130,7 @@ def _main_host(args, device: str) -> int:
                                      ("--emas", args.emas != 1),
                                      ("--ema-every", args.ema_every != 1)) if on]
     if ignored:
-        print(f"error: {' '.join(ignored)} do not apply to --host (it times {HOST_NUMEL}-element "
+        print(f"error: {' '.join(ignored)}: not used by --host (it times {HOST_NUMEL}-element "
               f"tensors, one EMA updated every step)", file=sys.stderr)
         return 2
     names = host_row_names(args.optimizer)

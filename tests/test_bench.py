@@ -316,7 +316,7 @@ def test_bench_host_plot_and_option_errors(tmp_path, capsys):
     assert bench.main(HOST + ["--rows", "ek[cpp]"]) == 2
     assert "not rows of --host" in capsys.readouterr().err
     assert bench.main(HOST + ["--clip"]) == 2
-    assert "do not apply to --host" in capsys.readouterr().err
+    assert "not used by --host" in capsys.readouterr().err
     # without --host, --tensors keeps its meaning: one K
     assert bench.main(TINY + ["--tensors", "3", "4"]) == 2
     assert "several tensor counts" in capsys.readouterr().err
