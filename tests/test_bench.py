@@ -258,3 +258,65 @@ def test_bench_rows_option_and_its_error(tmp_path, capsys):
     assert [r["name"] for r in json.loads(path.read_text())] == keep
     assert bench.main(TINY + ["--clip", "--rows", "torch fused + loop EMA"]) == 2
     assert "not rows of this run" in capsys.readouterr().err
+
+
+# --- --host: host µs per step() at tiny tensors ---------------------------------------------
+HOST = ["--host", "--device", "cpu", "--tensors", "2", "5", "--repeats", "3", "--warmup", "1",
+        "--quiet"]
+
+
+def test_bench_host_rows_and_keys(tmp_path, capsys):
+    """Every row at every tensor count, positive times, speedup relative to torch fused (never
+    a speed assertion: the numbers depend on the machine)."""
+    path = tmp_path / "host.json"
+    assert bench.main(HOST + ["--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    names = bench.host_row_names("adamw")
+    assert names[2] == bench.HOST_BASELINE
+    assert [(r["tensors"], r["name"]) for r in rows] == [(k, n) for k in (2, 5) for n in names]
+    for r in rows:
+        assert list(r) == list(bench.HOST_KEYS)
+        assert r["us"] > 0 and math.isfinite(r["us"]), r
+        assert r["us_per_tensor"] == pytest.approx(r["us"] / r["tensors"])
+        assert r["numel_per_tensor"] == bench.HOST_NUMEL and r["repeats"] == 3
+        assert r["speedup"] > 0
+        assert r["backend"] == (bench._host_backend("cpu") if r["name"].startswith("ek ")
+                                else "torch")
+        if r["name"] == bench.HOST_BASELINE:
+            assert r["speedup"] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert "| 5 | ek flat |" in out and "µs/step" in out
+
+
+def test_bench_host_feeds_fresh_gradients():
+    """The default layout gets new gradient objects each step (as after a backward), the flat
+    layout new values in its bound views; both optimizers really step on them."""
+    case = bench.Case(numel=3 * bench.HOST_NUMEL, tensors=3)
+    row = bench._HostRow("ek default", case, "reference")
+    first = [p.grad for p in row.params]
+    row.feed()
+    assert all(p.grad is not g for p, g in zip(row.params, first))
+    flat = bench._HostRow("ek flat", case, "reference")
+    views = [p.grad for p in flat.params]
+    flat.feed()
+    assert all(p.grad is v for p, v in zip(flat.params, views))
+    assert all(torch.equal(v, g) for v, g in zip(views, flat.grad_sets[flat.turn]))
+    for r in (row, flat):
+        before = [p.detach().clone() for p in r.params]
+        r.step()
+        assert not any(torch.equal(p, b) for p, b in zip(r.params, before))
+
+
+def test_bench_host_plot_and_option_errors(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "host.png"
+    assert bench.main(HOST + ["--rows", "ek default", bench.HOST_BASELINE, "--plot",
+                              str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.main(HOST + ["--rows", "ek[cpp]"]) == 2
+    assert "not rows of --host" in capsys.readouterr().err
+    assert bench.main(HOST + ["--clip"]) == 2
+    assert "not used by --host" in capsys.readouterr().err
+    # without --host, --tensors keeps its meaning: one K
+    assert bench.main(TINY + ["--tensors", "3", "4"]) == 2
+    assert "several tensor counts" in capsys.readouterr().err
