@@ -186,3 +186,22 @@ def test_python_m_ema_kernels_bench(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["python -m ema_kernels"])  # argv is passed, not read
     assert cli_main(argv) == 0
     _check_rows(json.loads(path.read_text()), optimizer="adamw", dtype="fp32", ema_every=1)
+
+
+def test_stochastic_rounding_rows(capsys):
+    """--stochastic-rounding adds an ek[...,sr] row after each ek row (bf16 here), timed like
+    the others; the SR optimizer it builds really rounds stochastically."""
+    assert bench.main(TINY + ["--dtype", "bf16", "--stochastic-rounding", "--json",
+                              "/dev/null"]) == 0
+    out = capsys.readouterr().out
+    ek_rows = [n for n in bench.row_names("cpu", stochastic_rounding=True) if n.startswith("ek[")]
+    plain = [n for n in _expected_names() if n.startswith("ek[")]
+    assert ek_rows[0::2] == plain and ek_rows[1::2] == [n[:-1] + ",sr]" for n in plain]
+    for name in ek_rows:
+        assert f"| {name} " in out or f"|{name}" in out or name in out
+    case = bench.Case(dtype="bf16", numel=300, tensors=3)
+    fn, (opt, params) = bench.build_row("ek[reference,sr]", case)
+    assert opt.param_groups[0]["stochastic_rounding"] is True
+    fn()
+    _, (opt_rn, _) = bench.build_row("ek[reference]", case)
+    assert opt_rn.param_groups[0]["stochastic_rounding"] is False
