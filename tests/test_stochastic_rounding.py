@@ -353,6 +353,45 @@ def test_sgd_bit_identical_on_every_backend_and_layout(request, backend, dtype, 
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=_ids)
+@pytest.mark.parametrize("backend", _backends()[1:])
+def test_adamw_bits_match_the_reference(request, backend, dtype):
+    # AdamW's float32 θ agrees across these backends on this data (the design allows an fp32
+    # ulp of FMA-contraction difference for reference/triton, which SR would turn into a
+    # different bit with probability ~2^-16 per element); SR must add no difference of its own
+    want_p, want_z, _ = _run(ek.AdamW, "reference", dtype, steps=3)
+    got_p, got_z, _ = _run(ek.AdamW, _backend_name(backend, request), dtype, steps=3)
+    for a, b in zip(got_p, want_p):
+        assert torch.equal(_bits16(a), _bits16(b))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_ids)
+@pytest.mark.parametrize("backend", _backends()[1:])
+def test_default_offsets_are_the_lists_flat_layout(request, backend, dtype):
+    # backend level, sr_offsets omitted: tensor i starts where the list's flat layout puts it
+    from ema_kernels.backends import reference
+    mod = importlib.import_module(
+        "ema_kernels.backends." + {"cpp": "cpp", "cuda-emulated": "cuda",
+                                   "triton": "triton_kernels"}[backend])
+    _backend_name(backend, request)
+    ps = [p.detach() for p in _make_params(dtype, 12)]
+    gs = _grads(ps, 0, 12)
+    kw = dict(lr=2 ** -5, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+              maximize=False, first_step=True, ema_weight=None, stochastic_rounding=True,
+              sr_seed=77, sr_step=3)
+    a, b = [p.clone() for p in ps], [p.clone() for p in ps]
+    reference.sgd_ema(a, gs, None, None, **kw)
+    mod.sgd_ema(b, gs, None, None, **kw)
+    offs = _sr.flat_offsets([p.numel() for p in ps])
+    c = [p.clone() for p in ps]
+    reference.sgd_ema(c, gs, None, None, **kw, sr_offsets=offs)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(_bits16(x), _bits16(y)) and torch.equal(_bits16(x), _bits16(z))
+    d = [p.clone() for p in ps]  # other bases: other bits
+    reference.sgd_ema(d, gs, None, None, **kw, sr_offsets=[o + 1 for o in offs])
+    assert any(not torch.equal(_bits16(x), _bits16(w)) for x, w in zip(a, d))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_ids)
 def test_odd_offset_views_and_frozen_parameters(request, dtype):
     frozen = {1: (1, 2), 3: (0,)}  # parameters without a gradient on some steps
     want = _run(ek.SGD, "reference", dtype, kw=SGD_EXACT, odd_view=True, frozen=frozen)

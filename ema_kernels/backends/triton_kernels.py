@@ -81,17 +81,23 @@ if triton is not None:
         return x ^ (x >> 15)
 
     @triton.jit
-    def _store_param(p_ptr, offs, theta, mask, sr_base, k0, k1, SR: tl.constexpr):
+    def _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR: tl.constexpr):
         """Store θ in the parameter's dtype (round to nearest even, or stochastically with SR);
         return θ as stored, fp32.
 
-        SR (stochastic rounding, bf16/fp16): element ``sr_base + offs`` draws the 32 random bits
-        sr_bits((k0, k1), index) of fused_math.h and is rounded as bf16_round_sr / f16_round_sr
-        round it: the same integer arithmetic, so the same bits as every other backend."""
+        SR (stochastic rounding, bf16/fp16): lane j of the block (offsets ``offs``, consecutive)
+        is element index ``sr_start + j`` (the block's first element's index, an int64 scalar)
+        and draws the 32 random bits sr_bits((k0, k1), index) of fused_math.h, rounded as
+        bf16_round_sr / f16_round_sr round it: the same integer arithmetic, so the same bits as
+        every other backend.  The index's halves are formed in 32 bits (the low half wraps,
+        its carry bumps the high half): no 64-bit vector, which the 3- and 4-EMA kernels have
+        no registers left for."""
         if SR:
-            idx = sr_base + offs                                   # int64 element index
-            h = _sr_mix(idx.to(tl.uint32) ^ k0.to(tl.uint32, bitcast=True))
-            r = _sr_mix(h ^ (idx >> 32).to(tl.uint32) ^ k1.to(tl.uint32, bitcast=True))
+            lo0 = sr_start.to(tl.uint32)
+            lo = lo0 + tl.arange(0, offs.shape[0]).to(tl.uint32)
+            hi = (sr_start >> 32).to(tl.uint32) + (lo < lo0).to(tl.uint32)
+            h = _sr_mix(lo ^ k0.to(tl.uint32, bitcast=True))
+            r = _sr_mix(h ^ hi ^ k1.to(tl.uint32, bitcast=True))
             u = theta.to(tl.uint32, bitcast=True)
             a = u & 0x7FFFFFFF
             if p_ptr.dtype.element_ty == tl.bfloat16:
@@ -140,7 +146,7 @@ if triton is not None:
     @triton.jit
     def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                    mask, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, sr_base, k0, k1,
+                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, sr_start, k0, k1,
                    N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr):
         # All loads first: stores cannot be proven not to alias later loads, so issuing the
         # loads up front keeps every stream's requests in flight together.
@@ -181,7 +187,7 @@ if triton is not None:
         tl.store(v_ptr + offs, v, mask=mask)
         if AMSGRAD:
             tl.store(vmax_ptr + offs, vmax, mask=mask)
-        stored = _store_param(p_ptr, offs, theta, mask, sr_base, k0, k1, SR)
+        stored = _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR)
         # ζ_k.lerp_(θ as stored, 1 − ρ̂_k)
         if N_EMAS > 0:
             d = stored - z0
@@ -203,7 +209,7 @@ if triton is not None:
     @triton.jit
     def _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, scale,
                   grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                  w0, w1, w2, w3, has_scale, sr_base, k0, k1, N_EMAS: tl.constexpr,
+                  w0, w1, w2, w3, has_scale, sr_start, k0, k1, N_EMAS: tl.constexpr,
                   HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr):
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -234,7 +240,7 @@ if triton is not None:
                 g = buf
         theta = theta + neg_lr * g
 
-        stored = _store_param(p_ptr, offs, theta, mask, sr_base, k0, k1, SR)
+        stored = _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR)
         if N_EMAS > 0:
             d = stored - z0
             z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, stored - d * (1.0 - w0))
@@ -275,12 +281,12 @@ if triton is not None:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
             else:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, offs < n, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, grad_scale_ptr,
@@ -295,13 +301,13 @@ if triton is not None:
             if start + BLOCK <= n:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                           grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                          first_step, w0, w1, w2, w3, has_scale, sr_base, k0, k1, N_EMAS,
+                          first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0, k1, N_EMAS,
                           HAS_MOMENTUM, SR)
             else:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n,
                           scale, grad_sign, weight_decay, momentum, dampening_w, neg_lr,
-                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base, k0, k1,
-                          N_EMAS, HAS_MOMENTUM, SR)
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0,
+                          k1, N_EMAS, HAS_MOMENTUM, SR)
 
     @triton.jit
     def _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1, w2, w3,
@@ -401,12 +407,12 @@ if triton is not None:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
             else:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, offs < numel, scale, beta1_w, beta2, beta2_w, eps, decay,
                            l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
-                           has_scale, sr_base, k0, k1, N_EMAS, AMSGRAD, SR)
+                           has_scale, sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
@@ -454,22 +460,23 @@ if triton is not None:
             if start + BLOCK <= numel:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                           grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                          first_step, w0, w1, w2, w3, has_scale, sr_base, k0, k1, N_EMAS,
+                          first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0, k1, N_EMAS,
                           HAS_MOMENTUM, SR)
             else:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                           offs < numel, scale, grad_sign, weight_decay, momentum, dampening_w,
-                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base, k0,
-                          k1, N_EMAS, HAS_MOMENTUM, SR)
+                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
+                          sr_base + start, k0, k1, N_EMAS, HAS_MOMENTUM, SR)
 
 
     @triton.jit(do_not_specialize=["n", "sr_base", "k0", "k1"])
     def _sr_round_kernel(x_ptr, out_ptr, n, sr_base, k0, k1, BLOCK: tl.constexpr):
         """Stochastic rounding alone (the kernels' _store_param with SR): for the tests."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
-        _store_param(out_ptr, offs, x, mask, sr_base, k0, k1, True)
+        _store_param(out_ptr, offs, x, mask, sr_base + start, k0, k1, True)
 
 
 def sr_round(x: Tensor, dtype: torch.dtype, seed: int, step: int, base: int = 0) -> Tensor:
