@@ -36,6 +36,7 @@ void adam_loop(typename S::raw* __restrict p, const typename S::raw* __restrict 
   using R = typename S::raw;
   const StaticAdamCfg<L2, SCALE> cfg;
   const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
   for (int64_t i = 0; i < n; ++i) {
     R pi = p[i];
     float mi = m[i], vi = v[i];
@@ -45,8 +46,9 @@ void adam_loop(typename S::raw* __restrict p, const typename S::raw* __restrict 
     if (NZ > 1) zi[1] = z1[i];
     if (NZ > 2) zi[2] = z2[i];
     if (NZ > 3) zi[3] = z3[i];
-    // idx0 + i: the element's index for stochastic rounding (a no-op for other types)
-    const uint32_t rb = S::kStochastic ? sr_bits(key, idx0 + uint64_t(i)) : 0u;
+    // idx0 + i: the element's index for stochastic rounding (a no-op for other types); a
+    // range is at most one chunk (< 2^32 elements), so i fits 32 bits
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
     adam_ema_element<S, AMSGRAD, NZ>(pi, g[i], mi, vi, vmi, zi, s, scale, cfg, rb);
     p[i] = pi;
     m[i] = mi;
@@ -82,6 +84,7 @@ void sgd_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g
   using R = typename S::raw;
   const StaticSgdCfg<L2, SCALE, NESTEROV> cfg;
   const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
   for (int64_t i = 0; i < n; ++i) {
     R pi = p[i];
     float bi = MODE == kMomentum ? buf[i] : 0.0f;
@@ -90,7 +93,7 @@ void sgd_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g
     if (NZ > 1) zi[1] = z1[i];
     if (NZ > 2) zi[2] = z2[i];
     if (NZ > 3) zi[3] = z3[i];
-    const uint32_t rb = S::kStochastic ? sr_bits(key, idx0 + uint64_t(i)) : 0u;
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
     sgd_ema_element<S, MODE, NZ>(pi, g[i], bi, zi, s, scale, cfg, rb);
     p[i] = pi;
     if (MODE != kNoMomentum) buf[i] = bi;

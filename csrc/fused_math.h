@@ -415,8 +415,8 @@ EK_HD uint32_t sr_mix(uint32_t x) {
   return x;
 }
 
-// The per-launch key of (seed, step): formed once per launch (on the host; on the device only
-// where the step is a device value), so an element costs two sr_mix.
+// The per-launch key of (seed, step): formed once per launch (on the host), so an element
+// costs one sr_mix.
 struct SrKey {
   uint32_t k0 = 0, k1 = 0;
 };
@@ -431,10 +431,40 @@ EK_HD SrKey sr_key(uint64_t seed, uint64_t step) {
   return k;
 }
 
-// The 32 random bits of element `idx` (its offset in the set's flat layout, see layout.py).
+// The index's high half enters through a multiple of the golden-ratio constant (below 2^31,
+// for the torch twin's int64 products) xor k1: distinct high halves shift the low half's
+// inputs apart, at no cost for the common hi = 0 (a per-launch constant).
+constexpr uint32_t kSrHiMul = 0x61C88647u;
+
+EK_HD uint32_t sr_hi_term(const SrKey& k, uint32_t hi) { return (hi * kSrHiMul) ^ k.k1; }
+
+// The 32 random bits of the element whose index (its offset in the set's flat layout, see
+// layout.py) has low and high halves lo, hi: one sr_mix of the index xor the key, which for
+// a fixed key is a bijection of the low half (distinct elements, distinct inputs) and for a
+// fresh key per step fresh bits per element.
+EK_HD uint32_t sr_bits32(const SrKey& k, uint32_t lo, uint32_t hi) {
+  return sr_mix(lo ^ k.k0 ^ sr_hi_term(k, hi));
+}
+
 EK_HD uint32_t sr_bits(const SrKey& k, uint64_t idx) {
-  const uint32_t h = sr_mix(uint32_t(idx) ^ k.k0);
-  return sr_mix(h ^ uint32_t(idx >> 32) ^ k.k1);
+  return sr_bits32(k, uint32_t(idx), uint32_t(idx >> 32));
+}
+
+// Element i of a run starting at index base: the same bits as sr_bits(k, base + i) in 32-bit
+// arithmetic only (the low half wraps, its carry selects the next high half's term), so CPU
+// loops vectorise without 64-bit lanes.  The run's two high terms are computed once.
+struct SrRun {
+  uint32_t lo0, h0, h1;  // base's low half; the high terms of base's high half and the next
+};
+
+EK_HD SrRun sr_run(const SrKey& k, uint64_t base) {
+  const uint32_t hi = uint32_t(base >> 32);
+  return SrRun{uint32_t(base), sr_hi_term(k, hi), sr_hi_term(k, hi + 1u)};
+}
+
+EK_HD uint32_t sr_bits_at(const SrKey& k, const SrRun& run, uint32_t i) {
+  const uint32_t lo = run.lo0 + i;
+  return sr_mix(lo ^ k.k0 ^ (lo < run.lo0 ? run.h1 : run.h0));
 }
 
 // bf16: the top 16 bits of the float32 pattern after adding 16 random bits to the 16 that are

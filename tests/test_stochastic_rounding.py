@@ -73,8 +73,8 @@ def _triton():
 # ----------------------------------------------------------------------------------------------
 def _bits_py(seed, step, idx):
     k0, k1 = _sr.key(seed, step)
-    h = _sr.mix((idx & _sr.MASK32) ^ k0)
-    return _sr.mix(h ^ (idx >> 32) ^ k1)
+    hi_term = (((idx >> 32) * 0x61C88647) & _sr.MASK32) ^ k1
+    return _sr.mix((idx & _sr.MASK32) ^ k0 ^ hi_term)
 
 
 def test_hash_tensor_matches_python_ints():

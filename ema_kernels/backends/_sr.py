@@ -57,10 +57,14 @@ def _mix_t(x: Tensor) -> Tensor:
     return x.bitwise_xor_(x >> 15)
 
 
+HI_MUL = 0x61C88647  # kSrHiMul
+
+
 def bits(k: Tuple[int, int], idx: Tensor) -> Tensor:
-    """``sr_bits``: the 32 random bits (int64 in [0, 2^32)) of element indices ``idx`` (int64)."""
-    h = _mix_t(idx & MASK32 ^ k[0])
-    return _mix_t(h.bitwise_xor_((idx >> 32) ^ k[1]))
+    """``sr_bits``: the 32 random bits (int64 in [0, 2^32)) of element indices ``idx`` (int64):
+    one mix of ``lo ^ k0 ^ ((hi * HI_MUL) mod 2^32 ^ k1)``."""
+    hi_term = ((idx >> 32) * HI_MUL).bitwise_and_(MASK32).bitwise_xor_(k[1])
+    return _mix_t((idx & MASK32).bitwise_xor_(k[0]).bitwise_xor_(hi_term))
 
 
 def _f32_bits(x: Tensor) -> Tensor:

@@ -96,8 +96,8 @@ if triton is not None:
             lo0 = sr_start.to(tl.uint32)
             lo = lo0 + tl.arange(0, offs.shape[0]).to(tl.uint32)
             hi = (sr_start >> 32).to(tl.uint32) + (lo < lo0).to(tl.uint32)
-            h = _sr_mix(lo ^ k0.to(tl.uint32, bitcast=True))
-            r = _sr_mix(h ^ hi ^ k1.to(tl.uint32, bitcast=True))
+            hi_term = (hi * 0x61C88647) ^ k1.to(tl.uint32, bitcast=True)  # kSrHiMul
+            r = _sr_mix(lo ^ k0.to(tl.uint32, bitcast=True) ^ hi_term)
             u = theta.to(tl.uint32, bitcast=True)
             a = u & 0x7FFFFFFF
             if p_ptr.dtype.element_ty == tl.bfloat16:
