@@ -95,9 +95,13 @@ if triton is not None:
         if SR:
             lo0 = sr_start.to(tl.uint32)
             lo = lo0 + tl.arange(0, offs.shape[0]).to(tl.uint32)
-            hi = (sr_start >> 32).to(tl.uint32) + (lo < lo0).to(tl.uint32)
-            hi_term = (hi * 0x61C88647) ^ k1.to(tl.uint32, bitcast=True)  # kSrHiMul
-            r = _sr_mix(lo ^ k0.to(tl.uint32, bitcast=True) ^ hi_term)
+            # the high half's term (fused_math.h sr_hi_term) for the block's high half and the
+            # next, as scalars; a lane whose low half wrapped takes the second (SrRun)
+            hi0 = (sr_start >> 32).to(tl.uint32)
+            k1u = k1.to(tl.uint32, bitcast=True)
+            h0 = (hi0 * 0x61C88647) ^ k1u
+            h1 = ((hi0 + 1) * 0x61C88647) ^ k1u
+            r = _sr_mix(lo ^ k0.to(tl.uint32, bitcast=True) ^ tl.where(lo < lo0, h1, h0))
             u = theta.to(tl.uint32, bitcast=True)
             a = u & 0x7FFFFFFF
             if p_ptr.dtype.element_ty == tl.bfloat16:
@@ -109,15 +113,20 @@ if triton is not None:
             else:
                 sign = (u >> 16) & 0x8000
                 e = a >> 23
-                normal = (a - (112 << 23) + (r & 0x1FFF)) >> 13
+                # f16_round_sr's two branches folded into one add-and-shift (the same
+                # function, fewer live registers: the 4-EMA AMSGrad kernel spilled on sm_80
+                # otherwise): normals add 13 random bits to the rebiased pattern, subnormals
+                # sh bits to the significand shifted right by pre
                 eff = tl.where(e > 0, e, 1)
                 mant = (a & 0x7FFFFF) | tl.where(e > 0, 0x800000, 0)
-                sh_s = 126 - eff  # wraps for e > 126: that branch is not selected
+                sh_s = 126 - eff  # wraps for e > 126: the normal branch is selected there
                 sh = tl.where(sh_s < 31, sh_s, 31)
                 pre = tl.where(sh_s - sh < 31, sh_s - sh, 31)
-                one = (sh & 0) + 1
-                sub = ((mant >> pre) + (r & ((one << sh) - 1))) >> sh
-                res = tl.where(e >= 113, normal, sub)
+                is_normal = e >= 113
+                val = tl.where(is_normal, a - (112 << 23), mant >> pre)
+                shift = tl.where(is_normal, 13, sh)
+                one = (shift & 0) + 1
+                res = (val + (r & ((one << shift) - 1))) >> shift
                 res = tl.where(e >= 143, 0x7C00, res)
                 res = tl.where(a > 0x7F800000, 0x7E00, res)
                 half = (sign | res).to(tl.uint16).to(tl.float16, bitcast=True)
