@@ -1,7 +1,9 @@
 // bindings.cpp -- torch.library registrations of the fused optimizer + EMA ops.
 //
 // Namespace `ema_kernels_ext` (torch.ops.ema_kernels_ext.*).  Every op mutates tensor lists in
-// place and returns nothing.  `emas` holds the lists of up to kMaxEmas EMAs concatenated
+// place and returns nothing.  adam_ema_ / sgd_ema_ take stochastic rounding's flag, seed, step
+// and per-tensor element-index bases (`sr_offsets`; see sr_prepare); off by default, and then
+// the ops are bit for bit what they were.  `emas` holds the lists of up to kMaxEmas EMAs concatenated
 // (EMA-major), with one weight each (`ema_weights`, or the capturable ops' `ema_weight` tensor
 // with one element per EMA): all of them are updated in the same pass; the schemas declare each mutated list (`Tensor(a!)[]`) so that
 // functionalization / torch.compile see the writes.  Fake (meta) implementations are registered
@@ -18,6 +20,7 @@
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -228,6 +231,41 @@ std::vector<TensorPtrs> sgd_ptrs(const at::TensorList params, const at::TensorLi
   return ts;
 }
 
+// ------------------------------------------------------------------------------------------
+// Stochastic rounding (issue 15): the call's flag, seed and step, and each tensor's element
+// index base (TensorPtrs::sr_base).  Without sr_offsets the tensors are numbered as the flat
+// layout of this list would place them (layout.py: cumulative numels rounded up to 16).
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kSrAlign = 16;  // layout.ALIGN
+
+SrArgs sr_prepare(const Checker& c, std::vector<TensorPtrs>& ts, bool on, int64_t seed,
+                  int64_t step, const at::OptionalIntArrayRef& offsets) {
+  SrArgs sr;
+  if (!on) return sr;
+  TORCH_CHECK(seed >= 0, c.op, ": sr_seed=", seed, " must be >= 0 (a 63-bit seed)");
+  TORCH_CHECK(step >= 0, c.op, ": sr_step=", step, " must be >= 0 (the step count t)");
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->size() == ts.size(), c.op, ": sr_offsets has ", offsets->size(),
+                " entries but params has ", ts.size(), "; give one element-index base per "
+                "tensor");
+    for (size_t i = 0; i < ts.size(); ++i) {
+      TORCH_CHECK((*offsets)[i] >= 0, c.op, ": sr_offsets[", i, "]=", (*offsets)[i],
+                  " must be >= 0");
+      ts[i].sr_base = (*offsets)[i];
+    }
+  } else {
+    int64_t at = 0;
+    for (auto& t : ts) {
+      t.sr_base = at;
+      at += (t.n + kSrAlign - 1) / kSrAlign * kSrAlign;
+    }
+  }
+  sr.on = c.pdtype != c10::ScalarType::Float;  // fp32 is stored exactly: nothing to round
+  sr.seed = uint64_t(seed);
+  sr.step = uint64_t(step);
+  return sr;
+}
+
 // The host EMA weights of a plain call (one per EMA; empty: no EMA this step).
 void set_ema_weights(double* out, const std::vector<double>& w) {
   for (size_t k = 0; k < w.size() && k < size_t(kMaxEmas); ++k) out[k] = w[k];
@@ -280,10 +318,13 @@ AdamCall adam_prepare_plain(const char* op, at::TensorList params, at::TensorLis
                             bool decoupled, bool maximize, double step_size,
                             double bias_correction2_sqrt, std::vector<double> ema_weights,
                             const c10::optional<Tensor>& grad_scale,
-                            const c10::optional<Tensor>& found_inf) {
+                            const c10::optional<Tensor>& found_inf, bool stochastic_rounding,
+                            int64_t sr_seed, int64_t sr_step,
+                            at::OptionalIntArrayRef sr_offsets) {
   AdamCall call = adam_prepare(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
                                int64_t(ema_weights.size()), beta1, beta2, eps, weight_decay,
                                decoupled, maximize, grad_scale, found_inf);
+  call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
   call.a.lr = lr;
   call.a.step_size = step_size;
   call.a.bc2_sqrt = bias_correction2_sqrt;
@@ -298,12 +339,17 @@ AdamCall adam_prepare_capturable(const char* op, at::TensorList params, at::Tens
                                  double beta2, double eps, double weight_decay, bool decoupled,
                                  bool maximize, const c10::optional<Tensor>& ema_weight,
                                  const c10::optional<Tensor>& grad_scale,
-                                 const c10::optional<Tensor>& found_inf) {
+                                 const c10::optional<Tensor>& found_inf,
+                                 bool stochastic_rounding, int64_t sr_seed, int64_t sr_step,
+                                 at::OptionalIntArrayRef sr_offsets) {
   const bool has_ema = ema_weight.has_value() && ema_weight->defined();
   const int64_t n_emas = has_ema ? ema_weight->numel() : 0;
   AdamCall call = adam_prepare(op, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
                                n_emas, beta1, beta2, eps, weight_decay, decoupled, maximize,
                                grad_scale, found_inf);
+  // The step of stochastic rounding's key is a host value here (sr_step): the device-scalar
+  // ops serve a host-counted step with a tensor lr; capturable=True refuses SR in Python.
+  call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
   if (params.empty()) return call;
   call.a.capturable = true;
   call.a.cap.lr = call.c.scalar(lr, "lr");
@@ -335,11 +381,12 @@ void adam_cuda_run(AdamCall&& call) {
       double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, \
       bool maximize, double step_size, double bias_correction2_sqrt,                         \
       std::vector<double> ema_weights, const c10::optional<Tensor>& grad_scale,               \
-      const c10::optional<Tensor>& found_inf
+      const c10::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t sr_seed,      \
+      int64_t sr_step, at::OptionalIntArrayRef sr_offsets
 #define EK_ADAM_PLAIN_FWD                                                                     \
   params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1, beta2, eps,         \
       weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weights,       \
-      grad_scale, found_inf
+      grad_scale, found_inf, stochastic_rounding, sr_seed, sr_step, sr_offsets
 
 #define EK_ADAM_CAPT_ARGS                                                                     \
   at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,                       \
@@ -347,10 +394,12 @@ void adam_cuda_run(AdamCall&& call) {
       const Tensor& lr, const Tensor& step, double beta1, double beta2, double eps,           \
       double weight_decay, bool decoupled, bool maximize,                                     \
       const c10::optional<Tensor>& ema_weight, const c10::optional<Tensor>& grad_scale,       \
-      const c10::optional<Tensor>& found_inf
+      const c10::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t sr_seed,      \
+      int64_t sr_step, at::OptionalIntArrayRef sr_offsets
 #define EK_ADAM_CAPT_FWD                                                                      \
   params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, step, beta1, beta2, eps,   \
-      weight_decay, decoupled, maximize, ema_weight, grad_scale, found_inf
+      weight_decay, decoupled, maximize, ema_weight, grad_scale, found_inf,                   \
+      stochastic_rounding, sr_seed, sr_step, sr_offsets
 
 #ifndef EK_CUDA_EMULATION
 void adam_ema_cpu_impl(EK_ADAM_PLAIN_ARGS) {
@@ -425,12 +474,15 @@ void sgd_cuda_run(SgdCall&& call) {
   at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,               \
       at::TensorList emas, double lr, double momentum, double dampening, double weight_decay, \
       bool nesterov, bool maximize, bool first_step, std::vector<double> ema_weights,         \
-      const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf
+      const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf,       \
+      bool stochastic_rounding, int64_t sr_seed, int64_t sr_step,                             \
+      at::OptionalIntArrayRef sr_offsets
 
 SgdCall sgd_prepare_plain(const char* op, EK_SGD_PLAIN_ARGS) {
   SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas,
                              int64_t(ema_weights.size()), momentum, dampening, weight_decay,
                              nesterov, maximize, first_step, grad_scale, found_inf);
+  call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
   call.a.lr = lr;
   set_ema_weights(call.a.ema_w, ema_weights);
   return call;
@@ -441,7 +493,8 @@ SgdCall sgd_prepare_plain(const char* op, EK_SGD_PLAIN_ARGS) {
       at::TensorList emas, const Tensor& lr, double momentum, double dampening,               \
       double weight_decay, bool nesterov, bool maximize, bool first_step,                     \
       const c10::optional<Tensor>& ema_weight, const c10::optional<Tensor>& grad_scale,       \
-      const c10::optional<Tensor>& found_inf
+      const c10::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t sr_seed,      \
+      int64_t sr_step, at::OptionalIntArrayRef sr_offsets
 
 SgdCall sgd_prepare_capturable(const char* op, EK_SGD_CAPT_ARGS) {
   const bool has_ema = ema_weight.has_value() && ema_weight->defined();
@@ -449,6 +502,7 @@ SgdCall sgd_prepare_capturable(const char* op, EK_SGD_CAPT_ARGS) {
   SgdCall call = sgd_prepare(op, params, grads, momentum_buffers, emas, n_emas, momentum,
                              dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
                              found_inf);
+  call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
   if (params.empty()) return call;
   call.a.capturable = true;
   call.a.cap.lr = call.c.scalar(lr, "lr");
@@ -458,10 +512,12 @@ SgdCall sgd_prepare_capturable(const char* op, EK_SGD_CAPT_ARGS) {
 
 #define EK_SGD_PLAIN_FWD                                                                      \
   params, grads, momentum_buffers, emas, lr, momentum, dampening, weight_decay, nesterov,     \
-      maximize, first_step, ema_weights, grad_scale, found_inf
+      maximize, first_step, ema_weights, grad_scale, found_inf, stochastic_rounding, sr_seed, \
+      sr_step, sr_offsets
 #define EK_SGD_CAPT_FWD                                                                       \
   params, grads, momentum_buffers, emas, lr, momentum, dampening, weight_decay, nesterov,     \
-      maximize, first_step, ema_weight, grad_scale, found_inf
+      maximize, first_step, ema_weight, grad_scale, found_inf, stochastic_rounding, sr_seed,  \
+      sr_step, sr_offsets
 
 #ifndef EK_CUDA_EMULATION
 void sgd_ema_cpu_impl(EK_SGD_PLAIN_ARGS) {
@@ -576,6 +632,30 @@ std::vector<int64_t> emu_list_plan_op(std::vector<int64_t> sizes) {
 #endif
 
 // ------------------------------------------------------------------------------------------
+// Stochastic rounding, alone (issue 15): float32 `x` (contiguous) rounded to bf16/fp16 with
+// the random bits of (seed, step, base + i) for element i -- fused_math.h's functions as the
+// kernels call them, so the tests can compare them with the reference and Triton bit for bit,
+// and check unbiasedness on chosen values.  Not on the optimizers' path.
+// ------------------------------------------------------------------------------------------
+Tensor sr_round_op(const Tensor& x, bool half, int64_t seed, int64_t step, int64_t base) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == c10::ScalarType::Float &&
+                  x.is_contiguous(),
+              "sr_round: x must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(seed >= 0 && step >= 0 && base >= 0, "sr_round: seed, step and base are >= 0");
+  Tensor out = at::empty(x.sizes(), x.options().dtype(half ? c10::ScalarType::Half
+                                                           : c10::ScalarType::BFloat16));
+  const float* src = x.const_data_ptr<float>();
+  uint16_t* dst = static_cast<uint16_t*>(out.data_ptr());
+  const SrKey key = sr_key(uint64_t(seed), uint64_t(step));
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t r = sr_bits(key, uint64_t(base + i));
+    dst[i] = half ? F16SR::store_r(src[i], r) : BF16SR::store_r(src[i], r);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
 // Build information (what `python -m ema_kernels info` shows)
 // ------------------------------------------------------------------------------------------
 std::string build_info() {
@@ -616,25 +696,31 @@ EK_TORCH_LIBRARY(EK_OPS_NS, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] emas, *, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool maximize, "
       "float step_size, float bias_correction2_sqrt, float[] ema_weights, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool stochastic_rounding=False, "
+      "int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) -> ()");
   m.def(
       "adam_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] emas, *, Tensor lr, "
       "Tensor step, float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
-      "bool maximize, Tensor? ema_weight, Tensor? grad_scale=None, Tensor? found_inf=None) "
+      "bool maximize, Tensor? ema_weight, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool stochastic_rounding=False, int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) "
       "-> ()");
   m.def(
       "sgd_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] emas, *, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step, float[] ema_weights, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool stochastic_rounding=False, "
+      "int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) -> ()");
   m.def(
       "sgd_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] emas, *, Tensor lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_step, Tensor? ema_weight, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool stochastic_rounding=False, "
+      "int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) -> ()");
   m.def("ema_only_(Tensor(a!)[] emas, Tensor[] params, *, float[] ema_weights) -> ()");
   m.def("build_info() -> str", &ek::build_info);
+  m.def("sr_round(Tensor x, bool half, int seed, int step, int base) -> Tensor",
+        &ek::sr_round_op);
 #ifdef EK_CUDA_EMULATION
   m.def("emu_configure(int chunk, int max_tensors, int max_blocks, int grid_cap, "
         "int shuffle_seed) -> ()", &ek::emu_configure_op);

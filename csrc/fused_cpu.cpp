@@ -56,6 +56,14 @@ constexpr int64_t kChunk = int64_t(1) << 14;
 // Below this many elements in total the OpenMP fork/join costs more than it saves.
 constexpr int64_t kParallelMin = int64_t(1) << 15;
 
+// Stochastic rounding's per-launch key into the scalars (zeros when off: never read).
+template <class Scalars>
+void set_sr_key(Scalars& s, const SrArgs& sr) {
+  const SrKey k = sr.on ? sr_key(sr.seed, sr.step) : SrKey();
+  s.sr_k0 = k.k0;
+  s.sr_k1 = k.k1;
+}
+
 struct Work {
   int32_t t;
   int64_t a, b;
@@ -93,16 +101,18 @@ void adam_ema_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const AdamArgs
     adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
     ema = make_ema_weights(a.cap.ema_w, a.n_emas);
   }
-  const AdamScalars s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                          a.decoupled, a.maximize, step_size, bc2_sqrt, ema);
+  AdamScalars s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decoupled,
+                                    a.maximize, step_size, bc2_sqrt, ema);
+  set_sr_key(s, a.sr);
   const bool l2 = !a.decoupled && a.weight_decay != 0.0;
   const bool scale = a.grad_scale != nullptr;
   const float gs = scale ? *a.grad_scale : 1.0f;
 #ifdef EK_HAVE_AVX2_VARIANT
-  const AdamRangeFn fn = use_avx2() ? avx2::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale)
-                                    : base::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale);
+  const AdamRangeFn fn =
+      use_avx2() ? avx2::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale, a.sr.on)
+                 : base::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale, a.sr.on);
 #else
-  const AdamRangeFn fn = base::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale);
+  const AdamRangeFn fn = base::adam_fn(dtype, a.amsgrad, a.n_emas, l2, scale, a.sr.on);
 #endif
   if (fn == nullptr) return;  // n_emas out of range: refused by the bindings before this
   for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, s, gs); });
@@ -116,18 +126,19 @@ void sgd_ema_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const SgdArgs& 
     lr = double(*a.cap.lr);
     ema = make_ema_weights(a.cap.ema_w, a.n_emas);
   }
-  const SgdScalars s = make_sgd_scalars(lr, a.momentum, a.dampening, a.weight_decay, a.maximize,
-                                        ema);
+  SgdScalars s = make_sgd_scalars(lr, a.momentum, a.dampening, a.weight_decay, a.maximize, ema);
+  set_sr_key(s, a.sr);
   const int mode = a.momentum == 0.0 ? kNoMomentum : (a.first_step ? kFirstStep : kMomentum);
   const bool nesterov = mode != kNoMomentum && a.nesterov;
   const bool l2 = a.weight_decay != 0.0;
   const bool scale = a.grad_scale != nullptr;
   const float gs = scale ? *a.grad_scale : 1.0f;
 #ifdef EK_HAVE_AVX2_VARIANT
-  const SgdRangeFn fn = use_avx2() ? avx2::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale)
-                                   : base::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale);
+  const SgdRangeFn fn =
+      use_avx2() ? avx2::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale, a.sr.on)
+                 : base::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale, a.sr.on);
 #else
-  const SgdRangeFn fn = base::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale);
+  const SgdRangeFn fn = base::sgd_fn(dtype, mode, nesterov, a.n_emas, l2, scale, a.sr.on);
 #endif
   if (fn == nullptr) return;
   for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, s, gs); });

@@ -31,9 +31,12 @@ template <class S, bool AMSGRAD, int NZ, bool L2, bool SCALE>
 void adam_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g,
                float* __restrict m, float* __restrict v, float* __restrict vmax,
                float* __restrict z0, float* __restrict z1, float* __restrict z2,
-               float* __restrict z3, int64_t n, const AdamScalars s, const float scale) {
+               float* __restrict z3, int64_t n, const AdamScalars s, const float scale,
+               const uint64_t idx0) {
   using R = typename S::raw;
   const StaticAdamCfg<L2, SCALE> cfg;
+  const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
   for (int64_t i = 0; i < n; ++i) {
     R pi = p[i];
     float mi = m[i], vi = v[i];
@@ -43,7 +46,10 @@ void adam_loop(typename S::raw* __restrict p, const typename S::raw* __restrict 
     if (NZ > 1) zi[1] = z1[i];
     if (NZ > 2) zi[2] = z2[i];
     if (NZ > 3) zi[3] = z3[i];
-    adam_ema_element<S, AMSGRAD, NZ>(pi, g[i], mi, vi, vmi, zi, s, scale, cfg);
+    // idx0 + i: the element's index for stochastic rounding (a no-op for other types); a
+    // range is at most one chunk (< 2^32 elements), so i fits 32 bits
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
+    adam_ema_element<S, AMSGRAD, NZ>(pi, g[i], mi, vi, vmi, zi, s, scale, cfg, rb);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
@@ -67,16 +73,18 @@ void adam_range(const TensorPtrs& t, int64_t a, int64_t b, const AdamScalars& s,
   adam_loop<S, AMSGRAD, NZ, L2, SCALE>(
       static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a, t.s0 + a, t.s1 + a,
       AMSGRAD ? t.s2 + a : nullptr, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
-      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale);
+      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale, uint64_t(t.sr_base + a));
 }
 
 template <class S, int MODE, int NZ, bool L2, bool SCALE, bool NESTEROV>
 void sgd_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g,
               float* __restrict buf, float* __restrict z0, float* __restrict z1,
               float* __restrict z2, float* __restrict z3, int64_t n, const SgdScalars s,
-              const float scale) {
+              const float scale, const uint64_t idx0) {
   using R = typename S::raw;
   const StaticSgdCfg<L2, SCALE, NESTEROV> cfg;
+  const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
   for (int64_t i = 0; i < n; ++i) {
     R pi = p[i];
     float bi = MODE == kMomentum ? buf[i] : 0.0f;
@@ -85,7 +93,8 @@ void sgd_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g
     if (NZ > 1) zi[1] = z1[i];
     if (NZ > 2) zi[2] = z2[i];
     if (NZ > 3) zi[3] = z3[i];
-    sgd_ema_element<S, MODE, NZ>(pi, g[i], bi, zi, s, scale, cfg);
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
+    sgd_ema_element<S, MODE, NZ>(pi, g[i], bi, zi, s, scale, cfg, rb);
     p[i] = pi;
     if (MODE != kNoMomentum) buf[i] = bi;
     if (NZ > 0) z0[i] = zi[0];
@@ -101,7 +110,7 @@ void sgd_range(const TensorPtrs& t, int64_t a, int64_t b, const SgdScalars& s, f
   sgd_loop<S, MODE, NZ, L2, SCALE, NESTEROV>(
       static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a,
       MODE != kNoMomentum ? t.s0 + a : nullptr, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
-      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale);
+      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale, uint64_t(t.sr_base + a));
 }
 
 template <class S, int NZ>
@@ -190,20 +199,29 @@ SgdRangeFn sgd_pick(int mode, bool nesterov, int nz, bool l2, bool scale) {
                   : sgd_pick_mode<S, kMomentum, false>(nz, l2, scale);
 }
 
-inline AdamRangeFn adam_fn(DType dt, bool ams, int nz, bool l2, bool scale) {
+// sr: stochastic rounding (bf16/fp16 only: fp32 parameters are stored exactly, the flag costs
+// nothing there).
+inline AdamRangeFn adam_fn(DType dt, bool ams, int nz, bool l2, bool scale, bool sr) {
   switch (dt) {
     case DType::kF32: return adam_pick<F32>(ams, nz, l2, scale);
-    case DType::kBF16: return adam_pick<BF16>(ams, nz, l2, scale);
-    case DType::kF16: return adam_pick<F16>(ams, nz, l2, scale);
+    case DType::kBF16:
+      return sr ? adam_pick<BF16SR>(ams, nz, l2, scale) : adam_pick<BF16>(ams, nz, l2, scale);
+    case DType::kF16:
+      return sr ? adam_pick<F16SR>(ams, nz, l2, scale) : adam_pick<F16>(ams, nz, l2, scale);
   }
   return nullptr;
 }
 
-inline SgdRangeFn sgd_fn(DType dt, int mode, bool nesterov, int nz, bool l2, bool scale) {
+inline SgdRangeFn sgd_fn(DType dt, int mode, bool nesterov, int nz, bool l2, bool scale,
+                         bool sr) {
   switch (dt) {
     case DType::kF32: return sgd_pick<F32>(mode, nesterov, nz, l2, scale);
-    case DType::kBF16: return sgd_pick<BF16>(mode, nesterov, nz, l2, scale);
-    case DType::kF16: return sgd_pick<F16>(mode, nesterov, nz, l2, scale);
+    case DType::kBF16:
+      return sr ? sgd_pick<BF16SR>(mode, nesterov, nz, l2, scale)
+                : sgd_pick<BF16>(mode, nesterov, nz, l2, scale);
+    case DType::kF16:
+      return sr ? sgd_pick<F16SR>(mode, nesterov, nz, l2, scale)
+                : sgd_pick<F16>(mode, nesterov, nz, l2, scale);
   }
   return nullptr;
 }

@@ -46,8 +46,9 @@ constexpr int kListMaxTensors = 36;         // pointer-table capacity per launch
 constexpr int kListMaxBlocks = 320;         // block-map capacity per launch
 // Kernel parameters are limited to 4 KB: with 3 or 4 EMA pointers per tensor the table holds
 // fewer tensors (static_asserts below check both against the limit).
-__host__ __device__ constexpr int list_tensor_capacity(int n_emas) {
-  return n_emas <= 2 ? kListMaxTensors : 28;
+// Stochastic rounding adds each tensor's element-index base to the table: fewer tensors fit.
+__host__ __device__ constexpr int list_tensor_capacity(int n_emas, bool sr = false) {
+  return sr ? (n_emas <= 2 ? 32 : 25) : (n_emas <= 2 ? kListMaxTensors : 28);
 }
 constexpr int kKernelParamBytes = 4096;
 
@@ -111,10 +112,11 @@ struct EmaKArgs {
   EmaWeights w;
 };
 
-// The pointer table of a list launch updating NZ EMAs (z[k]: EMA k's pointers).
-template <int NZ>
+// The pointer table of a list launch updating NZ EMAs (z[k]: EMA k's pointers); with SR
+// (stochastic rounding) also each tensor's element-index base.
+template <int NZ, bool SR = false>
 struct ListMeta {
-  static constexpr int kTensors = list_tensor_capacity(NZ);
+  static constexpr int kTensors = list_tensor_capacity(NZ, SR);
   void* p[kTensors];
   const void* g[kTensors];
   float* s0[kTensors];
@@ -122,6 +124,7 @@ struct ListMeta {
   float* s2[kTensors];
   float* z[NZ > 0 ? NZ : 1][kTensors];
   int64_t n[kTensors];
+  int64_t sr_base[SR ? kTensors : 1];
   unsigned char block_to_tensor[kListMaxBlocks];
   int block_to_chunk[kListMaxBlocks];
 
@@ -134,6 +137,7 @@ struct ListMeta {
     s2[to] = t.s2;
     for (int k = 0; k < NZ; ++k) z[k][to] = t.z[k];
     n[to] = t.n;
+    if (SR) sr_base[to] = t.sr_base;
   }
   __host__ __device__ TensorPtrs get(int i) const {
     TensorPtrs t;
@@ -144,6 +148,7 @@ struct ListMeta {
     t.s2 = s2[i];
     for (int k = 0; k < NZ; ++k) t.z[k] = z[k][i];
     t.n = n[i];
+    t.sr_base = SR ? sr_base[i] : 0;
     return t;
   }
 };
@@ -170,8 +175,8 @@ __device__ __forceinline__ Span span_of(const TensorPtrs& t) {
 }
 
 // List: one chunk of one tensor per block, block-stride over its threads.
-template <int NZ>
-__device__ __forceinline__ Span span_of(const ListMeta<NZ>& m) {
+template <int NZ, bool SR>
+__device__ __forceinline__ Span span_of(const ListMeta<NZ, SR>& m) {
   Span sp;
   sp.t = m.get(m.block_to_tensor[blockIdx.x]);
   const int64_t chunk = chunk_elems();
@@ -283,6 +288,7 @@ struct AdamOp {
   using R = typename S::raw;
   static constexpr int kVec = 16 / int(sizeof(R));
   static constexpr int kEmas = NZ;
+  static constexpr bool kSR = S::kStochastic;
 
   __device__ static __forceinline__ bool prologue(const AdamKArgs& a, AdamLaunch& l) {
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
@@ -293,6 +299,8 @@ struct AdamOp {
       adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
       l.s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.wd, a.decoupled, a.maximize,
                               step_size, bc2_sqrt, make_ema_weights(a.cap.ema_w, NZ));
+      l.s.sr_k0 = a.s.sr_k0;  // stochastic rounding's key: from the host's step count (a
+      l.s.sr_k1 = a.s.sr_k1;  // device lr with a host step; capturable=True refuses SR)
     }
     l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
     return true;
@@ -314,6 +322,9 @@ struct AdamOp {
     const AdamScalars& s = l.s;
     const float gs = l.gs;
     const AdamConfig& cfg = a.cfg;
+    // stochastic rounding: element i of the tensor draws the bits of index sr_base + i
+    const SrKey key = sr_key_of(s);
+    const uint64_t base = uint64_t(sp.t.sr_base);
     walk<N>(
         sp, vec,
         [&](int64_t i) {
@@ -331,7 +342,9 @@ struct AdamOp {
             float ze[kMaxEmas];
 #pragma unroll
             for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
-            adam_ema_element<S, AMSGRAD, NZ>(rp[k], rg[k], rm[k], rv[k], rvm[k], ze, s, gs, cfg);
+            const uint32_t rb = kSR ? sr_bits(key, base + uint64_t(i + k)) : 0u;
+            adam_ema_element<S, AMSGRAD, NZ>(rp[k], rg[k], rm[k], rv[k], rvm[k], ze, s, gs, cfg,
+                                             rb);
 #pragma unroll
             for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
           }
@@ -347,7 +360,8 @@ struct AdamOp {
           float rm = m[i], rv = v[i], rvm = AMSGRAD ? vm[i] : 0.0f, ze[kMaxEmas];
 #pragma unroll
           for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
-          adam_ema_element<S, AMSGRAD, NZ>(rp, g[i], rm, rv, rvm, ze, s, gs, cfg);
+          const uint32_t rb = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
+          adam_ema_element<S, AMSGRAD, NZ>(rp, g[i], rm, rv, rvm, ze, s, gs, cfg, rb);
           p[i] = rp;
           m[i] = rm;
           v[i] = rv;
@@ -370,6 +384,7 @@ struct SgdOp {
   using R = typename S::raw;
   static constexpr int kVec = 16 / int(sizeof(R));
   static constexpr int kEmas = NZ;
+  static constexpr bool kSR = S::kStochastic;
 
   __device__ static __forceinline__ bool prologue(const SgdKArgs& a, SgdLaunch& l) {
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
@@ -377,6 +392,8 @@ struct SgdOp {
     if (a.cap.lr != nullptr) {
       l.s = make_sgd_scalars(double(*a.cap.lr), a.momentum, a.dampening, a.wd, a.maximize,
                              make_ema_weights(a.cap.ema_w, NZ));
+      l.s.sr_k0 = a.s.sr_k0;
+      l.s.sr_k1 = a.s.sr_k1;
     }
     l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
     return true;
@@ -396,6 +413,8 @@ struct SgdOp {
     const SgdScalars& s = l.s;
     const float gs = l.gs;
     const SgdConfig& cfg = a.cfg;
+    const SrKey key = sr_key_of(s);
+    const uint64_t base = uint64_t(sp.t.sr_base);
     walk<N>(
         sp, vec,
         [&](int64_t i) {
@@ -411,7 +430,8 @@ struct SgdOp {
             float ze[kMaxEmas];
 #pragma unroll
             for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
-            sgd_ema_element<S, MODE, NZ>(rp[k], rg[k], rb[k], ze, s, gs, cfg);
+            const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i + k)) : 0u;
+            sgd_ema_element<S, MODE, NZ>(rp[k], rg[k], rb[k], ze, s, gs, cfg, rr);
 #pragma unroll
             for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
           }
@@ -425,7 +445,8 @@ struct SgdOp {
           float rb = MODE == kMomentum ? b[i] : 0.0f, ze[kMaxEmas];
 #pragma unroll
           for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
-          sgd_ema_element<S, MODE, NZ>(rp, g[i], rb, ze, s, gs, cfg);
+          const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
+          sgd_ema_element<S, MODE, NZ>(rp, g[i], rb, ze, s, gs, cfg, rr);
           p[i] = rp;
           if (kBuf) b[i] = rb;
 #pragma unroll
@@ -442,6 +463,7 @@ struct EmaOp {
   using R = typename S::raw;
   static constexpr int kVec = 16 / int(sizeof(R));
   static constexpr int kEmas = NZ;
+  static constexpr bool kSR = false;
 
   __device__ static __forceinline__ bool prologue(const EmaKArgs& a, EmaKArgs& l) {
     l = a;
@@ -489,6 +511,10 @@ static_assert(sizeof(ListMeta<2>) + sizeof(AdamKArgs) <= kKernelParamBytes,
               "list kernel parameters (2 EMAs) exceed CUDA's 4 KB");
 static_assert(sizeof(ListMeta<4>) + sizeof(AdamKArgs) <= kKernelParamBytes,
               "list kernel parameters (4 EMAs) exceed CUDA's 4 KB");
+static_assert(sizeof(ListMeta<2, true>) + sizeof(AdamKArgs) <= kKernelParamBytes,
+              "list kernel parameters (2 EMAs, stochastic rounding) exceed CUDA's 4 KB");
+static_assert(sizeof(ListMeta<4, true>) + sizeof(AdamKArgs) <= kKernelParamBytes,
+              "list kernel parameters (4 EMAs, stochastic rounding) exceed CUDA's 4 KB");
 static_assert(sizeof(SgdKArgs) <= sizeof(AdamKArgs) && sizeof(EmaKArgs) <= sizeof(AdamKArgs),
               "the Adam launch has the largest arguments");
 
@@ -617,7 +643,7 @@ const char* run(const std::vector<TensorPtrs>& ts, const typename Op::Args& a, i
               ts[0], a);
     return last_error();
   }
-  using Meta = ListMeta<Op::kEmas>;
+  using Meta = ListMeta<Op::kEmas, Op::kSR>;
   return for_each_list_launch<Meta>(ts, [&](const Meta& meta, int blocks) {
     ek_launch(fused_kernel<Op, Meta>, unsigned(blocks), kBlock, stream, meta, a);
     return last_error();
@@ -679,6 +705,14 @@ const char* ema_dispatch(const std::vector<TensorPtrs>& ts, const EmaKArgs& k, i
   return "ema_only updates 1 to kMaxEmas EMAs";
 }
 
+// Stochastic rounding's per-launch key into the scalars, formed on the host (zeros when off).
+template <class Scalars>
+void set_sr_key(Scalars& s, const SrArgs& sr) {
+  const SrKey key = sr.on ? sr_key(sr.seed, sr.step) : SrKey();
+  s.sr_k0 = key.k0;
+  s.sr_k1 = key.k1;
+}
+
 #define EK_STR2(...) #__VA_ARGS__
 #define EK_STR(...) EK_STR2(__VA_ARGS__)
 
@@ -700,11 +734,18 @@ const char* adam_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
   k.wd = a.weight_decay;
   k.decoupled = a.decoupled;
   k.maximize = a.maximize;
+  set_sr_key(k.s, a.sr);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  // stochastic rounding: bf16/fp16 only (fp32 parameters are stored exactly: no cost there)
+  const bool sr = a.sr.on;
   switch (dtype) {
     case DType::kF32: return adam_dispatch<F32>(ts, k, a.amsgrad, a.n_emas, device, st);
-    case DType::kBF16: return adam_dispatch<BF16>(ts, k, a.amsgrad, a.n_emas, device, st);
-    case DType::kF16: return adam_dispatch<F16>(ts, k, a.amsgrad, a.n_emas, device, st);
+    case DType::kBF16:
+      return sr ? adam_dispatch<BF16SR>(ts, k, a.amsgrad, a.n_emas, device, st)
+                : adam_dispatch<BF16>(ts, k, a.amsgrad, a.n_emas, device, st);
+    case DType::kF16:
+      return sr ? adam_dispatch<F16SR>(ts, k, a.amsgrad, a.n_emas, device, st)
+                : adam_dispatch<F16>(ts, k, a.amsgrad, a.n_emas, device, st);
   }
   return "unsupported dtype";
 }
@@ -725,11 +766,17 @@ const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const S
   k.dampening = a.dampening;
   k.wd = a.weight_decay;
   k.maximize = a.maximize;
+  set_sr_key(k.s, a.sr);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool sr = a.sr.on;
   switch (dtype) {
     case DType::kF32: return sgd_dispatch<F32>(ts, k, mode, a.n_emas, device, st);
-    case DType::kBF16: return sgd_dispatch<BF16>(ts, k, mode, a.n_emas, device, st);
-    case DType::kF16: return sgd_dispatch<F16>(ts, k, mode, a.n_emas, device, st);
+    case DType::kBF16:
+      return sr ? sgd_dispatch<BF16SR>(ts, k, mode, a.n_emas, device, st)
+                : sgd_dispatch<BF16>(ts, k, mode, a.n_emas, device, st);
+    case DType::kF16:
+      return sr ? sgd_dispatch<F16SR>(ts, k, mode, a.n_emas, device, st)
+                : sgd_dispatch<F16>(ts, k, mode, a.n_emas, device, st);
   }
   return "unsupported dtype";
 }

@@ -81,7 +81,9 @@ struct F32 {
   using raw = float;
   static EK_HD float load(float x) { return x; }
   static EK_HD float store(float x) { return x; }
+  static EK_HD float store_r(float x, uint32_t) { return x; }  // no rounding: bits unused
   static constexpr bool kRounds = false;  // load(store(x)) == x
+  static constexpr bool kStochastic = false;
 };
 
 struct BF16 {
@@ -97,7 +99,10 @@ struct BF16 {
     return (f != f) ? uint16_t(0x7FC0) : uint16_t(rounded);
 #endif
   }
+  // store_r: the store of an element whose random bits are r (round to nearest: r unused).
+  static EK_HD uint16_t store_r(float f, uint32_t) { return store(f); }
   static constexpr bool kRounds = true;
+  static constexpr bool kStochastic = false;
 };
 
 struct F16 {
@@ -139,7 +144,9 @@ struct F16 {
     return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 #endif
   }
+  static EK_HD uint16_t store_r(float f, uint32_t) { return store(f); }
   static constexpr bool kRounds = true;
+  static constexpr bool kStochastic = false;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -240,6 +247,7 @@ struct AdamScalars {
   float neg_step_size;    // float(-lr / (1 - beta1^t))
   float gsign;            // -1 if maximize else 1 (exact: g * -1 == -g)
   EmaWeights ema;         // float(1 - rho_hat_k) per EMA
+  uint32_t sr_k0, sr_k1;  // stochastic rounding's key of (seed, step) (SrKey; 0 when off)
 };
 
 struct AdamConfig {  // runtime structural flags
@@ -261,6 +269,7 @@ EK_HD AdamScalars make_adam_scalars(double lr, double beta1, double beta2, doubl
   s.neg_step_size = float(-step_size);
   s.gsign = maximize ? -1.0f : 1.0f;
   s.ema = ema;
+  s.sr_k0 = s.sr_k1 = 0;
   return s;
 }
 
@@ -302,6 +311,7 @@ struct SgdScalars {
   float neg_lr;               // float(-lr)
   float gsign;                // -1 if maximize else 1
   EmaWeights ema;             // float(1 - rho_hat_k) per EMA
+  uint32_t sr_k0, sr_k1;      // stochastic rounding's key (SrKey; 0 when off)
 };
 
 struct SgdConfig {
@@ -322,6 +332,7 @@ EK_HD SgdScalars make_sgd_scalars(double lr, double momentum, double dampening, 
   s.neg_lr = float(-lr);
   s.gsign = maximize ? -1.0f : 1.0f;
   s.ema = ema;
+  s.sr_k0 = s.sr_k1 = 0;
   return s;
 }
 
@@ -360,17 +371,18 @@ EK_HD void ema_update_all(float* z, float theta_stored, const EmaWeights& e) {
 template <class S, bool AMSGRAD, int NZ, class Cfg>
 EK_HD void adam_ema_element(typename S::raw& p, typename S::raw g, float& m, float& v,
                             float& vmax, float* z, const AdamScalars& s, float grad_scale,
-                            const Cfg& cfg) {
+                            const Cfg& cfg, uint32_t rbits = 0) {
   const float th = adam_update<AMSGRAD>(S::load(p), S::load(g), m, v, vmax, s, grad_scale, cfg);
-  p = S::store(th);
+  p = S::store_r(th, rbits);  // rbits: the element's random bits (stochastic rounding only)
   ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
 }
 
 template <class S, int MODE, int NZ, class Cfg>
 EK_HD void sgd_ema_element(typename S::raw& p, typename S::raw g, float& buf, float* z,
-                           const SgdScalars& s, float grad_scale, const Cfg& cfg) {
+                           const SgdScalars& s, float grad_scale, const Cfg& cfg,
+                           uint32_t rbits = 0) {
   const float th = sgd_update<MODE>(S::load(p), S::load(g), buf, s, grad_scale, cfg);
-  p = S::store(th);
+  p = S::store_r(th, rbits);
   ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
 }
 
@@ -378,6 +390,147 @@ template <class S, int NZ>
 EK_HD void ema_only_element(typename S::raw p, float* z, const EmaWeights& e) {
   ema_update_all<NZ>(z, S::load(p), e);
 }
+
+
+// ------------------------------------------------------------------------------------------
+// Stochastic rounding of 16-bit parameters (issue 15).
+//
+// The new theta (float32) is rounded to bf16/fp16 up or down with the probabilities that make
+// the rounding unbiased, E[round(x)] = x, from 32 random bits that are a pure function of
+// (seed, step, element index): a counter-based hash, no generator state.  The same integer
+// arithmetic is written in ema_kernels/backends/reference.py (torch int64 ops) and in
+// triton_kernels.py (uint32), so every backend gives the same bits whatever the launch
+// geometry.  All arithmetic is uint32 and wraps.
+// ------------------------------------------------------------------------------------------
+// A 32-bit integer hash (Wellons' hash-prospector "lowbias32" family, the 2022 constants
+// 0x21f0aaad / 0x735a2d97, bias ~0.107): a bijection whose output bits all depend on all input
+// bits.  Both multipliers are below 2^31 so that the torch reference can form the products in
+// int64 without overflow.
+EK_HD uint32_t sr_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// The per-launch key of (seed, step): formed once per launch (on the host), so an element
+// costs one sr_mix.
+struct SrKey {
+  uint32_t k0 = 0, k1 = 0;
+};
+
+EK_HD SrKey sr_key(uint64_t seed, uint64_t step) {
+  uint32_t a = sr_mix(uint32_t(seed >> 32) ^ 0x9E3779B9u);
+  a = sr_mix(uint32_t(seed) ^ a);
+  a = sr_mix(uint32_t(step >> 32) ^ a);
+  SrKey k;
+  k.k0 = sr_mix(uint32_t(step) ^ a);
+  k.k1 = sr_mix(k.k0 ^ 0x85EBCA6Bu);
+  return k;
+}
+
+// The index's high half enters through a multiple of the golden-ratio constant (below 2^31,
+// for the torch twin's int64 products) xor k1: distinct high halves shift the low half's
+// inputs apart, at no cost for the common hi = 0 (a per-launch constant).
+constexpr uint32_t kSrHiMul = 0x61C88647u;
+
+EK_HD uint32_t sr_hi_term(const SrKey& k, uint32_t hi) { return (hi * kSrHiMul) ^ k.k1; }
+
+// The 32 random bits of the element whose index (its offset in the set's flat layout, see
+// layout.py) has low and high halves lo, hi: one sr_mix of the index xor the key, which for
+// a fixed key is a bijection of the low half (distinct elements, distinct inputs) and for a
+// fresh key per step fresh bits per element.
+EK_HD uint32_t sr_bits32(const SrKey& k, uint32_t lo, uint32_t hi) {
+  return sr_mix(lo ^ k.k0 ^ sr_hi_term(k, hi));
+}
+
+EK_HD uint32_t sr_bits(const SrKey& k, uint64_t idx) {
+  return sr_bits32(k, uint32_t(idx), uint32_t(idx >> 32));
+}
+
+// Element i of a run starting at index base: the same bits as sr_bits(k, base + i) in 32-bit
+// arithmetic only (the low half wraps, its carry selects the next high half's term), so CPU
+// loops vectorise without 64-bit lanes.  The run's two high terms are computed once.
+struct SrRun {
+  uint32_t lo0, h0, h1;  // base's low half; the high terms of base's high half and the next
+};
+
+EK_HD SrRun sr_run(const SrKey& k, uint64_t base) {
+  const uint32_t hi = uint32_t(base >> 32);
+  return SrRun{uint32_t(base), sr_hi_term(k, hi), sr_hi_term(k, hi + 1u)};
+}
+
+EK_HD uint32_t sr_bits_at(const SrKey& k, const SrRun& run, uint32_t i) {
+  const uint32_t lo = run.lo0 + i;
+  return sr_mix(lo ^ k.k0 ^ (lo < run.lo0 ? run.h1 : run.h0));
+}
+
+// bf16: the top 16 bits of the float32 pattern after adding 16 random bits to the 16 that are
+// cut off (the carry rounds the magnitude up with probability = the cut-off fraction; it runs
+// into the exponent at a binade's end, and from the largest finite bf16 up to infinity, which
+// is where a value beyond it rounds with the probability its distance past it implies).  Inf
+// stays inf (the added bits stay below the mantissa); NaN becomes the quiet NaN 0x7FC0, as
+// torch's conversion gives.
+EK_HD uint16_t bf16_round_sr(float f, uint32_t r) {
+  const uint32_t u = f32_to_bits(f);
+  const uint32_t rounded = (u + (r & 0xFFFFu)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+// fp16: not a truncation of fp32 (other exponent range), so the number of discarded bits s
+// depends on the exponent e of |x| (float32 biased):
+//   e >= 143 (|x| >= 2^16, inf included): inf;
+//   113 <= e < 143 (fp16 normals): s = 13 bits of the 23-bit mantissa, exponent rebiased
+//     (127 -> 15) by subtracting 112 << 23; a carry moves to the next binade, and from 65504
+//     to inf (0x7BFF + 1 = 0x7C00);
+//   e < 113 (fp16 subnormals, units of 2^-24): the 24-bit significand M (implicit bit where
+//     e > 0) shifted right by s = 126 - max(e, 1) >= 14, with s random bits added first.  s is
+//     capped at 31 (M shifted by the excess first): exact down to |x| >= 2^-32; below, the
+//     probability of rounding up to 2^-24 is M >> (s - 31) / 2^31, truncated (an absolute bias
+//     below 2^-55).
+// NaN keeps its sign as the quiet NaN sign|0x7E00 (what torch's conversion gives).
+// All shift amounts stay in [0, 31] for every input (the unused branch included).
+EK_HD uint16_t f16_round_sr(float f, uint32_t r) {
+  const uint32_t u = f32_to_bits(f);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t e = a >> 23;
+  const uint32_t normal = (a - (112u << 23) + (r & 0x1FFFu)) >> 13;
+  const uint32_t eff = e > 0u ? e : 1u;
+  const uint32_t mant = (a & 0x7FFFFFu) | (e > 0u ? 0x800000u : 0u);
+  const uint32_t s = 126u - eff;  // wraps for e > 126: that branch is not selected
+  const uint32_t sh = s < 31u ? s : 31u;
+  const uint32_t pre = (s - sh) < 31u ? (s - sh) : 31u;
+  const uint32_t sub = ((mant >> pre) + (r & ((1u << sh) - 1u))) >> sh;
+  uint32_t res = e >= 113u ? normal : sub;
+  res = e >= 143u ? 0x7C00u : res;
+  res = a > 0x7F800000u ? 0x7E00u : res;
+  return uint16_t(sign | res);
+}
+
+// Storage types with stochastic rounding: loads as BF16/F16, store_r rounds with the element's
+// random bits.  Structural (a template parameter like the dtype): the key and the element
+// index are runtime values.
+// The key a launch's scalars carry.
+template <class Scalars>
+EK_HD SrKey sr_key_of(const Scalars& s) {
+  SrKey k;
+  k.k0 = s.sr_k0;
+  k.k1 = s.sr_k1;
+  return k;
+}
+
+struct BF16SR : BF16 {
+  static EK_HD uint16_t store_r(float f, uint32_t r) { return bf16_round_sr(f, r); }
+  static constexpr bool kStochastic = true;
+};
+
+struct F16SR : F16 {
+  static EK_HD uint16_t store_r(float f, uint32_t r) { return f16_round_sr(f, r); }
+  static constexpr bool kStochastic = true;
+};
 
 #if defined(EK_EMULATE_DEVICE)
 }  // inline namespace emulated_device

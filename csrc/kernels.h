@@ -24,6 +24,16 @@ struct TensorPtrs {
   float* s2 = nullptr;       // Adam: max_exp_avg_sq (AMSGrad)
   float* z[kMaxEmas] = {};   // EMAs 0 .. n_emas-1 (all updated in the same pass)
   int64_t n = 0;             // elements
+  // Stochastic rounding: the element index of this tensor's element 0 (its offset in the
+  // set's flat layout, layout.py), so that element i draws the bits of index sr_base + i.
+  int64_t sr_base = 0;
+};
+
+// Stochastic rounding of 16-bit parameters (issue 15): on for a call, with the group's seed and
+// the launch's step count t; the random bits of an element are sr_bits(sr_key(seed, t), index).
+struct SrArgs {
+  bool on = false;
+  uint64_t seed = 0, step = 0;
 };
 
 // Device-resident per-step values for the capturable kernels (all 1-element float32 tensors).
@@ -45,6 +55,7 @@ struct AdamArgs {
   CapturablePtrs cap;
   const float* grad_scale = nullptr;  // divide gradients by *grad_scale
   const float* found_inf = nullptr;   // *found_inf != 0: change nothing
+  SrArgs sr;                          // stochastic rounding (bf16/fp16 parameters only)
 };
 
 struct SgdArgs {
@@ -57,6 +68,7 @@ struct SgdArgs {
   CapturablePtrs cap;
   const float* grad_scale = nullptr;
   const float* found_inf = nullptr;
+  SrArgs sr;
 };
 
 // CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.

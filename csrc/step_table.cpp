@@ -86,7 +86,8 @@ class StepTable {
   // its state was made (a parameter that no longer has them goes the general path).
   StepTable(std::vector<Tensor> params, const Tensor& like, std::vector<std::vector<int64_t>> shapes,
             std::vector<std::vector<int64_t>> strides, std::vector<std::vector<Tensor>> state,
-            std::vector<std::vector<Tensor>> emas, const std::string& kernels)
+            std::vector<std::vector<Tensor>> emas, const std::vector<int64_t>& sr_bases,
+            const std::string& kernels)
       : params_(std::move(params)), state_(std::move(state)), emas_(std::move(emas)),
         sizes_(std::move(shapes)), strides_(std::move(strides)) {
     init_common(like, kernels);
@@ -98,7 +99,10 @@ class StepTable {
                   sizes_[i].size(), " sizes but ", strides_[i].size(), " strides");
     for (const auto& role : state_) check_aligned(role, "state");
     for (const auto& z : emas_) check_aligned(z, "emas");
+    TORCH_CHECK(sr_bases.size() == n, "StepTable: ", sr_bases.size(), " sr_bases for ", n,
+                " parameters");
     table_.resize(n);
+    for (size_t i = 0; i < n; ++i) table_[i].sr_base = sr_bases[i];
     ema_ptrs_.assign(kMaxEmas, std::vector<float*>(n, nullptr));
     gather_state();
   }
@@ -144,9 +148,11 @@ class StepTable {
   void adam(double lr, double beta1, double beta2, double eps, double weight_decay,
             bool decoupled, bool maximize, bool amsgrad, double step_size, double bc2_sqrt,
             const std::vector<double>& ema_weights, const c10::optional<Tensor>& grad_scale,
-            const c10::optional<Tensor>& found_inf) {
+            const c10::optional<Tensor>& found_inf, c10::optional<int64_t> sr_seed,
+            int64_t sr_step) {
     TORCH_CHECK(!triton_, "StepTable.adam: a triton table is launched by Triton");
     AdamArgs a;
+    a.sr = sr_args(sr_seed, sr_step);
     a.lr = lr;
     a.step_size = step_size;
     a.bc2_sqrt = bc2_sqrt;
@@ -176,9 +182,11 @@ class StepTable {
 
   void sgd(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
            bool maximize, bool first_step, const std::vector<double>& ema_weights,
-           const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf) {
+           const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf,
+           c10::optional<int64_t> sr_seed, int64_t sr_step) {
     TORCH_CHECK(!triton_, "StepTable.sgd: a triton table is launched by Triton");
     SgdArgs a;
+    a.sr = sr_args(sr_seed, sr_step);
     a.lr = lr;
     a.momentum = momentum;
     a.dampening = dampening;
@@ -382,6 +390,19 @@ class StepTable {
     filled_emas_ = n_emas;
   }
 
+  // Stochastic rounding of this launch: a seed (16-bit parameters only; fp32 is stored
+  // exactly), the step count t; each tensor's element-index base came with the table.
+  SrArgs sr_args(const c10::optional<int64_t>& seed, int64_t step) const {
+    SrArgs sr;
+    if (!seed.has_value()) return sr;
+    TORCH_CHECK(*seed >= 0 && step >= 0, "StepTable: sr_seed ", *seed, " and sr_step ", step,
+                " must be non-negative");
+    sr.on = sdtype_ != c10::ScalarType::Float;
+    sr.seed = uint64_t(*seed);
+    sr.step = uint64_t(step);
+    return sr;
+  }
+
   int set_emas(const std::vector<double>& w, double* out) const {
     TORCH_CHECK(w.size() <= size_t(kMaxEmas), "StepTable: ", w.size(), " EMA weights, at most ",
                 kMaxEmas);
@@ -453,9 +474,10 @@ void add_step_table(PyObject* module) {
                         "One parameter set's per-step host work (csrc/step_table.cpp).")
       .def(py::init<std::vector<Tensor>, const Tensor&, std::vector<std::vector<int64_t>>,
                     std::vector<std::vector<int64_t>>, std::vector<std::vector<Tensor>>,
-                    std::vector<std::vector<Tensor>>, const std::string&>(),
+                    std::vector<std::vector<Tensor>>, const std::vector<int64_t>&,
+                    const std::string&>(),
            py::arg("params"), py::arg("like"), py::arg("shapes"), py::arg("strides"),
-           py::arg("state"), py::arg("emas"), py::arg("kernels"))
+           py::arg("state"), py::arg("emas"), py::arg("sr_bases"), py::arg("kernels"))
       .def_static("flat", &StepTable::flat, py::arg("params"), py::arg("bound_grads"),
                   py::arg("param_ptrs"), py::arg("flat_param"), py::arg("flat_grad"),
                   py::arg("state"), py::arg("emas"), py::arg("kernels"))
@@ -464,11 +486,12 @@ void add_step_table(PyObject* module) {
       .def("adam", &StepTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
            py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
            py::arg("amsgrad"), py::arg("step_size"), py::arg("bias_correction2_sqrt"),
-           py::arg("ema_weights"), py::arg("grad_scale"), py::arg("found_inf"))
+           py::arg("ema_weights"), py::arg("grad_scale"), py::arg("found_inf"),
+           py::arg("sr_seed") = py::none(), py::arg("sr_step") = 0)
       .def("sgd", &StepTable::sgd, py::arg("lr"), py::arg("momentum"), py::arg("dampening"),
            py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
            py::arg("first_step"), py::arg("ema_weights"), py::arg("grad_scale"),
-           py::arg("found_inf"))
+           py::arg("found_inf"), py::arg("sr_seed") = py::none(), py::arg("sr_step") = 0)
       .def("triton_table", &StepTable::triton_table, py::arg("state_rows"), py::arg("n_emas"),
            py::arg("block"))
       .def("__len__", &StepTable::size)

@@ -226,14 +226,14 @@ def _torch_optimizer(case: Case, params, **mode):
     return cls[case.optimizer](params, **_torch_hparams(case), **mode)
 
 
-def _ek_optimizer(case: Case, params, backend: str, flatten: bool = False):
+def _ek_optimizer(case: Case, params, backend: str, flatten: bool = False, sr: bool = False):
     import ema_kernels as ek
 
     cls = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD}[case.optimizer]
     grads = [p.grad for p in params]
     decay = case.decays[0] if case.emas == 1 else case.decays
     opt = cls(params, **_torch_hparams(case), ema_decay=decay, ema_every=case.ema_every,
-              backend=backend, flatten=flatten)
+              backend=backend, flatten=flatten, stochastic_rounding=sr)
     if flatten:
         # The flat layout's fast path: gradients are views of one buffer (bound by
         # zero_grad(set_to_none=False)), as a training loop using that mode has them.
@@ -254,10 +254,10 @@ def _every(k: int, step: Callable[[], None], ema: Callable[[], None]) -> Callabl
     return run
 
 
-def _row_ek(backend: str, flatten: bool = False):
+def _row_ek(backend: str, flatten: bool = False, sr: bool = False):
     def build(case: Case):
         params = _make_params(case)
-        opt = _ek_optimizer(case, params, backend, flatten)
+        opt = _ek_optimizer(case, params, backend, flatten, sr)
         # ema_every is the optimizer's own: k calls of step() cover one EMA period.
         k = case.ema_every
         step = opt.step
@@ -394,11 +394,17 @@ def ek_backends(device: str) -> List[str]:
     return names
 
 
-def row_names(device: str, clip: bool = False) -> List[str]:
-    """Every row of a run on ``device``, in table order (``clip``: the ``--clip`` rows)."""
+def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False) -> List[str]:
+    """Every row of a run on ``device``, in table order (``clip``: the ``--clip`` rows).
+    ``stochastic_rounding``: each ek row also with ``stochastic_rounding=True`` (``ek[b,sr]``,
+    ``ek[b,flat,sr]``) next to it; it changes nothing for fp32 parameters, so it is meant for
+    ``--dtype bf16/fp16``."""
     names = []
     for b in ek_backends(device):
-        names += [f"ek[{b}]", f"ek[{b},flat]"]  # default layout, then flatten=True
+        for row in (f"ek[{b}]", f"ek[{b},flat]"):  # default layout, then flatten=True
+            names.append(row)
+            if stochastic_rounding:
+                names.append(row[:-1] + ",sr]")
     if clip:
         return names + [CLIP_BASELINE, COPY]
     return names + list(BASELINES) + [COPY]
@@ -406,9 +412,10 @@ def row_names(device: str, clip: bool = False) -> List[str]:
 
 def build_row(name: str, case: Case):
     """``(fn, keepalive)`` for row ``name``: ``fn()`` runs ``case.ema_every`` steps + one EMA."""
-    m = re.fullmatch(r"ek\[(\w+)(,flat)?\]", name)
+    m = re.fullmatch(r"ek\[(\w+)(,flat)?(,sr)?\]", name)
     if m:
-        return _row_ek(m.group(1), flatten=m.group(2) is not None)(case)
+        return _row_ek(m.group(1), flatten=m.group(2) is not None,
+                       sr=m.group(3) is not None)(case)
     if name == COPY:
         fn, keep = _row_copy(case)
         return fn, keep
@@ -578,11 +585,13 @@ def _measure_case(case: Case, names: Sequence[str], *, warmup, repeats, target_s
 
 def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup: int = 2,
         repeats: Optional[int] = None, target_s: float = 0.25,
-        progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+        progress: Optional[Callable[[str], None]] = None,
+        stochastic_rounding: bool = False) -> List[dict]:
     """Benchmark every row on every case; a list of dicts with :data:`KEYS`."""
     rows: List[dict] = []
     for i, case in enumerate(cases, 1):
-        case_names = list(names or row_names(case.device, clip=case.clip))
+        case_names = list(names or row_names(case.device, clip=case.clip,
+                                             stochastic_rounding=stochastic_rounding))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.device} {case.optimizer} {case.dtype} "
                      f"numel={_fmt_numel(case.numel)} in {min(case.tensors, case.numel)} tensors, "
@@ -1034,6 +1043,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, metavar="NAME",
                    help="run only these rows (exact names as in the table; e.g. to keep a "
                         "large case within the interleaved-timing memory bound)")
+    p.add_argument("--stochastic-rounding", action="store_true",
+                   help="also time every ema_kernels row with stochastic_rounding=True (rows "
+                        "ek[...,sr]; it rounds bf16/fp16 parameters, fp32 ones are unaffected)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help="timed samples per row (CPU; default: as many as fit ~0.25 s, 3..50; "
                         "--host: timed steps per row, default 60000/K within 30..1000)")
@@ -1100,7 +1112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         progress(busy)
     t0 = time.perf_counter()
     rows = run(cases, names=args.rows, warmup=args.warmup, repeats=args.repeats,
-               progress=progress)
+               progress=progress, stochastic_rounding=args.stochastic_rounding)
     progress(f"done in {time.perf_counter() - t0:.1f} s")
 
     print(f"# {desc}")

@@ -320,3 +320,22 @@ def test_bench_host_plot_and_option_errors(tmp_path, capsys):
     # without --host, --tensors keeps its meaning: one K
     assert bench.main(TINY + ["--tensors", "3", "4"]) == 2
     assert "several tensor counts" in capsys.readouterr().err
+
+
+def test_stochastic_rounding_rows(capsys):
+    """--stochastic-rounding adds an ek[...,sr] row after each ek row (bf16 here), timed like
+    the others; the SR optimizer it builds really rounds stochastically."""
+    assert bench.main(TINY + ["--dtype", "bf16", "--stochastic-rounding", "--json",
+                              "/dev/null"]) == 0
+    out = capsys.readouterr().out
+    ek_rows = [n for n in bench.row_names("cpu", stochastic_rounding=True) if n.startswith("ek[")]
+    plain = [n for n in _expected_names() if n.startswith("ek[")]
+    assert ek_rows[0::2] == plain and ek_rows[1::2] == [n[:-1] + ",sr]" for n in plain]
+    for name in ek_rows:
+        assert f"| {name} " in out or f"|{name}" in out or name in out
+    case = bench.Case(dtype="bf16", numel=300, tensors=3)
+    fn, (opt, params) = bench.build_row("ek[reference,sr]", case)
+    assert opt.param_groups[0]["stochastic_rounding"] is True
+    fn()
+    _, (opt_rn, _) = bench.build_row("ek[reference]", case)
+    assert opt_rn.param_groups[0]["stochastic_rounding"] is False

@@ -106,18 +106,23 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("variant", ["fp32", "bf16", "channels_last", "flat", "amp"])
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "bf16_sr", "fp16_sr_flat", "channels_last",
+                                     "flat", "amp"])
 def test_table_path_equals_python_path_bit_for_bit(backend, config, variant, monkeypatch):
     cls, kw = CONFIGS[config]
-    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "bf16_sr": torch.bfloat16,
+             "fp16_sr_flat": torch.float16}.get(variant, torch.float32)
+    if variant.endswith(("_sr", "_sr_flat")):
+        kw = dict(kw, stochastic_rounding=True)
+    flat = variant.endswith("flat")
     runs = []
     for python in (False, True):
         with monkeypatch.context() as mp:
             if python:
                 _python_path(mp)
             m = _model(dtype, channels_last=variant == "channels_last")
-            opt = cls(m.parameters(), backend=backend, flatten=variant == "flat", **kw)
-            if variant == "flat":
+            opt = cls(m.parameters(), backend=backend, flatten=flat, **kw)
+            if flat:
                 opt.zero_grad(set_to_none=False)  # bind the flat gradient views
                 _train_flat(m, opt, 5)
             else:
@@ -135,7 +140,8 @@ def _train_flat(m, opt, steps):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         opt.zero_grad(set_to_none=False)
-        m(torch.randn(4, 3, 6, 6, generator=g)).pow(2).mean().backward()
+        dtype = next(m.parameters()).dtype
+        m(torch.randn(4, 3, 6, 6, generator=g).to(dtype)).float().pow(2).mean().backward()
         opt.step()
 
 
@@ -255,18 +261,19 @@ def test_step_table_checks_its_inputs():
     like = torch.empty(0)
     state = [[torch.zeros(5)], [torch.zeros(5)]]
     with pytest.raises(RuntimeError, match="a state list of 2 tensors for 1 parameters"):
-        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(5), torch.zeros(5)]], [], "cpu")
+        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(5), torch.zeros(5)]], [], [0],
+                     "cpu")
     with pytest.raises(RuntimeError, match="must be a contiguous float32 tensor of 5"):
-        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(4)]], [], "cpu")
+        _C.StepTable([p], like, [[5]], [[1]], [[torch.zeros(4)]], [], [0], "cpu")
     with pytest.raises(TypeError, match="dtype Double"):
-        _C.StepTable([p.double()], like.double(), [[5]], [[1]], state, [], "cpu")
-    t = _C.StepTable([p], like, [[5]], [[1]], state, [[p.detach().clone()]], "cpu")
+        _C.StepTable([p.double()], like.double(), [[5]], [[1]], state, [], [0], "cpu")
+    t = _C.StepTable([p], like, [[5]], [[1]], state, [[p.detach().clone()]], [0], "cpu")
     assert t.prepare() == _C.STATUS["no_grad"]
     with pytest.raises(RuntimeError, match="without a successful prepare"):
         t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [], None, None)
     w = torch.nn.Parameter(torch.randn(2, 3))
     tw = _C.StepTable([w], like, [[2, 3]], [[3, 1]], [[torch.zeros(6)], [torch.zeros(6)]], [],
-                      "cpu")
+                      [0], "cpu")
     w.grad = torch.randn(3, 2).t()  # the right shape, transposed strides
     assert tw.prepare() == _C.STATUS["grad_layout"]
     p.grad = torch.randn(5)

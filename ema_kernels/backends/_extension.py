@@ -189,9 +189,19 @@ def check_params(backend: str, params: List[Tensor]) -> None:
                         f"backend='reference' for float64")
 
 
+def _sr_kwargs(sr) -> dict:
+    """The ops' stochastic-rounding arguments from ``(on, seed, step, offsets)`` (None: off;
+    the defaults are the schemas', so a call without it is the op as it always was)."""
+    if sr is None or not sr[0]:
+        return {}
+    on, seed, step, offsets = sr
+    return dict(stochastic_rounding=True, sr_seed=int(seed), sr_step=int(step),
+                sr_offsets=None if offsets is None else [int(o) for o in offsets])
+
+
 def adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1, beta2,
          eps, weight_decay, decoupled, maximize, step_size, bias_correction2_sqrt, ema_weight,
-         grad_scale, found_inf):
+         grad_scale, found_inf, sr=None):
     lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "adam_ema")
     ops.adam_ema_(params, grads, exp_avgs, exp_avg_sqs,
                   list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else [],
@@ -200,12 +210,12 @@ def adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, b
                   weight_decay=float(weight_decay), decoupled=bool(decoupled),
                   maximize=bool(maximize), step_size=float(step_size),
                   bias_correction2_sqrt=float(bias_correction2_sqrt), ema_weights=weights,
-                  grad_scale=grad_scale, found_inf=found_inf)
+                  grad_scale=grad_scale, found_inf=found_inf, **_sr_kwargs(sr))
 
 
 def adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, step,
                     beta1, beta2, eps, weight_decay, decoupled, maximize, ema_weight, grad_scale,
-                    found_inf):
+                    found_inf, sr=None):
     lists, ema_weight = _emas.ema_lists_capturable(emas, ema_weight, len(params),
                                                    "adam_ema_capturable")
     ops.adam_ema_capturable_(
@@ -214,11 +224,12 @@ def adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         _emas.flat(lists),
         lr=lr, step=step, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
         weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
-        ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
+        ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf, **_sr_kwargs(sr))
 
 
 def sgd(backend, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
-        weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf):
+        weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf,
+        sr=None):
     if momentum != 0 and momentum_buffers is None:
         raise ValueError(f"backend {backend!r}: momentum={momentum} needs momentum_buffers")
     lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "sgd_ema")
@@ -228,12 +239,12 @@ def sgd(backend, ops, params, grads, momentum_buffers, emas, lr, momentum, dampe
                  lr=float(lr), momentum=float(momentum), dampening=float(dampening),
                  weight_decay=float(weight_decay), nesterov=bool(nesterov),
                  maximize=bool(maximize), first_step=bool(first_step), ema_weights=weights,
-                 grad_scale=grad_scale, found_inf=found_inf)
+                 grad_scale=grad_scale, found_inf=found_inf, **_sr_kwargs(sr))
 
 
 def sgd_capturable(backend, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
                    weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale,
-                   found_inf):
+                   found_inf, sr=None):
     if momentum != 0 and momentum_buffers is None:
         raise ValueError(f"backend {backend!r}: momentum={momentum} needs momentum_buffers")
     lists, ema_weight = _emas.ema_lists_capturable(emas, ema_weight, len(params),
@@ -245,7 +256,7 @@ def sgd_capturable(backend, ops, params, grads, momentum_buffers, emas, lr, mome
         lr=lr, momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=bool(nesterov), maximize=bool(maximize),
         first_step=bool(first_step), ema_weight=ema_weight, grad_scale=grad_scale,
-        found_inf=found_inf)
+        found_inf=found_inf, **_sr_kwargs(sr))
 
 
 def ema_only(ops, params, emas, ema_weight):

@@ -124,25 +124,30 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
              weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
              bias_correction2_sqrt: float, ema_weight: Optional[float],
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
+             sr_offsets: Optional[List[int]] = None) -> None:
     """Adam / AdamW step followed by the EMA update, in one pass (CUDA kernels)."""
     ops = _ops_for(params)
     if params:
         _ext.adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1,
                   beta2, eps, weight_decay, decoupled, maximize, step_size,
-                  bias_correction2_sqrt, ema_weight, grad_scale, found_inf)
+                  bias_correction2_sqrt, ema_weight, grad_scale, found_inf,
+                  (stochastic_rounding, sr_seed, sr_step, sr_offsets))
 
 
 def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
             emas: Optional[List[Tensor]], *, lr: float, momentum: float, dampening: float,
             weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
             ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
-            found_inf: Optional[Tensor] = None) -> None:
+            found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+            sr_seed: int = 0, sr_step: int = 0, sr_offsets: Optional[List[int]] = None) -> None:
     """SGD step followed by the EMA update, in one pass (CUDA kernels)."""
     ops = _ops_for(params)
     if params:
         _ext.sgd(NAME, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
-                 weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf)
+                 weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf,
+                 (stochastic_rounding, sr_seed, sr_step, sr_offsets))
 
 
 def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
@@ -158,14 +163,17 @@ def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: Lis
                         beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled: bool, maximize: bool, ema_weight: Optional[Tensor],
                         grad_scale: Optional[Tensor] = None,
-                        found_inf: Optional[Tensor] = None) -> None:
+                        found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                        sr_seed: int = 0, sr_step: int = 0,
+                        sr_offsets: Optional[List[int]] = None) -> None:
     """Capturable Adam/AdamW + EMA: ``lr``, ``step`` (t, already incremented) and ``ema_weight``
     (1 − ρ̂, or None for no EMA update) are one-element float32 device tensors."""
     ops = _ops_for(params)
     if params:
         _ext.adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
                              lr, step, beta1, beta2, eps, weight_decay, decoupled, maximize,
-                             ema_weight, grad_scale, found_inf)
+                             ema_weight, grad_scale, found_inf,
+                             (stochastic_rounding, sr_seed, sr_step, sr_offsets))
 
 
 def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
@@ -173,10 +181,13 @@ def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
                        lr: Tensor, momentum: float, dampening: float, weight_decay: float,
                        nesterov: bool, maximize: bool, first_step: bool,
                        ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
-                       found_inf: Optional[Tensor] = None) -> None:
+                       found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                       sr_seed: int = 0, sr_step: int = 0,
+                       sr_offsets: Optional[List[int]] = None) -> None:
     """Capturable SGD + EMA: ``lr`` and ``ema_weight`` are one-element float32 device tensors."""
     ops = _ops_for(params)
     if params:
         _ext.sgd_capturable(NAME, ops, params, grads, momentum_buffers, emas, lr, momentum,
                             dampening, weight_decay, nesterov, maximize, first_step, ema_weight,
-                            grad_scale, found_inf)
+                            grad_scale, found_inf, (stochastic_rounding, sr_seed, sr_step,
+                                                    sr_offsets))

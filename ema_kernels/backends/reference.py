@@ -27,6 +27,12 @@ Backend interface (every backend module implements the same two functions)::
   parameter *as stored* (after rounding to bf16/fp16): ``ζ_i += w_i * (θ - ζ_i)``.
 - ``step_size = lr / (1 - β1^t)`` and ``bias_correction2_sqrt = sqrt(1 - β2^t)`` are host
   doubles, as in torch.optim.Adam.
+- ``stochastic_rounding`` (with ``sr_seed``, ``sr_step`` and ``sr_offsets``): bf16/fp16
+  parameters are rounded stochastically (unbiased) instead of to nearest, from random bits that
+  are a pure function of (``sr_seed``, ``sr_step``, element index); element j of ``params[i]``
+  has index ``sr_offsets[i] + j`` (default: the list's flat layout,
+  :func:`ema_kernels.backends._sr.flat_offsets`). fp32 parameters ignore it. See
+  :mod:`ema_kernels.backends._sr` and csrc/fused_math.h.
 - ``grad_scale`` (divide gradients by it) and ``found_inf`` (non-zero: change nothing) are
   optional one-element float32 tensors on the parameters' device (torch.amp.GradScaler's
   contract). Gradients are never written. ``found_inf`` is never read on the host: it picks,
@@ -38,6 +44,7 @@ from typing import List, Optional
 
 import torch
 
+from . import _sr
 from ._emas import ema_lists, ema_lists_capturable
 
 Tensor = torch.Tensor
@@ -128,9 +135,12 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
              weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
              bias_correction2_sqrt: float, ema_weight: Optional[float],
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
+             sr_offsets: Optional[List[int]] = None) -> None:
     """Adam / AdamW step followed by the EMA update(s) (see the module docstring)."""
     z_lists, weights = ema_lists(emas, ema_weight, len(params), "adam_ema")
+    sr = _sr_plan("adam_ema", params, stochastic_rounding, sr_seed, sr_step, sr_offsets)
     skip = _skipper(found_inf, params)
     if skip is not None:  # device-chosen weights (see _Skip); the plain floats otherwise
         w_m = skip.value(1 - beta1, 0.0)
@@ -181,20 +191,22 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                 theta.add_(torch.mul(num, neg_step, out=t_g).div_(t_d))
             else:
                 theta.addcdiv_(num, t_d, value=-step_size)
-            _store_and_average(p, theta, z_flats, a, b, w_zs)
+            _store_and_average(p, theta, z_flats, a, b, w_zs, sr and (sr[0], sr[1][i] + a))
 
 
 def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
             emas: Optional[List[Tensor]], *, lr: float, momentum: float, dampening: float,
             weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
             ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
-            found_inf: Optional[Tensor] = None) -> None:
+            found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+            sr_seed: int = 0, sr_step: int = 0, sr_offsets: Optional[List[int]] = None) -> None:
     """SGD (momentum, dampening, Nesterov, weight decay) step followed by the EMA update.
 
     ``first_step``: the momentum buffers hold nothing yet and are initialised to the first
     gradient (no dampening), as torch.optim.SGD does.
     """
     z_lists, weights = ema_lists(emas, ema_weight, len(params), "sgd_ema")
+    sr = _sr_plan("sgd_ema", params, stochastic_rounding, sr_seed, sr_step, sr_offsets)
     skip = _skipper(found_inf, params)
     if skip is not None:
         w_mom = skip.value(momentum, 1.0)
@@ -237,14 +249,33 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
                 theta.addcmul_(d, neg_lr)
             else:
                 theta.add_(d, alpha=-lr)
-            _store_and_average(p, theta, z_flats, a, b, w_zs)
+            _store_and_average(p, theta, z_flats, a, b, w_zs, sr and (sr[0], sr[1][i] + a))
 
 
-def _store_and_average(p, theta, z_flats, a, b, weights):
+def _sr_plan(what, params, on, seed, step, offsets):
+    """``(key, per-tensor element-index bases)`` for stochastic rounding, or None (off, or
+    fp32/fp64 parameters, which are stored exactly)."""
+    if not on or not params:
+        return None
+    _sr.check_args(what, len(params), seed, step, offsets)
+    if params[0].dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if offsets is None:
+        offsets = _sr.flat_offsets([p.numel() for p in params])
+    return _sr.key(seed, step), list(offsets)
+
+
+def _store_and_average(p, theta, z_flats, a, b, weights, sr=None):
     """Write θ back in its storage dtype, then move every ζ_i towards θ *as stored* (the
-    chunk of θ is read once, from the scratch buffer, for all of them)."""
+    chunk of θ is read once, from the scratch buffer, for all of them).
+
+    ``sr``: ``(key, index of the chunk's first element)`` for stochastic rounding."""
     if theta is not p:
-        p.copy_(theta)  # round to nearest even for bf16/fp16
+        if sr is None:
+            p.copy_(theta)  # round to nearest even for bf16/fp16
+        else:
+            idx = torch.arange(sr[1], sr[1] + (b - a), dtype=torch.int64, device=p.device)
+            p.copy_(_sr.round_to(p.dtype, theta, _sr.bits(sr[0], idx)))
         theta.copy_(p)
     for z_flat, w in zip(z_flats, weights):
         z_flat[a:b].lerp_(theta, w)
@@ -256,7 +287,9 @@ def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: Lis
                         beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled: bool, maximize: bool, ema_weight: Optional[Tensor],
                         grad_scale: Optional[Tensor] = None,
-                        found_inf: Optional[Tensor] = None) -> None:
+                        found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                        sr_seed: int = 0, sr_step: int = 0,
+                        sr_offsets: Optional[List[int]] = None) -> None:
     """Adam / AdamW + EMA reading ``lr``, ``step`` (t, already incremented) and ``ema_weight``
     from one-element tensors on the device: the bias corrections formed there in double, as
     the compiled kernels form them (fused_math.h, adam_step_values)."""
@@ -270,7 +303,9 @@ def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: Lis
     adam_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lists, lr=lr64,
              beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
              maximize=maximize, step_size=step_size, bias_correction2_sqrt=bc2_sqrt,
-             ema_weight=weights, grad_scale=grad_scale, found_inf=found_inf)
+             ema_weight=weights, grad_scale=grad_scale, found_inf=found_inf,
+             stochastic_rounding=stochastic_rounding, sr_seed=sr_seed, sr_step=sr_step,
+             sr_offsets=sr_offsets)
 
 
 def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
@@ -278,13 +313,16 @@ def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
                        lr: Tensor, momentum: float, dampening: float, weight_decay: float,
                        nesterov: bool, maximize: bool, first_step: bool,
                        ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
-                       found_inf: Optional[Tensor] = None) -> None:
+                       found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                       sr_seed: int = 0, sr_step: int = 0,
+                       sr_offsets: Optional[List[int]] = None) -> None:
     """SGD + EMA reading ``lr`` and ``ema_weight`` from tensors on the device."""
     lists, weights = _capturable_emas(emas, ema_weight, len(params), "sgd_ema_capturable")
     sgd_ema(params, grads, momentum_buffers, lists, lr=lr.detach().reshape(()),
             momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, first_step=first_step, ema_weight=weights,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,
+            sr_seed=sr_seed, sr_step=sr_step, sr_offsets=sr_offsets)
 
 
 def _capturable_emas(emas, ema_weight, n, what):

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _sr
 from ._emas import MAX_EMAS, ema_lists
 
 Tensor = torch.Tensor
@@ -71,9 +72,67 @@ if triton is not None:
     # Helpers are few on purpose: the interpreter pays ~1 ms per @triton.jit call per program.
 
     @triton.jit
-    def _store_param(p_ptr, offs, theta, mask):
-        """Store θ in the parameter's dtype (round to nearest even); return θ as stored, fp32."""
-        if p_ptr.dtype.element_ty == tl.bfloat16:
+    def _sr_mix(x):
+        """fused_math.h's sr_mix on uint32 (wrapping) values."""
+        x = x ^ (x >> 16)
+        x = x * 0x21F0AAAD
+        x = x ^ (x >> 15)
+        x = x * 0x735A2D97
+        return x ^ (x >> 15)
+
+    @triton.jit
+    def _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR: tl.constexpr):
+        """Store θ in the parameter's dtype (round to nearest even, or stochastically with SR);
+        return θ as stored, fp32.
+
+        SR (stochastic rounding, bf16/fp16): lane j of the block (offsets ``offs``, consecutive)
+        is element index ``sr_start + j`` (the block's first element's index, an int64 scalar)
+        and draws the 32 random bits sr_bits((k0, k1), index) of fused_math.h, rounded as
+        bf16_round_sr / f16_round_sr round it: the same integer arithmetic, so the same bits as
+        every other backend.  The index's halves are formed in 32 bits (the low half wraps,
+        its carry bumps the high half): no 64-bit vector, which the 3- and 4-EMA kernels have
+        no registers left for."""
+        if SR:
+            lo0 = sr_start.to(tl.uint32)
+            lo = lo0 + tl.arange(0, offs.shape[0]).to(tl.uint32)
+            # the high half's term (fused_math.h sr_hi_term) for the block's high half and the
+            # next, as scalars; a lane whose low half wrapped takes the second (SrRun)
+            hi0 = (sr_start >> 32).to(tl.uint32)
+            k1u = k1.to(tl.uint32, bitcast=True)
+            h0 = (hi0 * 0x61C88647) ^ k1u
+            h1 = ((hi0 + 1) * 0x61C88647) ^ k1u
+            r = _sr_mix(lo ^ k0.to(tl.uint32, bitcast=True) ^ tl.where(lo < lo0, h1, h0))
+            u = theta.to(tl.uint32, bitcast=True)
+            a = u & 0x7FFFFFFF
+            if p_ptr.dtype.element_ty == tl.bfloat16:
+                res = (u + (r & 0xFFFF)) >> 16
+                res = tl.where(a > 0x7F800000, 0x7FC0, res)
+                val = res.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                tl.store(p_ptr + offs, val, mask=mask)
+                stored = (res << 16).to(tl.float32, bitcast=True)
+            else:
+                sign = (u >> 16) & 0x8000
+                e = a >> 23
+                # f16_round_sr's two branches folded into one add-and-shift (the same
+                # function, fewer live registers: the 4-EMA AMSGrad kernel spilled on sm_80
+                # otherwise): normals add 13 random bits to the rebiased pattern, subnormals
+                # sh bits to the significand shifted right by pre
+                eff = tl.where(e > 0, e, 1)
+                mant = (a & 0x7FFFFF) | tl.where(e > 0, 0x800000, 0)
+                sh_s = 126 - eff  # wraps for e > 126: the normal branch is selected there
+                sh = tl.where(sh_s < 31, sh_s, 31)
+                pre = tl.where(sh_s - sh < 31, sh_s - sh, 31)
+                is_normal = e >= 113
+                val = tl.where(is_normal, a - (112 << 23), mant >> pre)
+                shift = tl.where(is_normal, 13, sh)
+                one = (shift & 0) + 1
+                res = (val + (r & ((one << shift) - 1))) >> shift
+                res = tl.where(e >= 143, 0x7C00, res)
+                res = tl.where(a > 0x7F800000, 0x7E00, res)
+                half = (sign | res).to(tl.uint16).to(tl.float16, bitcast=True)
+                tl.store(p_ptr + offs, half, mask=mask)
+                stored = half.to(tl.float32)
+        elif p_ptr.dtype.element_ty == tl.bfloat16:
             bits = theta.to(tl.uint32, bitcast=True)
             lsb = (bits >> 16) & 1
             rounded = (bits + 0x7FFF + lsb) >> 16
@@ -96,8 +155,8 @@ if triton is not None:
     @triton.jit
     def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                    mask, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, N_EMAS: tl.constexpr,
-                   AMSGRAD: tl.constexpr):
+                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, sr_start, k0, k1,
+                   N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr):
         # All loads first: stores cannot be proven not to alias later loads, so issuing the
         # loads up front keeps every stream's requests in flight together.
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -137,7 +196,7 @@ if triton is not None:
         tl.store(v_ptr + offs, v, mask=mask)
         if AMSGRAD:
             tl.store(vmax_ptr + offs, vmax, mask=mask)
-        stored = _store_param(p_ptr, offs, theta, mask)
+        stored = _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR)
         # ζ_k.lerp_(θ as stored, 1 − ρ̂_k)
         if N_EMAS > 0:
             d = stored - z0
@@ -159,7 +218,8 @@ if triton is not None:
     @triton.jit
     def _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, scale,
                   grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                  w0, w1, w2, w3, has_scale, N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+                  w0, w1, w2, w3, has_scale, sr_start, k0, k1, N_EMAS: tl.constexpr,
+                  HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr):
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         if N_EMAS > 0:
@@ -189,7 +249,7 @@ if triton is not None:
                 g = buf
         theta = theta + neg_lr * g
 
-        stored = _store_param(p_ptr, offs, theta, mask)
+        stored = _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR)
         if N_EMAS > 0:
             d = stored - z0
             z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, stored - d * (1.0 - w0))
@@ -212,13 +272,15 @@ if triton is not None:
     # Triton gives 16-bit streams 8 elements per thread but fp32 stores 4, and converts between
     # the two layouts through shared memory on every store.
 
-    _NO_SPEC = ["n", "nesterov", "first_step", "has_scale", "n_tensors", "n_chunks"]
+    _NO_SPEC = ["n", "nesterov", "first_step", "has_scale", "n_tensors", "n_chunks", "sr_base",
+                "k0", "k1"]
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                           grad_scale_ptr, found_inf_ptr, n, beta1_w, beta2, beta2_w, eps, decay,
                           l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                          N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+                          sr_base, k0, k1, N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr,
+                          SR: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK   # 64-bit offsets
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         # GradScaler's tensors (or the host's stand-ins), read on the device: no host sync
@@ -228,18 +290,19 @@ if triton is not None:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           N_EMAS, AMSGRAD)
+                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
             else:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, offs < n, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           N_EMAS, AMSGRAD)
+                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, grad_scale_ptr,
                          found_inf_ptr, n, grad_sign, weight_decay, momentum, dampening_w,
-                         neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
-                         N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
+                         neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base, k0,
+                         k1, N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                         SR: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         scale = tl.load(grad_scale_ptr)
@@ -247,12 +310,13 @@ if triton is not None:
             if start + BLOCK <= n:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                           grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                          first_step, w0, w1, w2, w3, has_scale, N_EMAS, HAS_MOMENTUM)
+                          first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0, k1, N_EMAS,
+                          HAS_MOMENTUM, SR)
             else:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n,
                           scale, grad_sign, weight_decay, momentum, dampening_w, neg_lr,
-                          nesterov, first_step, w0, w1, w2, w3, has_scale, N_EMAS,
-                          HAS_MOMENTUM)
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0,
+                          k1, N_EMAS, HAS_MOMENTUM, SR)
 
     @triton.jit
     def _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1, w2, w3,
@@ -304,13 +368,18 @@ if triton is not None:
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _adam_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign, neg_step_size,
-                          bc2_sqrt, w0, w1, w2, w3, has_scale, P_DTYPE: tl.constexpr,
-                          N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
-        # rows: θ, g, m, v, vmax, ζ0, ζ1, ζ2, ζ3, sizes
+                          bc2_sqrt, w0, w1, w2, w3, has_scale, k0, k1, P_DTYPE: tl.constexpr,
+                          N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        # rows: θ, g, m, v, vmax, ζ0, ζ1, ζ2, ζ3, sizes; with SR a row of element-index bases
+        # after the chunk rows
         pid = tl.program_id(0)
         t = tl.load(table_ptr + 10 * n_tensors + pid)
         start = tl.multiple_of(tl.load(table_ptr + 10 * n_tensors + n_chunks + pid), BLOCK)
         numel = tl.load(table_ptr + 9 * n_tensors + t)
+        sr_base = 0
+        if SR:
+            sr_base = tl.load(table_ptr + 10 * n_tensors + 2 * n_chunks + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             row = table_ptr + t
@@ -347,23 +416,28 @@ if triton is not None:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           N_EMAS, AMSGRAD)
+                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
             else:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, offs < numel, scale, beta1_w, beta2, beta2_w, eps, decay,
                            l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
-                           has_scale, N_EMAS, AMSGRAD)
+                           has_scale, sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                         first_step, w0, w1, w2, w3, has_scale, P_DTYPE: tl.constexpr,
-                         N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
-        # rows: θ, g, momentum buffer, ζ0, ζ1, ζ2, ζ3, sizes
+                         first_step, w0, w1, w2, w3, has_scale, k0, k1, P_DTYPE: tl.constexpr,
+                         N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # rows: θ, g, momentum buffer, ζ0, ζ1, ζ2, ζ3, sizes; with SR a row of element-index
+        # bases after the chunk rows
         pid = tl.program_id(0)
         t = tl.load(table_ptr + 8 * n_tensors + pid)
         start = tl.multiple_of(tl.load(table_ptr + 8 * n_tensors + n_chunks + pid), BLOCK)
         numel = tl.load(table_ptr + 7 * n_tensors + t)
+        sr_base = 0
+        if SR:
+            sr_base = tl.load(table_ptr + 8 * n_tensors + 2 * n_chunks + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             row = table_ptr + t
@@ -395,12 +469,35 @@ if triton is not None:
             if start + BLOCK <= numel:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                           grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                          first_step, w0, w1, w2, w3, has_scale, N_EMAS, HAS_MOMENTUM)
+                          first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0, k1, N_EMAS,
+                          HAS_MOMENTUM, SR)
             else:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                           offs < numel, scale, grad_sign, weight_decay, momentum, dampening_w,
-                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale, N_EMAS,
-                          HAS_MOMENTUM)
+                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
+                          sr_base + start, k0, k1, N_EMAS, HAS_MOMENTUM, SR)
+
+
+    @triton.jit(do_not_specialize=["n", "sr_base", "k0", "k1"])
+    def _sr_round_kernel(x_ptr, out_ptr, n, sr_base, k0, k1, BLOCK: tl.constexpr):
+        """Stochastic rounding alone (the kernels' _store_param with SR): for the tests."""
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask)
+        _store_param(out_ptr, offs, x, mask, sr_base + start, k0, k1, True)
+
+
+def sr_round(x: Tensor, dtype: torch.dtype, seed: int, step: int, base: int = 0) -> Tensor:
+    """float32 ``x`` rounded stochastically to ``dtype`` (bf16/fp16) by the kernels' code, with
+    the bits of (seed, step, base + i): the tests compare it with the other backends."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    k0, k1 = _sr.key(seed, step)
+    n = x.numel()
+    if n:
+        _sr_round_kernel[(triton.cdiv(n, BLOCK),)](x.contiguous(), out, n, base, _as_i32(k0),
+                                                    _as_i32(k1), BLOCK=BLOCK)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,16 +651,19 @@ class _DeviceGuard:
 _table_cache: Dict[tuple, Tuple[Tensor, int]] = {}
 
 
-def _table(addrs: List[List[int]], numels: List[int], device: torch.device):
+def _table(addrs: List[List[int]], numels: List[int], device: torch.device,
+           bases: Optional[List[int]] = None):
     """The address / size / chunk table of a tensor-list launch, on ``device``.
 
     Layout (int64): ``roles × n`` addresses (0 for an absent role), ``n`` sizes, ``C`` chunk
-    tensor indices, ``C`` chunk starts (multiples of BLOCK).  Built on the host with a few
+    tensor indices, ``C`` chunk starts (multiples of BLOCK), and with stochastic rounding
+    ``n`` element-index bases (``bases``) at the end, where only the SR kernels look.  Built on the host with a few
     vectorised torch ops and sent in one host→device copy; the device table is cached by its
     content (addresses and sizes), so a steady-state step with the same tensors copies nothing.
     """
     flat_addrs = [a for row in addrs for a in row]
-    key = (device, BLOCK, tuple(flat_addrs), tuple(numels))
+    key = (device, BLOCK, tuple(flat_addrs), tuple(numels),
+           None if bases is None else tuple(bases))
     hit = _table_cache.get(key)
     if hit is not None:
         return hit
@@ -573,7 +673,10 @@ def _table(addrs: List[List[int]], numels: List[int], device: torch.device):
     chunk_t = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
     first = torch.cumsum(counts, 0) - counts
     chunk_start = (torch.arange(n_chunks, dtype=torch.int64) - first[chunk_t]) * BLOCK
-    host = torch.cat([torch.tensor(flat_addrs + numels, dtype=torch.int64), chunk_t, chunk_start])
+    parts = [torch.tensor(flat_addrs + numels, dtype=torch.int64), chunk_t, chunk_start]
+    if bases is not None:
+        parts.append(torch.tensor(bases, dtype=torch.int64))
+    host = torch.cat(parts)
     table = host if device.type == "cpu" else host.to(device, non_blocking=True)
     if len(_table_cache) >= _TABLE_CACHE_SIZE:
         _table_cache.pop(next(iter(_table_cache)))
@@ -588,12 +691,16 @@ if triton is not None:
 
 
 def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], device,
-            grad_scale, found_inf, scalars: dict, flags: dict) -> None:
+            grad_scale, found_inf, scalars: dict, flags: dict,
+            sr_offsets: Optional[List[int]] = None) -> None:
     """Run the update over ``roles`` = [params, grads, state..., emas] (``None``: role absent).
 
     One tensor: the flat kernel.  Several: one tensor-list launch per parameter dtype for the
     tensors whose every address is 16-byte aligned (the list kernel assumes it, so its accesses
     vectorise); a tensor with a misaligned address (an odd-offset view) gets its own flat launch.
+
+    ``sr_offsets`` (stochastic rounding on, ``flags["SR"]``): each tensor's element-index base,
+    passed to a flat launch as ``sr_base`` and to a list launch in its table.
     """
     params = roles[0]
 
@@ -601,7 +708,8 @@ def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], d
         n = params[i].numel()
         flat_kernel[(triton.cdiv(n, BLOCK),)](
             *[None if r is None else r[i] for r in roles], grad_scale, found_inf, n,
-            **scalars, **flags, num_warps=NUM_WARPS)
+            **scalars, sr_base=sr_offsets[i] if sr_offsets is not None else 0, **flags,
+            num_warps=NUM_WARPS)
 
     with _DeviceGuard(device):
         if len(params) == 1:
@@ -623,7 +731,9 @@ def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], d
                 flat(idx[0])
                 continue
             sub = [[0] * len(idx) if a is None else [a[i] for i in idx] for a in addrs]
-            table, n_chunks = _table(sub, [numels[i] for i in idx], device)
+            table, n_chunks = _table(sub, [numels[i] for i in idx], device,
+                                     None if sr_offsets is None else
+                                     [sr_offsets[i] for i in idx])
             list_kernel[(n_chunks,)](table, len(idx), n_chunks, grad_scale, found_inf,
                                      **scalars, P_DTYPE=_TL_DTYPES[dtype], **flags,
                                      num_warps=NUM_WARPS)
@@ -632,6 +742,26 @@ def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], d
 # ----------------------------------------------------------------------------------------------
 # Backend interface
 # ----------------------------------------------------------------------------------------------
+def _as_i32(k: int) -> int:
+    """A uint32 key as the int32 with its bits (always an i32 launch argument: one kernel
+    signature, no respecialisation on the value; the kernel bitcasts it back)."""
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def _sr_scalars(what, params, scalars, on, seed, step, offsets):
+    """Add the key arguments k0, k1 to ``scalars``; returns ``(SR flag, offsets or None)``.
+    SR is on only for bf16/fp16 parameters (fp32 is stored exactly: the flag costs nothing)."""
+    sr = bool(on) and params[0].dtype in (torch.bfloat16, torch.float16)
+    k0 = k1 = 0
+    if sr:
+        _sr.check_args(what, len(params), seed, step, offsets)
+        k0, k1 = _sr.key(seed, step)
+        if offsets is None:
+            offsets = _sr.flat_offsets([p.numel() for p in params])
+    scalars["k0"], scalars["k1"] = _as_i32(k0), _as_i32(k1)
+    return sr, (list(offsets) if sr else None)
+
+
 def _ema_roles(what, emas, ema_weight, n):
     """``(z roles, scalars, N_EMAS)``: the EMA lists padded to MAX_EMAS roles with None, the
     weights w0..w3 (0.0 where absent: never read) and the EMA count."""
@@ -647,7 +777,9 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
              weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
              bias_correction2_sqrt: float, ema_weight: Optional[float],
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
+             sr_offsets: Optional[List[int]] = None) -> None:
     """Adam / AdamW step followed by the EMA update(s) (see the reference backend's docstring)."""
     if len(params) == 0:
         return
@@ -666,17 +798,20 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         decay=(1.0 - lr * weight_decay) if (decoupled and weight_decay != 0) else 1.0,
         l2_wd=0.0 if decoupled else weight_decay, grad_sign=-1.0 if maximize else 1.0,
         neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt, **ws, has_scale=has_scale)
-    flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, BLOCK=BLOCK)
+    sr_flag, sr_offsets = _sr_scalars("adam_ema", params, scalars, stochastic_rounding, sr_seed,
+                                      sr_step, sr_offsets)
+    flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, SR=sr_flag, BLOCK=BLOCK)
     _launch(_adam_flat_kernel, _adam_list_kernel,
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs] + z_roles, device,
-            grad_scale, found_inf, scalars, flags)
+            grad_scale, found_inf, scalars, flags, sr_offsets)
 
 
 def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
             emas: Optional[List[Tensor]], *, lr: float, momentum: float, dampening: float,
             weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
             ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
-            found_inf: Optional[Tensor] = None) -> None:
+            found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+            sr_seed: int = 0, sr_step: int = 0, sr_offsets: Optional[List[int]] = None) -> None:
     """SGD step followed by the EMA update(s) (see the reference backend's docstring)."""
     if len(params) == 0:
         return
@@ -695,9 +830,11 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
                    momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
                    nesterov=int(bool(nesterov)), first_step=int(bool(first_step)), **ws,
                    has_scale=has_scale)
-    flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, BLOCK=BLOCK)
+    sr_flag, sr_offsets = _sr_scalars("sgd_ema", params, scalars, stochastic_rounding, sr_seed,
+                                      sr_step, sr_offsets)
+    flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, SR=sr_flag, BLOCK=BLOCK)
     _launch(_sgd_flat_kernel, _sgd_list_kernel, [params, grads, momentum_buffers] + z_roles,
-            device, grad_scale, found_inf, scalars, flags)
+            device, grad_scale, found_inf, scalars, flags, sr_offsets)
 
 
 def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
@@ -749,32 +886,41 @@ def aot_variants():
     for dtype in _PARAM_DTYPES:
         pt, ty = "*" + _TY[dtype], _TY[dtype]
         amp = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-        for ams, k in itertools.product((False, True), counts):
-            flags = dict(N_EMAS=k, AMSGRAD=ams, BLOCK=BLOCK)
-            tail = dict({s: "fp32" for s in adam_scalars}, has_scale="i32")
+        # stochastic rounding: a variant for 16-bit parameters only (fp32 never rounds)
+        srs = (False, True) if dtype != torch.float32 else (False,)
+        for ams, k, sr in itertools.product((False, True), counts, srs):
+            flags = dict(N_EMAS=k, AMSGRAD=ams, SR=sr, BLOCK=BLOCK)
+            tail = dict({s: "fp32" for s in adam_scalars}, has_scale="i32", k0="i32",
+                        k1="i32")
             sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", v_ptr="*fp32",
                        vmax_ptr="*fp32" if ams else "constexpr", **zs(k), **amp, n="i32",
-                       **tail)
-            yield _variant(f"adam_flat[{ty},emas={k},amsgrad={ams}]", _adam_flat_kernel, sig,
-                           flags)
+                       **tail, sr_base="i64")
+            yield _variant(f"adam_flat[{ty},emas={k},amsgrad={ams}{_sr_tag(sr)}]",
+                           _adam_flat_kernel, sig, flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"adam_list[{ty},emas={k},amsgrad={ams}]", _adam_list_kernel, sig,
-                           dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
-        for mom, k in itertools.product((False, True), counts):
-            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, BLOCK=BLOCK)
+            yield _variant(f"adam_list[{ty},emas={k},amsgrad={ams}{_sr_tag(sr)}]",
+                           _adam_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+        for mom, k, sr in itertools.product((False, True), counts, srs):
+            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, SR=sr, BLOCK=BLOCK)
             tail = dict({s: "fp32" for s in sgd_scalars}, nesterov="i32", first_step="i32",
-                        w0="fp32", w1="fp32", w2="fp32", w3="fp32", has_scale="i32")
+                        w0="fp32", w1="fp32", w2="fp32", w3="fp32", has_scale="i32", k0="i32",
+                        k1="i32")
             sig = dict(p_ptr=pt, g_ptr=pt, b_ptr="*fp32" if mom else "constexpr", **zs(k),
-                       **amp, n="i32", **tail)
-            yield _variant(f"sgd_flat[{ty},emas={k},momentum={mom}]", _sgd_flat_kernel, sig,
-                           flags)
+                       **amp, n="i32", **tail, sr_base="i64")
+            yield _variant(f"sgd_flat[{ty},emas={k},momentum={mom}{_sr_tag(sr)}]",
+                           _sgd_flat_kernel, sig, flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"sgd_list[{ty},emas={k},momentum={mom}]", _sgd_list_kernel, sig,
-                           dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+            yield _variant(f"sgd_list[{ty},emas={k},momentum={mom}{_sr_tag(sr)}]",
+                           _sgd_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
         for k in range(1, MAX_EMAS + 1):
             sig = dict(p_ptr=pt, **zs(k), n="i32", w0="fp32", w1="fp32", w2="fp32", w3="fp32")
             yield _variant(f"ema_flat[{ty},emas={k}]", _ema_flat_kernel, sig,
                            dict(N_EMAS=k, BLOCK=BLOCK))
+
+
+def _sr_tag(sr: bool) -> str:
+    """A stochastic-rounding variant's label suffix (the others keep their labels)."""
+    return ",sr=True" if sr else ""
 
 
 def _variant(label, kernel, sig, flags):

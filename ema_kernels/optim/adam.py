@@ -17,8 +17,8 @@ class _AdamBase(EMAOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, ema_decay=0.9999, ema_every=1,
-                 ema_schedule=None, kappa=1.0, scale_optimizer=True, backend="auto",
-                 flatten=False, foreach=None, fused=None, capturable=False,
+                 ema_schedule=None, kappa=1.0, scale_optimizer=True, stochastic_rounding=False,
+                 backend="auto", flatten=False, foreach=None, fused=None, capturable=False,
                  differentiable=False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), maximize=bool(maximize),
@@ -26,7 +26,8 @@ class _AdamBase(EMAOptimizer):
                         # keeps AdamW's decoupled decay (the class decides ours)
                         decoupled_weight_decay=self._decoupled, ema_decay=ema_decay,
                         ema_every=ema_every, ema_schedule=ema_schedule, kappa=kappa,
-                        scale_optimizer=bool(scale_optimizer))
+                        scale_optimizer=bool(scale_optimizer),
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, backend=backend, flatten=flatten, foreach=foreach,
                          fused=fused, capturable=capturable, differentiable=differentiable)
 
@@ -50,7 +51,7 @@ class _AdamBase(EMAOptimizer):
             else ("exp_avg", "exp_avg_sq")
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
-                grad_scale, found_inf):
+                grad_scale, found_inf, sr=None):
         beta1, beta2 = hp["betas"]
         backend.adam_ema(
             params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
@@ -59,24 +60,25 @@ class _AdamBase(EMAOptimizer):
             weight_decay=hp["weight_decay"], decoupled=self._decoupled,
             maximize=bool(group["maximize"]), step_size=hp["lr"] / (1.0 - beta1 ** step),
             bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
 
-    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf):
+    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf,
+                      sr_seed):
         beta1, beta2 = hp["betas"]
         table.adam(hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], self._decoupled,
                    bool(group["maximize"]), bool(group["amsgrad"]),
                    hp["lr"] / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5,
-                   ema_weight or (), grad_scale, found_inf)
+                   ema_weight or (), grad_scale, found_inf, sr_seed, step)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
-                           grad_scale, found_inf, lr, step):
+                           grad_scale, found_inf, lr, step, sr=None):
         beta1, beta2 = hp["betas"]
         backend.adam_ema_capturable(
             params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
             emas, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=hp["eps"],
             weight_decay=hp["weight_decay"], decoupled=self._decoupled,
             maximize=bool(group["maximize"]), ema_weight=ema_weight, grad_scale=grad_scale,
-            found_inf=found_inf)
+            found_inf=found_inf, **checks.sr_kwargs(sr))
 
 class AdamW(_AdamBase):
     """torch.optim.AdamW (decoupled weight decay) fused with an EMA of the weights.
@@ -93,7 +95,10 @@ class AdamW(_AdamBase):
       ``scale_optimizer=True``, lr·√κ, β → 1 − κ(1 − β), ε/√κ, weight decay·√κ,
     - ``backend``: ``"auto" | "reference" | "triton" | "cuda" | "cpp"``,
     - ``flatten``: False (default) leaves parameters in their own storage; True packs them
-      into one flat buffer per (device, dtype) (see README, "Layout").
+      into one flat buffer per (device, dtype) (see README, "Layout"),
+    - ``stochastic_rounding``: round bf16/fp16 parameters stochastically (unbiased) instead of
+      to nearest, from random bits that are a pure function of (the group's ``sr_seed``, step,
+      element index); fp32 parameters ignore it (see README, "Stochastic rounding").
     """
     _decoupled = True
 

@@ -101,13 +101,17 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
                 f"replayed CUDA graph runs no Python, so the EMA decay must be the same every "
                 f"step. Use ema_decay=rho, or capturable=False")
         self._check_update_hparams(group, where)
+        sr = checks.check_stochastic_rounding(group, where, self.capturable)
         if isinstance(lr, torch.Tensor):
             # A tensor lr is never read on the host: the rule's factor (√κ, κ) is applied on
             # the device and the kernels read the product (stepping._device_lrs).
             hp = self._scaled(dict(group, lr=1.0), kappa)
             hp["lr_scale"], hp["lr_tensor"], hp["lr"] = hp["lr"], lr, None
+            hp["stochastic_rounding"] = sr
             return hp
-        return self._scaled(group, kappa)  # raises if κ breaks the optimizer's own rule
+        hp = self._scaled(group, kappa)  # raises if κ breaks the optimizer's own rule
+        hp["stochastic_rounding"] = sr
+        return hp
 
     def _check_update_hparams(self, group, where):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -141,6 +145,11 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         """Validation passed: store the group (and, with flatten=True, move its storage)."""
         for c in COUNTERS:
             group.setdefault(c, 0 if c == "steps" else 0.0)
+        if group.get("stochastic_rounding") and group.get("sr_seed") is None:
+            # drawn only where SR is on: an optimizer without it consumes no random numbers
+            # (as torch.optim's); saved with the group (state_dict), so a resumed run draws
+            # the same bits
+            group["sr_seed"] = checks.draw_sr_seed()
         flats: Dict[tuple, layout.FlatBuffers] = {}
         if self.flatten:
             by_key: Dict[tuple, list] = {}

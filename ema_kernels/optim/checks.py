@@ -117,6 +117,46 @@ def check_ema_settings(group: Dict[str, Any], where: str) -> None:
                          f"the others in a second optimizer")
 
 
+# Stochastic rounding's seed: a 63-bit non-negative int (it travels through the ops as int64).
+SR_SEED_BOUND = 1 << 63
+
+
+def check_stochastic_rounding(group: Dict[str, Any], where: str, capturable: bool) -> bool:
+    """``stochastic_rounding`` (a bool) and, where present, ``sr_seed``; returns the flag.
+
+    A group without the key (an optimizer pickled before it existed) rounds to nearest."""
+    on = group.get("stochastic_rounding", False)
+    if not isinstance(on, bool):
+        raise TypeError(f"stochastic_rounding={on!r} ({where}) must be True or False (a bool, "
+                        f"got {type(on).__name__})")
+    seed = group.get("sr_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < SR_SEED_BOUND):
+        raise ValueError(f"sr_seed={seed!r} ({where}) is invalid: stochastic rounding's seed "
+                         f"is an int in [0, 2**63); leave it out to draw one from torch's "
+                         f"default generator")
+    if on and capturable:
+        raise ValueError(
+            f"stochastic_rounding=True ({where}) is not supported with capturable=True: its "
+            f"random bits depend on the step count, which lives on the device there. Use "
+            f"capturable=False (a tensor lr still works), or stochastic_rounding=False")
+    return on
+
+
+def sr_kwargs(sr) -> Dict[str, Any]:
+    """The backends' stochastic-rounding keywords of ``sr = (seed, step, offsets)``; none when
+    ``sr`` is None (the call is then exactly the round-to-nearest one)."""
+    if sr is None:
+        return {}
+    seed, step, offsets = sr
+    return dict(stochastic_rounding=True, sr_seed=seed, sr_step=int(step), sr_offsets=offsets)
+
+
+def draw_sr_seed() -> int:
+    """A seed from torch's default CPU generator (so ``torch.manual_seed`` reproduces it)."""
+    return int(torch.randint(0, SR_SEED_BOUND - 1, (), dtype=torch.int64))
+
+
 def split_params(params) -> List[Dict[str, Any]]:
     """The groups of ``params`` as ``Optimizer.__init__`` sees them (torch's cases and types)."""
     if isinstance(params, torch.Tensor):

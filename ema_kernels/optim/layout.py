@@ -180,6 +180,26 @@ class FlatBuffers:
         return self.bound_grads
 
 
+def sr_offsets(ts: "TensorSet", ids: Sequence[int]) -> List[int]:
+    """Stochastic rounding's element-index bases of parameters ``ids`` of ``ts``: where each
+    sits in the set's flat layout (the :class:`FlatBuffers` offsets: cumulative numels rounded
+    up to ALIGN, in set order), whether or not the set is flattened, so both layouts draw the
+    same random bits for an element. Cached per set (the full list is the common case)."""
+    full = ts.sr_base
+    if full is None:
+        if ts.flat is not None:
+            full = list(ts.flat.offsets)
+        else:
+            full, at = [], 0
+            for shape in ts.shapes:
+                full.append(at)
+                at += _align(int(np.prod(shape, dtype=np.int64)))
+        ts.sr_base = full
+    if len(ids) == len(full):
+        return full
+    return [full[i] for i in ids]
+
+
 class TensorSet:
     """One group's parameters of one (device, dtype): the unit of one kernel launch.
 
@@ -212,6 +232,7 @@ class TensorSet:
         self.table = None
         self.table_backend = None
         self.table_bound = None
+        self.sr_base: Optional[List[int]] = None  # stochastic rounding's bases (sr_offsets)
 
     def kernel_view(self, i: int, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``t`` (parameter i's state or EMA, in its own layout) as the kernels take it."""

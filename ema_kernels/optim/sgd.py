@@ -17,14 +17,15 @@ class SGD(EMAOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, ema_decay=0.9999, ema_every=1,
-                 ema_schedule=None, kappa=1.0, scale_optimizer=True, backend="auto",
-                 flatten=False, foreach=None, fused=None, capturable=False,
+                 ema_schedule=None, kappa=1.0, scale_optimizer=True, stochastic_rounding=False,
+                 backend="auto", flatten=False, foreach=None, fused=None, capturable=False,
                  differentiable=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=bool(nesterov),
                         maximize=bool(maximize), ema_decay=ema_decay, ema_every=ema_every,
                         ema_schedule=ema_schedule, kappa=kappa,
-                        scale_optimizer=bool(scale_optimizer))
+                        scale_optimizer=bool(scale_optimizer),
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults, backend=backend, flatten=flatten, foreach=foreach,
                          fused=fused, capturable=capturable, differentiable=differentiable)
 
@@ -53,21 +54,22 @@ class SGD(EMAOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
-                grad_scale, found_inf):
+                grad_scale, found_inf, sr=None):
         backend.sgd_ema(
             params, grads, state.get("momentum_buffer"), emas if ema_weight is not None else None,
             lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
             weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
 
-    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf):
+    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf,
+                      sr_seed):
         table.sgd(hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
                   bool(group["nesterov"]), bool(group["maximize"]), step == 1,
-                  ema_weight or (), grad_scale, found_inf)
+                  ema_weight or (), grad_scale, found_inf, sr_seed, step)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
-                           grad_scale, found_inf, lr, step):
+                           grad_scale, found_inf, lr, step, sr=None):
         backend.sgd_ema_capturable(
             params, grads, state.get("momentum_buffer"), emas, lr=lr,
             momentum=hp["momentum"], dampening=hp["dampening"],
@@ -77,4 +79,5 @@ class SGD(EMAOptimizer):
             # updated as momentum·0 + d is exactly torch's first-step buf = d. A host-counted
             # step with a tensor lr knows it (hp["first_step"]).
             maximize=bool(group["maximize"]), first_step=hp.get("first_step", False),
-            ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf)
+            ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
+            **checks.sr_kwargs(sr))

@@ -21,6 +21,7 @@ from . import checks, layout, tables
 
 _strided = torch.strided
 _TABLE_PLAN = {"flat": False, "table": True, "stepped": None, "skipped": [], "missing": []}
+_SR_DTYPES = (torch.bfloat16, torch.float16)  # stochastic rounding: fp32 is stored exactly
 
 
 class StepMixin:
@@ -366,18 +367,20 @@ class StepMixin:
         emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
         if plan is _TABLE_PLAN:  # prepared in C++ while planning: one launch
             step = ts.uniform_step + 1
-            self._update_table(ts.table, group, hp, step, ema_weight, grad_scale, found_inf)
+            self._update_table(ts.table, group, hp, step, ema_weight, grad_scale, found_inf,
+                               self._sr_seed(group, hp, ts))
             ts.steps += 1
             ts.uniform_step = step
             return
         run = self._update if lr_dev is None else self._update_device_lr
         extra = (grad_scale, found_inf) if lr_dev is None else (grad_scale, found_inf, lr_dev)
+        sr_seed = self._sr_seed(group, hp, ts)  # None: round to nearest
         if plan["flat"]:
             fb = ts.flat
             step = ts.uniform_step + 1
             run(backend, group, hp, [fb.param], [fb.grad], {r: [fb.roles[r]] for r in ts.roles},
                 [[fb.roles[k]] for k in ts.ema_keys] if emas is not None else None, step,
-                ema_weight, *extra)
+                ema_weight, *extra, sr=None if sr_seed is None else (sr_seed, step, [0]))
             ts.steps += 1
             ts.uniform_step = step
             return
@@ -402,10 +405,11 @@ class StepMixin:
         views = ts.views
         for t, ids in sorted(by_step.items()):
             ps, back = self._kernel_params(ts, ids)
+            sr = None if sr_seed is None else (sr_seed, t + 1, layout.sr_offsets(ts, ids))
             run(backend, group, hp, ps, [grads[i] for i in ids],
                 {r: [views[r][i] for i in ids] for r in ts.roles},
                 [[zs[i] for i in ids] for zs in emas] if emas is not None else None, t + 1,
-                ema_weight, *extra)
+                ema_weight, *extra, sr=sr)
             for p, tmp in back or ():
                 p.copy_(tmp)
         if len(stepped) == len(ts.params):
@@ -415,6 +419,17 @@ class StepMixin:
         else:
             ts.steps[stepped] += 1
             ts.refresh_uniform_step()
+
+    def _sr_seed(self, group, hp, ts) -> Optional[int]:
+        """The group's stochastic-rounding seed where SR applies to this set (bf16/fp16
+        parameters of a group with stochastic_rounding=True), else None. A group that switched
+        SR on after construction draws its seed here, once (then it is saved with the group)."""
+        if not hp.get("stochastic_rounding") or ts.dtype not in _SR_DTYPES:
+            return None
+        seed = group.get("sr_seed")
+        if seed is None:
+            seed = group["sr_seed"] = checks.draw_sr_seed()
+        return int(seed)
 
     def _run_capturable(self, group, hp, ts, backend, plan, ema_weight, grad_scale,
                         found_inf, lr_dev) -> None:
@@ -464,8 +479,8 @@ class StepMixin:
                 grad_scale, found_inf):  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf
-                      ):  # pragma: no cover - overridden
+    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf,
+                      sr_seed):  # pragma: no cover - overridden
         raise NotImplementedError
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas,
@@ -474,7 +489,7 @@ class StepMixin:
         raise NotImplementedError
 
     def _update_device_lr(self, backend, group, hp, params, grads, state, emas, step,
-                          ema_weight, grad_scale, found_inf, lr_dev) -> None:
+                          ema_weight, grad_scale, found_inf, lr_dev, sr=None) -> None:
         """A host-counted step whose lr is a device tensor: the device-scalar kernels, with
         the host's step count and EMA weight written into device scalars (fills, no copies
         from pageable memory, so nothing waits)."""
@@ -483,7 +498,7 @@ class StepMixin:
             # _ops docs); every other backend reads the tensor on the device.
             hp = dict(hp, lr=float(lr_dev))
             return self._update(backend, group, hp, params, grads, state, emas, step,
-                                ema_weight, grad_scale, found_inf)
+                                ema_weight, grad_scale, found_inf, sr=sr)
         dev = params[0].device
         step_t = torch.full((1,), float(step), dtype=torch.float32, device=dev)
         w_t = None
@@ -491,7 +506,8 @@ class StepMixin:
             w_t = _fill_weights(torch.empty(len(ema_weight), dtype=torch.float32, device=dev),
                                 ema_weight)
         self._update_capturable(backend, group, dict(hp, first_step=step == 1), None, params,
-                                grads, state, emas, w_t, grad_scale, found_inf, lr_dev, step_t)
+                                grads, state, emas, w_t, grad_scale, found_inf, lr_dev, step_t,
+                                sr=sr)  # SR's step: the host count (sr[1])
 
 
 # Group keys that are not hyperparameters: the parameters and the counters step() advances.

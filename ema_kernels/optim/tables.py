@@ -72,7 +72,8 @@ def table_for(ts: layout.TensorSet, backend, capturable: bool):
         ts.table_bound = fb.bound_grads
     else:
         like = torch.empty(0, dtype=ts.dtype, device=ts.device)
-        ts.table = cls(ts.params, like, ts.shapes, ts.strides, roles, emas, kernels)
+        ts.table = cls(ts.params, like, ts.shapes, ts.strides, roles, emas,
+                       layout.sr_offsets(ts, range(len(ts.params))), kernels)
     return ts.table
 
 
