@@ -3,7 +3,8 @@
 // Namespace `ema_kernels_ext` (torch.ops.ema_kernels_ext.*).  Every op mutates tensor lists in
 // place and returns nothing.  adam_ema_ / sgd_ema_ take stochastic rounding's flag, seed, step
 // and per-tensor element-index bases (`sr_offsets`; see sr_prepare); off by default, and then
-// the ops are bit for bit what they were.  `emas` holds the lists of up to kMaxEmas EMAs concatenated
+// the ops are bit for bit what they were.
+// `emas` holds the lists of up to kMaxEmas EMAs concatenated
 // (EMA-major), with one weight each (`ema_weights`, or the capturable ops' `ema_weight` tensor
 // with one element per EMA): all of them are updated in the same pass; the schemas declare each mutated list (`Tensor(a!)[]`) so that
 // functionalization / torch.compile see the writes.  Fake (meta) implementations are registered
