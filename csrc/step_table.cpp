@@ -214,10 +214,11 @@ class StepTable {
 
   // The Triton list kernels' table of the prepared step (int64, on the host): address rows
   // θ, g, `state_rows` state slots (0 where this table has fewer roles), ζ0..ζ3 (0 past
-  // n_emas), a row of sizes, then per BLOCK-sized chunk its tensor index and start.  Returns
+  // n_emas), a row of sizes, then per BLOCK-sized chunk its tensor index and start, and with
+  // sr_bases each tensor's stochastic-rounding element-index base.  Returns
   // (table, number of chunks, a 63-bit hash of the table's content): the launcher keeps device
   // copies keyed by it, so a steady-state step copies nothing to the device.
-  py::tuple triton_table(int64_t state_rows, int64_t n_emas, int64_t block) {
+  py::tuple triton_table(int64_t state_rows, int64_t n_emas, int64_t block, bool sr_bases) {
     TORCH_CHECK(triton_, "StepTable.triton_table: this table launches its own kernels");
     TORCH_CHECK(prepared_, "StepTable.triton_table: no successful prepare() in this step");
     TORCH_CHECK(state_rows >= int64_t(state_.size()) && n_emas <= int64_t(emas_.size()) &&
@@ -230,7 +231,8 @@ class StepTable {
     const int64_t rows = 2 + state_rows + kMaxEmas;
     int64_t chunks = 0;
     for (const auto& t : table_) chunks += (t.n + block - 1) / block;
-    Tensor host = at::empty({(rows + 1) * n + 2 * chunks}, at::TensorOptions().dtype(at::kLong));
+    Tensor host = at::empty({(rows + 1) * n + 2 * chunks + (sr_bases ? n : 0)},
+                            at::TensorOptions().dtype(at::kLong));
     int64_t* out = host.data_ptr<int64_t>();
     auto addr = [](const void* ptr) { return int64_t(reinterpret_cast<uintptr_t>(ptr)); };
     for (int64_t i = 0; i < n; ++i) {
@@ -251,6 +253,8 @@ class StepTable {
         chunk_t[c] = i;
         chunk_start[c] = a;
       }
+    if (sr_bases)  // after the chunk rows, where only the stochastic-rounding kernels look
+      for (int64_t i = 0; i < n; ++i) chunk_start[chunks + i] = table_[i].sr_base;
     // splitmix64 over the words: a content key, not a proof (the launcher compares a cached
     // table's content before it trusts a hit)
     uint64_t h = 0x9E3779B97F4A7C15ull ^ uint64_t(host.numel());
@@ -266,6 +270,7 @@ class StepTable {
 
   int64_t size() const { return int64_t(params_.size()); }
   bool is_flat() const { return is_flat_; }
+  std::string kernels() const { return triton_ ? "triton" : (cuda_ ? "cuda" : "cpu"); }
 
  private:
   StepTable() = default;
@@ -493,7 +498,8 @@ void add_step_table(PyObject* module) {
            py::arg("first_step"), py::arg("ema_weights"), py::arg("grad_scale"),
            py::arg("found_inf"), py::arg("sr_seed") = py::none(), py::arg("sr_step") = 0)
       .def("triton_table", &StepTable::triton_table, py::arg("state_rows"), py::arg("n_emas"),
-           py::arg("block"))
+           py::arg("block"), py::arg("sr_bases"))
+      .def_property_readonly("kernels", &StepTable::kernels)
       .def("__len__", &StepTable::size)
       .def_property_readonly("is_flat", &StepTable::is_flat);
   m.attr("STATUS") = py::dict(py::arg("ready") = int(kReady),

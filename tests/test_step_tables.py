@@ -1,13 +1,15 @@
 """The C++ step tables (csrc/step_table.cpp, ema_kernels/optim/tables.py).
 
 A set run by the cpp backend (or the cuda backend, here its emulation build on CPU tensors)
-is prepared and launched by one StepTable call each; everything the table cannot take goes
+is prepared and launched by one StepTable call each (triton: prepared by one, and its pointer
+table handed to the Triton launcher); everything the table cannot take goes
 through step()'s Python planning. The two paths must give the same bits, the table must really
 be the path of an ordinary step, and Python's work per step must not grow with the number of
 parameters.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -26,6 +28,9 @@ def _backends():
     from ema_kernels.backends import cuda
     if cuda._emulation_availability()[0]:
         names.append("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1" and _ops.availability("triton", "cpu")[0] \
+            and names:  # Triton's tables are built by the extension too
+        names.append("triton")
     return names
 
 
@@ -247,7 +252,8 @@ def _python_calls_per_step(n: int, backend: str) -> int:
     return calls[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+# Not triton here: under TRITON_INTERPRET=1 the kernel itself runs as Python, per program.
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"], indirect=True)
 def test_python_work_per_step_does_not_grow_with_the_parameters(backend):
     """Python function calls in step(): the same for 10 and 2000 parameters (O(groups))."""
     small, large = _python_calls_per_step(10, backend), _python_calls_per_step(2000, backend)
@@ -291,3 +297,39 @@ def test_step_table_checks_its_inputs():
     with torch.no_grad():
         p.data = torch.randn(6)
     assert t.prepare() == _C.STATUS["param_changed"]
+
+
+def test_triton_tables_export_the_list_kernels_table():
+    _ext.load_extension()
+    from ema_kernels import _C
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (3, 40)]
+    m = [torch.zeros(p.numel()) for p in ps]
+    z = [p.detach().clone() for p in ps]
+    t = _C.StepTable(ps, torch.empty(0), [[3], [40]], [[1], [1]], [m], [z], [0, 16], "triton")
+    assert t.kernels == "triton"
+    with pytest.raises(RuntimeError, match="no successful prepare"):
+        t.triton_table(1, 1, 16, True)
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    assert t.prepare() == 0
+    with pytest.raises(RuntimeError, match="launched by Triton"):
+        t.sgd(0.1, 0.9, 0.0, 0.0, False, False, False, [], None, None)
+    assert t.prepare() == 0
+    host, n_chunks, key = t.triton_table(1, 1, 16, True)
+    n = 2
+    rows = host[:8 * n].view(8, n).tolist()  # θ, g, momentum, ζ0..ζ3, sizes
+    assert rows[0] == [p.data_ptr() for p in ps] and rows[1] == [p.grad.data_ptr() for p in ps]
+    assert rows[2] == [b.data_ptr() for b in m] and rows[3] == [q.data_ptr() for q in z]
+    assert rows[4] == rows[5] == rows[6] == [0, 0] and rows[7] == [3, 40]
+    assert n_chunks == 1 + 3
+    assert host[8 * n:8 * n + n_chunks].tolist() == [0, 1, 1, 1]       # chunk -> tensor
+    assert host[8 * n + n_chunks:8 * n + 2 * n_chunks].tolist() == [0, 0, 16, 32]  # starts
+    assert host[8 * n + 2 * n_chunks:].tolist() == [0, 16]              # SR bases
+    assert t.prepare() == 0
+    assert t.triton_table(1, 1, 16, True)[2] == key  # same content, same key
+    ps[1].grad = torch.randn(40)
+    assert t.prepare() == 0
+    assert t.triton_table(1, 1, 16, True)[2] != key
+    with torch.no_grad():  # a misaligned parameter: its list kernel cannot take it
+        ps[0].data = torch.randn(4)[1:]
+    assert t.prepare() == _C.STATUS["misaligned"]

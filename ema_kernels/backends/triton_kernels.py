@@ -611,6 +611,7 @@ def _const(device: torch.device, value: float) -> Tensor:
     key = (device, value)
     t = _const_cache.get(key)
     if t is None:
+        _refuse_capture("its device constants")
         t = torch.full((1,), value, dtype=torch.float32, device=device)
         _const_cache[key] = t
     return t
@@ -677,6 +678,8 @@ def _table(addrs: List[List[int]], numels: List[int], device: torch.device,
     if bases is not None:
         parts.append(torch.tensor(bases, dtype=torch.int64))
     host = torch.cat(parts)
+    if device.type != "cpu":
+        _refuse_capture("its pointer tables")
     table = host if device.type == "cpu" else host.to(device, non_blocking=True)
     if len(_table_cache) >= _TABLE_CACHE_SIZE:
         _table_cache.pop(next(iter(_table_cache)))
@@ -772,6 +775,116 @@ def _ema_roles(what, emas, ema_weight, n):
     return roles, ws, len(lists)
 
 
+def _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
+                  bias_correction2_sqrt, ws, has_scale) -> dict:
+    # Host scalars as torch forms them (Python doubles); Triton passes them as float32, as
+    # torch casts a Python scalar to the float32 compute type of the reference's ops.
+    return dict(
+        beta1_w=1.0 - beta1, beta2=beta2, beta2_w=1.0 - beta2, eps=eps,
+        decay=(1.0 - lr * weight_decay) if (decoupled and weight_decay != 0) else 1.0,
+        l2_wd=0.0 if decoupled else weight_decay, grad_sign=-1.0 if maximize else 1.0,
+        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt, **ws, has_scale=has_scale)
+
+
+def _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, ws,
+                 has_scale) -> dict:
+    return dict(grad_sign=-1.0 if maximize else 1.0, weight_decay=weight_decay,
+                momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
+                nesterov=int(bool(nesterov)), first_step=int(bool(first_step)), **ws,
+                has_scale=has_scale)
+
+
+def _refuse_capture(what: str) -> None:
+    """Creating a device constant or table inside a CUDA-graph capture would only record it
+    (filled on replay, garbage for the eager steps that share the cache) and its host->device
+    copy is illegal there: refuse, before anything is launched. (A device query: only asked
+    on a cache miss.)"""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"the triton backend would create {what} inside a CUDA-graph capture: run one "
+            f"eager step() before capturing, or capture with capturable=True and "
+            f"backend='cuda' (the triton kernels take lr as a launch argument, so a replayed "
+            f"graph would keep the capture-time lr)")
+
+
+# Device copies of StepTable pointer tables, by content hash: {(device, hash): (host, device)}.
+_dev_tables: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+
+def _device_table(host: Tensor, key: int, device: torch.device) -> Tensor:
+    """``host`` (a StepTable's Triton table) on ``device``: CPU tensors are used as they are;
+    on a GPU the copy made the first time this content was seen (compared in full before a
+    hit is trusted), marked as used on the current stream (``record_stream``) so that evicting
+    it from the cache cannot free memory a kernel on another stream still reads."""
+    if device.type == "cpu":
+        return host
+    hit = _dev_tables.get((device, key))
+    if hit is not None and hit[0].shape == host.shape and torch.equal(hit[0], host):
+        dev = hit[1]
+    else:
+        _refuse_capture("its pointer tables")
+        dev = host.to(device)
+        if len(_dev_tables) >= _TABLE_CACHE_SIZE:
+            _dev_tables.pop(next(iter(_dev_tables)))
+        _dev_tables[(device, key)] = (host, dev)
+    dev.record_stream(torch.cuda.current_stream(device))
+    return dev
+
+
+def _table_common(table, dtype, device, ema_weight, grad_scale, found_inf, sr_seed, sr_step):
+    """``(weights, n_emas, has_scale, grad_scale, found_inf, SR flag)`` of a StepTable launch;
+    the SR key (k0, k1) goes into the weights dict (the kernels' scalar arguments)."""
+    weights = tuple(ema_weight or ())
+    pad = MAX_EMAS - len(weights)
+    ws = dict(zip(("w0", "w1", "w2", "w3"), list(weights) + [0.0] * pad))
+    has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
+    sr = sr_seed is not None and dtype in (torch.bfloat16, torch.float16)
+    k0, k1 = _sr.key(sr_seed, sr_step) if sr else (0, 0)
+    ws["k0"], ws["k1"] = _as_i32(k0), _as_i32(k1)
+    return ws, len(weights), has_scale, grad_scale, found_inf, sr
+
+
+def adam_ema_table(table, dtype: torch.dtype, device: torch.device, *, amsgrad: bool,
+                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   decoupled: bool, maximize: bool, step_size: float,
+                   bias_correction2_sqrt: float, ema_weight, grad_scale=None, found_inf=None,
+                   sr_seed: Optional[int] = None, sr_step: int = 0) -> None:
+    """:func:`adam_ema` over a prepared StepTable (csrc/step_table.cpp, kernels='triton'):
+    its pointer table comes from C++ and is cached on the device by content, so the host does
+    no per-tensor work. One list launch (every address was checked 16-byte aligned)."""
+    ws, n_emas, has_scale, gs, fi, sr = _table_common(table, dtype, device, ema_weight,
+                                                      grad_scale, found_inf, sr_seed, sr_step)
+    scalars = _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                            step_size, bias_correction2_sqrt, ws, has_scale)
+    host, n_chunks, key = table.triton_table(3, n_emas, BLOCK, sr)
+    if n_chunks == 0:
+        return
+    with _DeviceGuard(device):
+        _adam_list_kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks,
+                                       gs, fi, **scalars, P_DTYPE=_TL_DTYPES[dtype],
+                                       N_EMAS=n_emas, AMSGRAD=bool(amsgrad), SR=sr,
+                                       BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
+                  momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                  maximize: bool, first_step: bool, ema_weight, grad_scale=None,
+                  found_inf=None, sr_seed: Optional[int] = None, sr_step: int = 0) -> None:
+    """:func:`sgd_ema` over a prepared StepTable (see :func:`adam_ema_table`)."""
+    ws, n_emas, has_scale, gs, fi, sr = _table_common(table, dtype, device, ema_weight,
+                                                      grad_scale, found_inf, sr_seed, sr_step)
+    scalars = _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                           first_step, ws, has_scale)
+    host, n_chunks, key = table.triton_table(1, n_emas, BLOCK, sr)
+    if n_chunks == 0:
+        return
+    with _DeviceGuard(device):
+        _sgd_list_kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks,
+                                      gs, fi, **scalars, P_DTYPE=_TL_DTYPES[dtype],
+                                      N_EMAS=n_emas, HAS_MOMENTUM=momentum != 0, SR=sr,
+                                      BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
 def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
              exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
              emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
@@ -791,13 +904,8 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                            enumerate(z_roles)],
                           grad_scale, found_inf)
     has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
-    # Host scalars as torch forms them (Python doubles); Triton passes them as float32, as
-    # torch casts a Python scalar to the float32 compute type of the reference's ops.
-    scalars = dict(
-        beta1_w=1.0 - beta1, beta2=beta2, beta2_w=1.0 - beta2, eps=eps,
-        decay=(1.0 - lr * weight_decay) if (decoupled and weight_decay != 0) else 1.0,
-        l2_wd=0.0 if decoupled else weight_decay, grad_sign=-1.0 if maximize else 1.0,
-        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt, **ws, has_scale=has_scale)
+    scalars = _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                            step_size, bias_correction2_sqrt, ws, has_scale)
     sr_flag, sr_offsets = _sr_scalars("adam_ema", params, scalars, stochastic_rounding, sr_seed,
                                       sr_step, sr_offsets)
     flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, SR=sr_flag, BLOCK=BLOCK)
@@ -826,10 +934,8 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
                            enumerate(z_roles)],
                           grad_scale, found_inf)
     has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
-    scalars = dict(grad_sign=-1.0 if maximize else 1.0, weight_decay=weight_decay,
-                   momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
-                   nesterov=int(bool(nesterov)), first_step=int(bool(first_step)), **ws,
-                   has_scale=has_scale)
+    scalars = _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize,
+                           first_step, ws, has_scale)
     sr_flag, sr_offsets = _sr_scalars("sgd_ema", params, scalars, stochastic_rounding, sr_seed,
                                       sr_step, sr_offsets)
     flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, SR=sr_flag, BLOCK=BLOCK)

@@ -62,13 +62,21 @@ class _AdamBase(EMAOptimizer):
             bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
 
-    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf,
+    def _update_table(self, backend, ts, group, hp, step, ema_weight, grad_scale, found_inf,
                       sr_seed):
         beta1, beta2 = hp["betas"]
-        table.adam(hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], self._decoupled,
-                   bool(group["maximize"]), bool(group["amsgrad"]),
-                   hp["lr"] / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5,
-                   ema_weight or (), grad_scale, found_inf, sr_seed, step)
+        step_size, bc2_sqrt = hp["lr"] / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5
+        if ts.table.kernels == "triton":
+            backend.adam_ema_table(
+                ts.table, ts.dtype, ts.device, amsgrad=bool(group["amsgrad"]), lr=hp["lr"],
+                beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+                decoupled=self._decoupled, maximize=bool(group["maximize"]),
+                step_size=step_size, bias_correction2_sqrt=bc2_sqrt, ema_weight=ema_weight,
+                grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed, sr_step=step)
+            return
+        ts.table.adam(hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], self._decoupled,
+                      bool(group["maximize"]), bool(group["amsgrad"]), step_size, bc2_sqrt,
+                      ema_weight or (), grad_scale, found_inf, sr_seed, step)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):

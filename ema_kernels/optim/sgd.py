@@ -62,11 +62,19 @@ class SGD(EMAOptimizer):
             maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
 
-    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf,
+    def _update_table(self, backend, ts, group, hp, step, ema_weight, grad_scale, found_inf,
                       sr_seed):
-        table.sgd(hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
-                  bool(group["nesterov"]), bool(group["maximize"]), step == 1,
-                  ema_weight or (), grad_scale, found_inf, sr_seed, step)
+        if ts.table.kernels == "triton":
+            backend.sgd_ema_table(
+                ts.table, ts.dtype, ts.device, lr=hp["lr"], momentum=hp["momentum"],
+                dampening=hp["dampening"], weight_decay=hp["weight_decay"],
+                nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+                first_step=step == 1, ema_weight=ema_weight, grad_scale=grad_scale,
+                found_inf=found_inf, sr_seed=sr_seed, sr_step=step)
+            return
+        ts.table.sgd(hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
+                     bool(group["nesterov"]), bool(group["maximize"]), step == 1,
+                     ema_weight or (), grad_scale, found_inf, sr_seed, step)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):

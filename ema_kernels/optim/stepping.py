@@ -21,6 +21,7 @@ from . import checks, layout, tables
 
 _strided = torch.strided
 _TABLE_PLAN = {"flat": False, "table": True, "stepped": None, "skipped": [], "missing": []}
+_FLAT_PLAN = {"flat": True, "stepped": None, "skipped": [], "missing": []}
 _SR_DTYPES = (torch.bfloat16, torch.float16)  # stochastic rounding: fp32 is stored exactly
 
 
@@ -167,7 +168,9 @@ class StepMixin:
                 table = tables.table_for(ts, backend, self.capturable) \
                     if hp.get("lr_tensor") is None else None
                 if table is not None and tables.ready(table, ts):
-                    launches.append((ts, backend, _TABLE_PLAN))
+                    # Triton's flat layout: its flat kernel over the buffers (checked here)
+                    flat = table.is_flat and table.kernels == "triton"
+                    launches.append((ts, backend, _FLAT_PLAN if flat else _TABLE_PLAN))
                     continue
                 self._check_params(ts, gi)
                 launches.append((ts, backend, self._plan_set(ts, gi, group)))
@@ -367,8 +370,8 @@ class StepMixin:
         emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
         if plan is _TABLE_PLAN:  # prepared in C++ while planning: one launch
             step = ts.uniform_step + 1
-            self._update_table(ts.table, group, hp, step, ema_weight, grad_scale, found_inf,
-                               self._sr_seed(group, hp, ts))
+            self._update_table(backend, ts, group, hp, step, ema_weight, grad_scale,
+                               found_inf, self._sr_seed(group, hp, ts))
             ts.steps += 1
             ts.uniform_step = step
             return
@@ -479,7 +482,7 @@ class StepMixin:
                 grad_scale, found_inf):  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _update_table(self, table, group, hp, step, ema_weight, grad_scale, found_inf,
+    def _update_table(self, backend, ts, group, hp, step, ema_weight, grad_scale, found_inf,
                       sr_seed):  # pragma: no cover - overridden
         raise NotImplementedError
 

@@ -1,10 +1,12 @@
 """The C++ step tables: step()'s per-parameter host work, one call per parameter set.
 
-A :class:`~.layout.TensorSet` run by the ``cpp`` or ``cuda`` backend gets a ``StepTable``
+A :class:`~.layout.TensorSet` run by the ``cpp``, ``cuda`` or ``triton`` backend gets a
+``StepTable``
 (csrc/step_table.cpp) holding its parameters, state and EMA tensors. Each step,
 ``table.prepare()`` reads and checks every ``.grad`` and gathers the kernel's pointer table in
 C++ (a few ns per parameter, where the same work in Python costs ~15 µs), and ``table.adam(…)``
-/ ``table.sgd(…)`` launch the fused kernel. Python per step is then O(sets), not O(parameters).
+/ ``table.sgd(…)`` launch the fused kernel (for Triton, ``table.triton_table()`` hands the
+pointer table to the Triton launcher, which keeps device copies keyed by its content). Python per step is then O(sets), not O(parameters).
 
 The table covers the common case only — every parameter has a gradient with the parameter's
 layout, all parameters at one step count. ``prepare()`` answers with a status otherwise, and
@@ -33,7 +35,13 @@ def _module_for(backend, device):
         lib, kernels = _ext.MAIN, "cpu"
     elif name == "cuda":  # CPU tensors reach the cuda backend only in the emulation build
         lib, kernels = (_ext.EMU if device.type == "cpu" else _ext.MAIN), "cuda"
-    else:  # reference, triton: their own host paths
+    elif name == "triton":  # C++ prepares, Triton launches (needs the extension, any build)
+        lib, kernels = _ext.MAIN, "triton"
+        try:
+            lib.load()
+        except _ext.ExtensionUnavailable:
+            return None, None  # no extension: Triton's own (Python) host path
+    else:  # reference: its own host path
         return None, None
     if not lib.loaded:  # the backend resolved, so its library loaded; be safe anyway
         return None, None
