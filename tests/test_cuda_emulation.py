@@ -50,19 +50,10 @@ SMS, BLOCKS_PER_SM = 132, 4  # the emulated device (cuda_emu.h): grid cap 528 bl
 
 
 @pytest.fixture
-def emu(monkeypatch):
-    """The emulation ops namespace, with the cuda backend switched to emulation for this test
-    and the emulation's limits at their shipped values before and after."""
-    from ema_kernels.backends import cuda
-    monkeypatch.setattr(cuda, "EMULATION", True)
-    monkeypatch.setattr(cuda, "_avail_cache", {})
-    ok, why = cuda.availability("cpu")
-    if not ok:
-        pytest.fail(f"the emulation build is unavailable: {why}")
-    ops = torch.ops.ema_kernels_emu
-    ops.emu_configure(0, 0, 0, 0, 0)
-    yield ops
-    ops.emu_configure(0, 0, 0, 0, 0)
+def emu(cuda_emulation):
+    """The emulation ops namespace, the cuda backend switched to emulation for this test
+    (conftest.cuda_emulation)."""
+    return cuda_emulation
 
 
 def _backends():

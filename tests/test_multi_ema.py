@@ -41,17 +41,12 @@ BACKENDS = _cpu_backends()
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
+def backend(request):
     """The backend module; for 'cuda', the emulated CUDA kernels on CPU tensors (switched on for
     this test only, as tests/test_cuda_emulation.py does)."""
     name = request.param
     if name == "cuda":
-        from ema_kernels.backends import cuda
-        monkeypatch.setattr(cuda, "EMULATION", True)
-        monkeypatch.setattr(cuda, "_avail_cache", {})
-        monkeypatch.setattr(_ops, "_availability_cache", {})
-        ok, why = cuda.availability("cpu")
-        assert ok, why
+        request.getfixturevalue("cuda_emulation")
     return _ops.resolve(name, "cpu")
 
 

@@ -39,16 +39,11 @@ pytestmark = pytest.mark.skipif(not BACKENDS, reason="the compiled extension is 
 
 
 @pytest.fixture
-def backend(request, monkeypatch):
+def backend(request):
     """'cpp', or 'cuda' with the emulated CUDA kernels on CPU tensors for this test only."""
     name = request.param
     if name == "cuda":
-        from ema_kernels.backends import cuda
-        monkeypatch.setattr(cuda, "EMULATION", True)
-        monkeypatch.setattr(cuda, "_avail_cache", {})
-        monkeypatch.setattr(_ops, "_availability_cache", {})
-        ok, why = cuda.availability("cpu")
-        assert ok, why
+        request.getfixturevalue("cuda_emulation")
     return name
 
 

@@ -260,21 +260,12 @@ def _backends():
 
 
 @pytest.fixture
-def emulated_cuda(monkeypatch):
+def emulated_cuda(request):
     """backend='cuda' on CPU tensors through the emulation build, for this test only (see
     tests/test_cuda_emulation.py for why the variable is not set for the session)."""
     if NO_EXT:
         pytest.skip("EMA_KERNELS_NO_EXT=1: extension deliberately not built")
-    from ema_kernels.backends import cuda
-    monkeypatch.setattr(cuda, "EMULATION", True)
-    monkeypatch.setattr(cuda, "_avail_cache", {})
-    monkeypatch.setattr(_ops, "_availability_cache", {})
-    ok, why = cuda.availability("cpu")
-    assert ok, why
-    ops = torch.ops.ema_kernels_emu
-    ops.emu_configure(0, 0, 0, 0, 0)
-    yield ops
-    ops.emu_configure(0, 0, 0, 0, 0)
+    return request.getfixturevalue("cuda_emulation")
 
 
 def _backend_name(name, request):
