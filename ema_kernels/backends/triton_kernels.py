@@ -831,7 +831,7 @@ def _device_table(host: Tensor, key: int, device: torch.device) -> Tensor:
     return dev
 
 
-def _table_common(table, dtype, device, ema_weight, grad_scale, found_inf, sr_seed, sr_step):
+def _table_common(dtype, device, ema_weight, grad_scale, found_inf, sr_seed, sr_step):
     """``(weights, n_emas, has_scale, grad_scale, found_inf, SR flag)`` of a StepTable launch;
     the SR key (k0, k1) goes into the weights dict (the kernels' scalar arguments)."""
     weights = tuple(ema_weight or ())
@@ -852,8 +852,8 @@ def adam_ema_table(table, dtype: torch.dtype, device: torch.device, *, amsgrad: 
     """:func:`adam_ema` over a prepared StepTable (csrc/step_table.cpp, kernels='triton'):
     its pointer table comes from C++ and is cached on the device by content, so the host does
     no per-tensor work. One list launch (every address was checked 16-byte aligned)."""
-    ws, n_emas, has_scale, gs, fi, sr = _table_common(table, dtype, device, ema_weight,
-                                                      grad_scale, found_inf, sr_seed, sr_step)
+    ws, n_emas, has_scale, gs, fi, sr = _table_common(dtype, device, ema_weight, grad_scale,
+                                                      found_inf, sr_seed, sr_step)
     scalars = _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
                             step_size, bias_correction2_sqrt, ws, has_scale)
     host, n_chunks, key = table.triton_table(3, n_emas, BLOCK, sr)
@@ -871,8 +871,8 @@ def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
                   maximize: bool, first_step: bool, ema_weight, grad_scale=None,
                   found_inf=None, sr_seed: Optional[int] = None, sr_step: int = 0) -> None:
     """:func:`sgd_ema` over a prepared StepTable (see :func:`adam_ema_table`)."""
-    ws, n_emas, has_scale, gs, fi, sr = _table_common(table, dtype, device, ema_weight,
-                                                      grad_scale, found_inf, sr_seed, sr_step)
+    ws, n_emas, has_scale, gs, fi, sr = _table_common(dtype, device, ema_weight, grad_scale,
+                                                      found_inf, sr_seed, sr_step)
     scalars = _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize,
                            first_step, ws, has_scale)
     host, n_chunks, key = table.triton_table(1, n_emas, BLOCK, sr)
