@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import _ops
-from . import checks, layout
+from . import checks, layout, step_hooks
 from .checkpoint import CheckpointMixin
 from .clipping import ClipMixin
 from .ema_api import EMAMixin
@@ -67,6 +67,14 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         super().__init__(checked, defaults)  # calls add_param_group with each checked group
         del self._prechecked
         self._build_sets()
+
+    def _patch_step_function(self) -> None:
+        """torch.optim's hook: wrap the class's ``step`` once, with :mod:`.step_hooks`'s
+        wrapper (torch's hooks and profiler range, the range only while profiling)."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+        cls = type(self)
+        if not getattr(cls.step, "hooked", None):
+            cls.step = step_hooks.hook_step(cls.step)
 
     def _init_derived(self) -> None:
         """Caches rebuilt from param_groups/state: never pickled."""

@@ -1,0 +1,58 @@
+"""The wrapper around ``step()``: torch.optim's hooks and profiler range, for less host time.
+
+torch.optim.Optimizer wraps every subclass's ``step`` (``Optimizer.profile_hook_step``): it
+opens a ``record_function("Optimizer.step#<Class>.step")`` range, runs the global and the
+per-optimizer step pre-hooks (a pre-hook may return new ``(args, kwargs)``), calls ``step``,
+calls ``_optimizer_step_code`` (the profiler's Python-tracing entry point) and runs the
+post-hooks. Entering that range costs ~8 µs by itself and, measured on a 2-core CPU VM at
+2000 parameters, 60–115 µs per step in all: it runs TorchScript's custom-class machinery, which
+pushes the step's per-parameter metadata out of the core's caches just before
+``StepTable.prepare()`` walks it. Our ``step()`` is otherwise ~250 µs there, so this wrapper
+does the same things in the same order, but opens the range only while a profiler is
+recording (``torch.autograd._profiler_enabled()``): profiles look exactly as torch's, and an
+unprofiled step skips the cost.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+
+def hook_step(func):
+    """``func`` (a class's ``step``) wrapped with torch.optim's step hooks; marked ``hooked``
+    so torch.optim's own ``_patch_step_function`` leaves it alone."""
+
+    @functools.wraps(func)
+    def step(*args, **kwargs):
+        self = args[0]
+        if torch.autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(
+                    f"Optimizer.step#{type(self).__name__}.step"):
+                return _run(func, self, args, kwargs)
+        return _run(func, self, args, kwargs)
+
+    step.hooked = True
+    return step
+
+
+def _run(func, self, args, kwargs):
+    # torch passes the hooks ``args`` with the optimizer itself first, as the step receives it
+    if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
+        for hook in (*_global_optimizer_pre_hooks.values(),
+                     *self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+    out = func(*args, **kwargs)
+    self._optimizer_step_code()
+    if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
+        for hook in (*self._optimizer_step_post_hooks.values(),
+                     *_global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+    return out
