@@ -103,6 +103,7 @@ class StepTable {
                 " parameters");
     table_.resize(n);
     for (size_t i = 0; i < n; ++i) table_[i].sr_base = sr_bases[i];
+    pack_geometry();
     ema_ptrs_.assign(kMaxEmas, std::vector<float*>(n, nullptr));
     gather_state();
   }
@@ -284,6 +285,7 @@ class StepTable {
     device_ = like.device();
     sdtype_ = like.scalar_type();
     meta_ = like.dtype();
+    itemsize_ = int64_t(meta_.itemsize());
     dtype_ = kernel_dtype(sdtype_);
     if (triton_) return;  // launched by Triton, on whatever device it runs
 #ifdef EK_CUDA_EMULATION
@@ -315,40 +317,132 @@ class StepTable {
     }
   }
 
-  // The per-parameter loop of every step: raw TensorImpl reads (Tensor::grad() would also ask
-  // autograd whether the tensor is a leaf, data_ptr<T>() checks the dtype again, and
-  // IntArrayRef::equals calls memcmp): ~10 ns per parameter.
+  // The per-parameter loop of every step.  At thousands of parameters it is bound by memory
+  // latency and calls, not arithmetic: each parameter's metadata is a chain of dependent heap
+  // objects (TensorImpl -> AutogradMeta -> the grad's TensorImpl -> its StorageImpl, and the
+  // parameter's StorageImpl), ~12 cache lines that are often out of L2 by the next step, and
+  // libc10's accessors for them (TensorImpl::grad, has_storage, data_impl) are out-of-line
+  // calls with checks this loop has already made.  So: the reads are inline (grad_of,
+  // address), each link of the chain is prefetched a few parameters ahead (Prefetcher), and
+  // the geometry the state was made for lives in one packed array (geo_) read in order.
   int prepare_list() {
     const size_t n = params_.size();
+    Prefetcher ahead(params_);
     for (size_t i = 0; i < n; ++i) {
+      ahead.at(i);
       c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
-      if (p->dtype() != meta_ || p->device() != device_ || !same_geometry(p, i))
+      const int64_t* geo = geo_.data() + geo_off_[i];
+      if (p->layout() != c10::kStrided || p->dtype() != meta_ || p->device() != device_ ||
+          !same_geometry(p, geo))
         return kParamChanged;
-      const Tensor& gt = p->grad();
-      if (!gt.defined()) return kNoGrad;
+      const Tensor* gt = grad_of(p);
+      if (gt == nullptr || !gt->defined()) return kNoGrad;
       // The kernels walk θ and g with one index: same strides (a channels_last gradient of a
       // channels_last weight is fine, a contiguous one is not: step()'s general path copies).
-      const c10::TensorImpl* g = gt.unsafeGetTensorImpl();
+      const c10::TensorImpl* g = gt->unsafeGetTensorImpl();
       if (g->layout() != c10::kStrided || g->dtype() != meta_ || g->device() != device_ ||
-          !same_geometry(g, i))
+          !same_geometry(g, geo))
         return kGradLayout;
       TensorPtrs& t = table_[i];
-      t.p = p->mutable_data();
-      t.g = g->data();
-      if (triton_ && t.n != 0 &&
+      if (t.n == 0) continue;  // never launched (active()): it may have no storage at all
+      t.p = const_cast<void*>(address(p, true));
+      t.g = address(g, false);
+      if (t.p == nullptr || t.g == nullptr) return kGradLayout;  // the general path decides
+      if (triton_ &&
           ((reinterpret_cast<uintptr_t>(t.p) | reinterpret_cast<uintptr_t>(t.g)) & 15) != 0)
         return kMisaligned;
     }
     return kReady;
   }
 
-  bool same_geometry(const c10::TensorImpl* t, size_t i) const {
+  // p.grad as TensorImpl::grad() returns it (its AutogradMeta's grad_, every AutogradMeta
+  // of libtorch), inline; nullptr for a tensor without autograd metadata.
+  static const Tensor* grad_of(const c10::TensorImpl* t) {
+    const auto* m = static_cast<const torch::autograd::AutogradMeta*>(t->autograd_meta());
+    return m == nullptr ? nullptr : &m->grad_;
+  }
+
+  // The address of element 0 of a dense strided tensor (checked by the caller: layout,
+  // dtype), as TensorImpl::mutable_data()/data() give it: StorageImpl's own accessors (inline;
+  // the mutable one keeps copy-on-write materialisation) plus the storage offset.  nullptr
+  // where there is no storage or no data: prepare() then answers with a status.
+  const void* address(const c10::TensorImpl* t, bool for_write) const {
+    const c10::Storage& st = t->unsafe_storage();
+    if (!st) return nullptr;
+    c10::StorageImpl* si = st.unsafeGetStorageImpl();
+    const void* base = for_write ? si->mutable_data() : si->data();
+    if (base == nullptr) return nullptr;
+    return static_cast<const char*>(base) + t->storage_offset() * itemsize_;
+  }
+
+  // Software prefetch of prepare_list()'s pointer chains: at parameter i it asks for the
+  // TensorImpl of parameter i + 4d, the AutogradMeta and StorageImpl of i + 3d (whose
+  // TensorImpl has arrived by then), the gradient's TensorImpl of i + 2d and its StorageImpl
+  // of i + d.  Reads only (a parameter that turns out to have no gradient costs nothing).
+  class Prefetcher {
+   public:
+    explicit Prefetcher(const std::vector<Tensor>& ps) : ps_(ps), n_(ps.size()) {
+      for (size_t j = 0; j < 4 * kDist && j < n_; ++j) impl_lines(ps_[j].unsafeGetTensorImpl());
+    }
+    void at(size_t i) const {
+      if (i + 4 * kDist < n_) impl_lines(ps_[i + 4 * kDist].unsafeGetTensorImpl());
+      if (i + 3 * kDist < n_) {
+        const c10::TensorImpl* p = ps_[i + 3 * kDist].unsafeGetTensorImpl();
+        // its grad_ sits ~40 bytes in
+        __builtin_prefetch(p->autograd_meta());
+        __builtin_prefetch(reinterpret_cast<const char*>(p->autograd_meta()) + 63);
+        storage_line(p);
+      }
+      if (i + 2 * kDist < n_) {
+        const Tensor* g = grad_of(ps_[i + 2 * kDist].unsafeGetTensorImpl());
+        if (g != nullptr && g->defined()) impl_lines(g->unsafeGetTensorImpl());
+      }
+      if (i + kDist < n_) {
+        const Tensor* g = grad_of(ps_[i + kDist].unsafeGetTensorImpl());
+        if (g != nullptr && g->defined()) storage_line(g->unsafeGetTensorImpl());
+      }
+    }
+
+   private:
+    static constexpr size_t kDist = 4;
+    // the fields prepare reads (storage, autograd meta, sizes and strides, dtype, device,
+    // numel, offset) span the first ~200 bytes of a TensorImpl
+    static void impl_lines(const c10::TensorImpl* t) {
+      const char* c = reinterpret_cast<const char*>(t);
+      __builtin_prefetch(c);
+      __builtin_prefetch(c + 64);
+      __builtin_prefetch(c + 128);
+      __builtin_prefetch(c + 192);
+    }
+    // a StorageImpl's data pointer and its access flags: its first ~64 bytes, which start
+    // anywhere in a line (heap objects are 16-byte aligned)
+    static void storage_line(const c10::TensorImpl* t) {
+      const char* c = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
+      __builtin_prefetch(c);
+      __builtin_prefetch(c + 63);
+    }
+    const std::vector<Tensor>& ps_;
+    const size_t n_;
+  };
+
+  // geo_: per parameter [ndim, sizes..., strides...] as its state was made, packed in order.
+  void pack_geometry() {
+    geo_off_.clear();
+    geo_.clear();
+    for (size_t i = 0; i < sizes_.size(); ++i) {
+      geo_off_.push_back(int64_t(geo_.size()));
+      geo_.push_back(int64_t(sizes_[i].size()));
+      geo_.insert(geo_.end(), sizes_[i].begin(), sizes_[i].end());
+      geo_.insert(geo_.end(), strides_[i].begin(), strides_[i].end());
+    }
+  }
+
+  static bool same_geometry(const c10::TensorImpl* t, const int64_t* geo) {
     const c10::IntArrayRef sz = t->sizes(), st = t->strides();
-    const std::vector<int64_t>& want_sz = sizes_[i];
-    const std::vector<int64_t>& want_st = strides_[i];
-    if (sz.size() != want_sz.size()) return false;
-    for (size_t d = 0; d < sz.size(); ++d)
-      if (sz[d] != want_sz[d] || st[d] != want_st[d]) return false;
+    const size_t nd = size_t(geo[0]);
+    if (sz.size() != nd) return false;
+    for (size_t d = 0; d < nd; ++d)
+      if (sz[d] != geo[1 + d] || st[d] != geo[1 + nd + d]) return false;
     return true;
   }
 
@@ -451,6 +545,7 @@ class StepTable {
   std::vector<Tensor> params_;
   std::vector<std::vector<Tensor>> state_, emas_;
   std::vector<std::vector<int64_t>> sizes_, strides_;
+  std::vector<int64_t> geo_, geo_off_;  // the same, packed (pack_geometry)
   std::vector<TensorPtrs> table_, launch_;
   std::vector<std::vector<float*>> ema_ptrs_;  // [EMA k][tensor i]
   int filled_emas_ = -1;                        // EMAs whose pointers table_ holds now
@@ -464,6 +559,7 @@ class StepTable {
   c10::Device device_ = c10::Device(c10::kCPU);
   c10::ScalarType sdtype_ = c10::ScalarType::Float;
   caffe2::TypeMeta meta_;
+  int64_t itemsize_ = 4;
   DType dtype_ = DType::kF32;
   bool cuda_ = false;
   bool triton_ = false;

@@ -227,6 +227,45 @@ def test_odd_offset_views_and_empty_parameters(backend, monkeypatch):
     _assert_same(*runs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_storage_reallocated_in_place_is_followed(backend, monkeypatch):
+    """The table reads every data address each step (from the StorageImpl, not a cache): a
+    parameter and a gradient whose storage is reallocated in place (same TensorImpl and
+    StorageImpl, new memory: what FSDP-style storage resizing does) are updated where they
+    now live, exactly as the Python path does."""
+    runs = []
+    for python in (False, True):
+        with monkeypatch.context() as mp:
+            if python:
+                _python_path(mp)
+            m = _model()
+            opt = ek.AdamW(m.parameters(), lr=1e-2, ema_decay=0.9, backend=backend)
+            _train(m, opt, 2)
+            w = m[2].weight
+            for t in (w.data, ):
+                keep = t.clone()
+                st = t.untyped_storage()
+                addr = st.data_ptr()
+                n = st.nbytes()
+                st.resize_(0)
+                st.resize_(n)
+                t.copy_(keep)
+                assert st.data_ptr() != addr or python  # new memory (the allocator's choice)
+            g = torch.Generator().manual_seed(9)
+            for _ in range(2):
+                for p in m.parameters():
+                    p.grad = torch.randn(p.shape, generator=g)
+                gs = w.grad.untyped_storage()
+                n = gs.nbytes()
+                keep = w.grad.clone()
+                gs.resize_(0)
+                gs.resize_(n)
+                w.grad.copy_(keep)
+                opt.step()
+            runs.append(_snapshot(m, opt))
+    _assert_same(*runs)
+
+
 def _python_calls_per_step(n: int, backend: str) -> int:
     ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(n)]
     opt = ek.AdamW(ps, lr=1e-3, ema_decay=0.9, backend=backend)
