@@ -2,8 +2,8 @@
 
 :mod:`ema_kernels.backends.reference` runs its updates through this module for tensors on a
 non-CPU device (CUDA: the ``auto`` choice there when neither the extension nor Triton is
-available). Its chunked loop issues ~9 torch ops per 64K-element chunk, and on a GPU every op is
-a kernel launch: ~17K launches per step at 125M parameters. Here each op of that loop is one
+available). Its chunked loop launches ~9 kernels per 64K-element chunk (on a GPU every torch op
+is a launch): ~17K launches per step at 125M parameters. Here each op of that loop is one
 ``_foreach_*`` op over the whole list (torch's multi_tensor_apply batches the tensors into a few
 launches), so the number of ops per step does not depend on the number of elements.
 
@@ -30,14 +30,17 @@ has no foreach op for them:
   stay batched.
 
 Transient memory, like torch.optim's foreach AdamW: temporaries the size of the parameter list,
-allocated by the step and freed at its end (the CUDA caching allocator keeps them for the next
-step). In compute-dtype (float32; float64 for float64 parameters) elements per parameter: the
-update's denominator (Adam) or the Nesterov direction (SGD), 1; the gradient, 1 more where it
-is modified (grad_scale, maximize, L2 weight decay, found_inf, or a dtype other than the compute
-dtype); θ, 1 more for bf16/fp16 parameters; with a device step size (capturable Adam) the
-update, 1 more unless a gradient copy is there to reuse; found_inf, 1 more for SGD with momentum
-(the zeroed direction). At most 4 per parameter. Stochastic rounding adds its int64 hash
-temporaries for one piece of at most :data:`SR_PIECE` elements at a time.
+allocated by the step and freed at its end (on CUDA the caching allocator keeps the blocks for
+the next step). Counted in compute-dtype elements (float32; float64 for float64 parameters) per
+parameter, live at the step's peak: the update's denominator (Adam) or the direction (SGD with
+Nesterov, or with momentum on a found_inf step), 1; a gradient copy where the gradient is
+modified (grad_scale, maximize, L2 weight decay, found_inf, or a storage dtype other than the
+compute dtype), 1; θ in float32 for bf16/fp16 parameters, 1. At most 3, i.e. 12 bytes per parameter (3x the fp32 model, 6x a bf16 one);
+tests/test_memory.py measures 1x for fp32 AdamW, 2x with grad_scale, L2 or SGD + Nesterov, 3x
+for bf16, and bounds the GPU step with it (AMSGrad's maximum on a found_inf step is one
+tensor's temporary at a time). ``ema_only``: θ in float32 for bf16/fp16 parameters, 1.
+Stochastic rounding adds its hash temporaries for one piece of at most :data:`SR_PIECE`
+elements at a time.
 """
 from __future__ import annotations
 
@@ -50,11 +53,11 @@ from . import _sr
 Tensor = torch.Tensor
 
 # Stochastic rounding works on one piece of a tensor at a time: its hash and rounding
-# temporaries (~10 live int64 tensors, ~80 bytes per element) would otherwise be ~20x the
-# tensor's float32 size (an embedding of 38M elements: ~3 GB). 2^22 elements bound them to
-# ~340 MB, and add only numel / 2^22 pieces of ops (30 at 125M parameters) to the per-tensor
-# ones the hash needs anyway.
-SR_PIECE = 1 << 22
+# temporaries (int64 tensors; measured on CPU: 41 bytes per element at the peak for bf16, 122
+# for fp16) would otherwise be 10-30x the tensor's float32 size (a 38M-element fp16 embedding:
+# 4.7 GB). 2^20 elements bound them to 43 / 128 MB, for numel / 2^20 more pieces of ops (~120 at
+# 125M parameters) on top of the per-tensor ones the hash needs anyway (~35-60 ops a piece).
+SR_PIECE = 1 << 20
 
 
 def _temps(like: Sequence[Tensor], dtype: torch.dtype) -> List[Tensor]:
