@@ -386,3 +386,68 @@ def test_chunked_op_count_grows_with_numel(opt):
     assert len(big) > 3 * len(small), (len(small), len(big))  # ~4x measured
     foreach = _count_step(opt, "none", [16 * n for n in COUNT_SIZES], "foreach")
     assert len(foreach) * 20 < len(big), (len(foreach), len(big))
+
+
+# ---- through the optimizers ----------------------------------------------------------------
+
+def _model(dtype):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 6 * 6, 70000 // 288 * 3), torch.nn.Linear(
+                                70000 // 288 * 3, 5))
+    return m.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+OPT_CASES = {
+    "adamw-amsgrad-2emas": ("AdamW", dict(lr=1e-3, weight_decay=0.1, amsgrad=True,
+                                          ema_decay=(0.99, 0.9))),
+    "adam-l2-maximize": ("Adam", dict(lr=1e-3, weight_decay=0.1, maximize=True,
+                                      ema_decay=0.999)),
+    "sgd-dampening": ("SGD", dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=1e-3,
+                                  ema_decay=0.99)),
+    "adamw-capturable": ("AdamW", dict(lr=1e-3, capturable=True, ema_decay=0.99)),
+    "sgd-nesterov-capturable": ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True,
+                                            capturable=True, ema_decay=(0.9, 0.99))),
+    "adamw-sr": ("AdamW", dict(lr=1e-3, stochastic_rounding=True, ema_decay=0.99)),
+}
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", list(OPT_CASES))
+def test_optimizer_steps_foreach_equal_chunked(case, dtype, flatten, monkeypatch):
+    """ek optimizers on the reference backend, a few steps (one of them a GradScaler skip with
+    an inf gradient): the same parameters, state and EMAs on both paths."""
+    import ema_kernels as ek
+    from ema_kernels.backends import _reference_foreach
+    calls = []
+    for name in ("adam_ema", "sgd_ema"):
+        fn = getattr(_reference_foreach, name)
+        monkeypatch.setattr(_reference_foreach, name,
+                            lambda *a, _fn=fn, **k: calls.append(_fn) or _fn(*a, **k))
+    cls_name, kw = OPT_CASES[case]
+    results = {}
+    for path in ("chunked", "foreach"):
+        model = _model(dtype)
+        opt = getattr(ek, cls_name)(model.parameters(), backend="reference", flatten=flatten,
+                                    **kw)
+        g = torch.Generator().manual_seed(_seed(case, dtype, flatten))
+        with ref._force_path(path):
+            for step in range(4):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=g).to(dtype)
+                if step == 2:  # a skipped step
+                    next(model.parameters()).grad.view(-1)[3] = float("inf")
+                opt.step(grad_scale=torch.full((1,), 4.0),
+                         found_inf=torch.full((1,), float(step == 2)))
+        state = opt.state_dict()["state"]
+        results[path] = [p.detach().clone() for p in model.parameters()] + \
+            [t for s in state.values() for t in s.values() if isinstance(t, torch.Tensor)] + \
+            [z.clone() for i in range(opt.num_emas) for z in opt.ema_parameters(i)
+             if z is not None]
+    chunked, foreach = results["chunked"], results["foreach"]
+    assert len(calls) >= 4  # the foreach path ran (once per step and parameter set)
+    assert not torch.equal(chunked[2], _model(dtype)[2].weight)  # and the steps moved θ
+    assert len(chunked) == len(foreach)
+    for a, b in zip(chunked, foreach):
+        assert a.dtype == b.dtype and torch.equal(a, b)
