@@ -97,7 +97,7 @@ def _emas_arg(d, n_emas):
     return d["emas"], [1e-3 * (k + 1) for k in range(n_emas)][::-1]
 
 
-def _amp(amp, dtype):
+def _amp(amp):
     """(grad_scale, found_inf) of an AMP mode, on the parameters' device (CPU here)."""
     if amp == "none":
         return None, None
@@ -107,9 +107,9 @@ def _amp(amp, dtype):
     return scale, torch.full((1,), 1.0 if amp == "skip" else 0.0)
 
 
-def _adam(d, *, n_emas, amsgrad, decoupled, maximize, wd, amp, sr=False, dtype=None):
+def _adam(d, *, n_emas, amsgrad, decoupled, maximize, wd, amp, sr=False):
     emas, w = _emas_arg(d, n_emas)
-    grad_scale, found_inf = _amp(amp, dtype)
+    grad_scale, found_inf = _amp(amp)
     lr, b1, b2, t = 1e-2, 0.9, 0.999, 3
     ref.adam_ema(d["params"], d["grads"], d["m"], d["v"], d["vmax"] if amsgrad else None,
                  emas, lr=lr, beta1=b1, beta2=b2, eps=1e-8, weight_decay=wd,
@@ -119,10 +119,10 @@ def _adam(d, *, n_emas, amsgrad, decoupled, maximize, wd, amp, sr=False, dtype=N
                  sr_seed=12345, sr_step=7)
 
 
-def _sgd(d, *, n_emas, momentum, dampening, nesterov, first_step, maximize, wd, amp, sr=False,
-         dtype=None):
+def _sgd(d, *, n_emas, momentum, dampening, nesterov, first_step, maximize, wd, amp,
+         sr=False):
     emas, w = _emas_arg(d, n_emas)
-    grad_scale, found_inf = _amp(amp, dtype)
+    grad_scale, found_inf = _amp(amp)
     ref.sgd_ema(d["params"], d["grads"], d["buf"] if momentum else None, emas, lr=0.05,
                 momentum=momentum, dampening=dampening, weight_decay=wd, nesterov=nesterov,
                 maximize=maximize, first_step=first_step, ema_weight=w, grad_scale=grad_scale,
@@ -161,7 +161,7 @@ def test_adam_foreach_equals_chunked(dtype, variant, amp):
     data = _data(dtype, seed=_seed(dtype, variant, amp), n_emas=n_emas,
                  inf_grads=amp == "skip")
     kw = dict(n_emas=n_emas, amsgrad=amsgrad, decoupled=decoupled, maximize=maximize, wd=wd,
-              amp=amp, dtype=dtype)
+              amp=amp)
     chunked, foreach = _run_both(data, lambda d: _adam(d, **kw))
     _assert_same_bits(chunked, foreach, f"adam {variant} {dtype} {amp}")
     if amp == "skip":
@@ -179,7 +179,7 @@ def test_sgd_foreach_equals_chunked(dtype, variant, amp):
     data = _data(dtype, seed=_seed(dtype, variant, amp, "sgd"), n_emas=n_emas,
                  inf_grads=amp == "skip")
     kw = dict(n_emas=n_emas, momentum=momentum, dampening=dampening, nesterov=nesterov,
-              first_step=first_step, maximize=maximize, wd=wd, amp=amp, dtype=dtype)
+              first_step=first_step, maximize=maximize, wd=wd, amp=amp)
     chunked, foreach = _run_both(data, lambda d: _sgd(d, **kw))
     _assert_same_bits(chunked, foreach, f"sgd {variant} {dtype} {amp}")
     if amp == "skip":
@@ -235,8 +235,9 @@ def test_stochastic_rounding_offsets_foreach_equals_chunked():
     _assert_same_bits(*_run_both(data, fn), "sr offsets")
 
 
-CAPTURABLE = list(itertools.product(["adamw", "amsgrad-l2", "sgd-momentum", "sgd-nesterov-first"],
-                                    [torch.float32, torch.bfloat16], ["none", "scale", "skip"]))
+CAPTURABLE = list(itertools.product(
+    ["adamw", "amsgrad-l2", "sgd-momentum", "sgd-nesterov-first"],
+    [torch.float32, torch.bfloat16], ["none", "scale", "skip"]))
 
 
 @pytest.mark.parametrize("opt,dtype,amp", CAPTURABLE,
@@ -245,7 +246,7 @@ def test_capturable_foreach_equals_chunked(opt, dtype, amp):
     """lr, the step count and the EMA weights as (device) tensors."""
     n_emas = 2 if dtype == torch.float32 else 1
     data = _data(dtype, seed=len(opt) * 31 + n_emas, n_emas=n_emas, inf_grads=amp == "skip")
-    grad_scale, found_inf = _amp(amp, dtype)
+    grad_scale, found_inf = _amp(amp)
     lr = torch.tensor(3e-3)
     weights = torch.tensor([1e-3, 5e-2][:n_emas])
     emas = (lambda d: d["emas"][0]) if n_emas == 1 else (lambda d: d["emas"])

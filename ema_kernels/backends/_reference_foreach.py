@@ -35,16 +35,16 @@ the next step). Counted in compute-dtype elements (float32; float64 for float64 
 parameter, live at the step's peak: the update's denominator (Adam) or the direction (SGD with
 Nesterov, or with momentum on a found_inf step), 1; a gradient copy where the gradient is
 modified (grad_scale, maximize, L2 weight decay, found_inf, or a storage dtype other than the
-compute dtype), 1; θ in float32 for bf16/fp16 parameters, 1. At most 3, i.e. 12 bytes per parameter (3x the fp32 model, 6x a bf16 one);
-tests/test_memory.py measures 1x for fp32 AdamW, 2x with grad_scale, L2 or SGD + Nesterov, 3x
-for bf16, and bounds the GPU step with it (AMSGrad's maximum on a found_inf step is one
-tensor's temporary at a time). ``ema_only``: θ in float32 for bf16/fp16 parameters, 1.
+compute dtype), 1; θ in float32 for bf16/fp16 parameters, 1. At most 3, i.e. 12 bytes per
+parameter (3x the fp32 model, 6x a bf16 one); tests/test_memory.py measures 1x for fp32 AdamW,
+2x with grad_scale, L2 or SGD + Nesterov, 3x for bf16, and bounds the GPU step with it
+(AMSGrad's maximum on a found_inf step is one tensor's temporary at a time). ``ema_only``: θ in float32 for bf16/fp16 parameters, 1.
 Stochastic rounding adds its hash temporaries for one piece of at most :data:`SR_PIECE`
 elements at a time.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 

@@ -83,7 +83,7 @@ def _use_foreach(device: torch.device) -> bool:
     """Whether tensors on ``device`` take the ``_foreach_*`` path
     (:mod:`ema_kernels.backends._reference_foreach`) rather than the chunked loop.
 
-    Off the CPU (CUDA) every torch op is a kernel launch, and the chunked loop's ~9 ops per
+    Off the CPU (CUDA) every torch op is a kernel launch, and the chunked loop's ~9 kernels per
     64K-element chunk would cost ~17K launches per step at 125M parameters; the foreach path
     issues a number of ops independent of numel, for temporaries the size of the parameter list.
     On CPU ops cost no launch: the chunked loop stays cache-sized and allocates nothing
