@@ -4,6 +4,23 @@ This is the CPU fallback and the oracle every kernel is tested against, so it is
 read: one function per update, the math in float32 whatever the storage dtype, in the same order
 as torch.optim's single-tensor implementations (so fp32 results match torch.optim closely).
 
+Two paths run the same ops, element for element, with the same bits on CPU:
+
+- CPU tensors: a loop over tensors and 64K-element chunks through small reusable scratch
+  buffers (the code below). A chunk's working set stays cache-sized, and a step allocates
+  nothing proportional to the model (only a fixed scratch on the first step).
+- Other devices (CUDA, the ``auto`` choice there without the extension and without Triton):
+  each op on whole tensor lists, in torch's ``_foreach_*`` ops
+  (:mod:`ema_kernels.backends._reference_foreach`), because there every op is a kernel launch
+  and the chunked loop's count grows with numel (~17K launches per step at 125M parameters).
+  The number of ops per step is independent of numel (O(1) per list; per-tensor ops only where
+  torch has no foreach op: found_inf's ``torch.where``, stochastic rounding's hash, device-scalar
+  lerp/addcmul weights). Transient memory is like torch.optim's foreach AdamW: temporaries the
+  size of the parameter list (up to 3 compute-dtype elements per parameter), freed after the
+  step; see that module's docstring.
+
+:func:`_use_foreach` picks the path by device; :func:`_force_path` overrides it (tests).
+
 Backend interface (every backend module implements the same two functions)::
 
     adam_ema(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, *, lr, beta1, beta2,
@@ -40,11 +57,12 @@ Backend interface (every backend module implements the same two functions)::
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
 
-from . import _sr
+from . import _reference_foreach, _sr
 from ._emas import ema_lists, ema_lists_capturable
 
 Tensor = torch.Tensor
@@ -55,6 +73,38 @@ NAME = "reference"
 # nothing proportional to the model, and a chunk's working set stays cache-sized.
 _CHUNK = 1 << 16
 _scratch: dict = {}
+
+# None: the path follows the device (_use_foreach); "foreach" / "chunked": forced, whatever
+# the device (the tests run the foreach path on CPU tensors to compare it with the chunked one).
+_forced: Optional[str] = None
+
+
+def _use_foreach(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the ``_foreach_*`` path
+    (:mod:`ema_kernels.backends._reference_foreach`) rather than the chunked loop.
+
+    Off the CPU (CUDA) every torch op is a kernel launch, and the chunked loop's ~9 kernels per
+    64K-element chunk would cost ~17K launches per step at 125M parameters; the foreach path
+    issues a number of ops independent of numel, for temporaries the size of the parameter list.
+    On CPU ops cost no launch: the chunked loop stays cache-sized and allocates nothing
+    proportional to the model (tests/test_memory.py), and it is the oracle."""
+    if _forced is not None:
+        return _forced == "foreach"
+    return device.type != "cpu"
+
+
+@contextlib.contextmanager
+def _force_path(path: Optional[str]):
+    """Within the block every update takes ``path`` (``"foreach"`` or ``"chunked"``) whatever
+    the device; ``None``: by device. Not thread-safe (a test switch)."""
+    global _forced
+    if path not in (None, "foreach", "chunked"):
+        raise ValueError(f"path must be 'foreach', 'chunked' or None, not {path!r}")
+    saved, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 def availability(device_type: str):
@@ -153,6 +203,15 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         w_decay = w_decay.to(dtype=_compute_dtype(params[0].dtype))
     neg_step = -step_size.to(_compute_dtype(params[0].dtype)) \
         if isinstance(step_size, Tensor) and params else None
+    if params and _use_foreach(params[0].device):  # the same ops on whole lists
+        _reference_foreach.adam_ema(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, z_lists,
+            cdt=_compute_dtype(params[0].dtype), beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
+            step_size=step_size, neg_step=neg_step, bias_correction2_sqrt=bias_correction2_sqrt,
+            w_m=w_m, w_v=w_v, w_decay=w_decay, w_zs=w_zs, grad_scale=grad_scale, skip=skip,
+            sr=sr)
+        return
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
@@ -215,6 +274,14 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
         w_mom, w_zs = momentum, weights
     neg_lr = -lr.to(_compute_dtype(params[0].dtype)).reshape(()) \
         if isinstance(lr, Tensor) and params else None
+    if params and _use_foreach(params[0].device):  # the same ops on whole lists
+        _reference_foreach.sgd_ema(
+            params, grads, momentum_buffers if momentum != 0 else None, z_lists,
+            cdt=_compute_dtype(params[0].dtype), lr=lr, neg_lr=neg_lr, momentum=momentum,
+            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, first_step=first_step, w_mom=w_mom, w_zs=w_zs,
+            grad_scale=grad_scale, skip=skip, sr=sr)
+        return
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         buf_flat = momentum_buffers[i].view(-1) if momentum != 0 else None
@@ -338,6 +405,9 @@ def ema_only(params: List[Tensor], emas, ema_weight) -> None:
     """ζ_i += w_i (θ − ζ_i) for parameters that took no optimizer step but whose EMA clock
     ticked (one EMA list and weight, or several: see the module docstring)."""
     z_lists, weights = ema_lists(emas, ema_weight, len(params), "ema_only")
+    if params and _use_foreach(params[0].device):
+        _reference_foreach.ema_only(params, z_lists, weights)
+        return
     for i, p in enumerate(params):
         for zs, w in zip(z_lists, weights):
             z = zs[i]
