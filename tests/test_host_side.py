@@ -49,7 +49,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("flatten", [False, True])
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_found_inf_steps_are_skipped_without_a_host_read(case, backend, flatten):
     """Steps with found_inf in between (the first one among them) equal an optimizer that
