@@ -19,8 +19,8 @@ Per-step values (lr, step size, bias corrections, betas, eps, weight decay, the 
 momentum, Nesterov, first step, "divide by grad_scale") are runtime arguments; only the flags
 that decide which bytes move (how many EMAs are updated this step, 0 to :data:`MAX_EMAS`, all
 in the same pass; AMSGrad; momentum), where the lr-dependent values come from
-(``DEVICE_SCALARS``) and the parameter dtype are ``tl.constexpr``: 84 kernels per dtype at most,
-each compiled on first use.  ``grad_scale`` / ``found_inf`` are read inside the kernel (cached
+(``DEVICE_SCALARS``) and the parameter dtype are ``tl.constexpr``: 164 kernels per 16-bit dtype
+at most (84 for fp32, which has no SR variants), each compiled on first use.  ``grad_scale`` / ``found_inf`` are read inside the kernel (cached
 device stand-ins 1.0 / 0.0 when absent): no host sync, and a step with a non-zero ``found_inf``
 writes nothing.
 
@@ -1158,14 +1158,15 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_variants():
-    """Yield ``(label, kernel, signature, constexprs, attrs)`` for every kernel variant.
+    """Yield ``(label, kernel, signature, constexprs, attrs)`` for every kernel variant the
+    launchers can produce, but DEVICE_SCALARS only for the EMA counts that cover its prologue.
 
     Variants: parameter dtype x {flat, list} x {AdamW/Adam, SGD} x the structural constexprs
     (the number of EMAs updated, 0..MAX_EMAS; AMSGrad or momentum; stochastic rounding for
     16-bit parameters; DEVICE_SCALARS, the capturable kernels, for the EMA counts in
-    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only flat kernel for 1..MAX_EMAS EMAs.  Flat kernels get the 16-byte pointer alignment the JIT
-    specialises on for ordinary (allocator- or flat-buffer-aligned) tensors; list kernels hint
-    it themselves.
+    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only flat kernel for 1..MAX_EMAS EMAs.  Flat
+    kernels get the 16-byte pointer alignment the JIT specialises on for ordinary (allocator-
+    or flat-buffer-aligned) tensors; list kernels hint it themselves.
     """
     import itertools
     adam_scalars = ("beta1_w", "beta2", "beta2_w", "eps", "decay", "l2_wd", "grad_sign",
