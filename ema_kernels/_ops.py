@@ -1,7 +1,10 @@
 """Backend registry: which implementation of the fused updates runs for a given device.
 
 Every backend is a module of ``ema_kernels.backends`` exposing ``NAME``,
-``availability(device_type) -> (ok, reason)``, ``adam_ema(...)`` and ``sgd_ema(...)`` with the
+``availability(device_type) -> (ok, reason)``, ``adam_ema(...)``, ``sgd_ema(...)``,
+``ema_only(...)`` and the device-scalar variants ``adam_ema_capturable(...)`` /
+``sgd_ema_capturable(...)`` (lr, the step count and the EMA weights read from device tensors,
+never on the host: capturable=True and every step with a tensor lr take them) with the
 interface documented in :mod:`ema_kernels.backends.reference`.  Modules are imported lazily, so
 importing ema_kernels never touches triton, the compiled extension or a GPU.
 """

@@ -1,8 +1,9 @@
 """capturable=True: lr, step and 1 − ρ̂ read from device tensors, found_inf never read on the host.
 
 CI has no GPU, so the capturable path runs through the compiled extension's CPU twin (`cpp`),
-which uses the same device-tensor interface as the CUDA kernels; the CUDA-graph capture itself is
-tested in tests/test_cuda_ext.py on GPU machines.
+which uses the same device-tensor interface as the CUDA kernels, and through the Triton kernels
+under the interpreter (`triton`, TRITON_INTERPRET=1); the CUDA-graph capture itself is tested in
+tests/test_cuda_ext.py and tests/test_host_side.py on GPU machines.
 """
 import types
 
@@ -30,19 +31,20 @@ def run(cls, capturable, steps, found_inf_at=(), backend="cpp", **kw):
     return model, opt
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("cls,kw", [
     (ek.AdamW, dict(lr=1e-2, weight_decay=0.1, ema_decay=0.8, kappa=2.0)),
     (ek.Adam, dict(lr=1e-2, amsgrad=True, ema_decay=0.9)),
     (ek.SGD, dict(lr=1e-1, momentum=0.9, nesterov=True, ema_decay=0.7)),
 ])
-def test_capturable_matches_the_host_path_without_syncing(cls, kw, monkeypatch):
+def test_capturable_matches_the_host_path_without_syncing(cls, kw, backend, monkeypatch):
     ref_model, ref_opt = run(cls, False, 6, found_inf_at=(3,), backend="reference", **kw)
 
     def no_sync(self):
         raise AssertionError("capturable step() read a tensor on the host")
 
     model = make_model()
-    opt = cls(model.parameters(), capturable=True, backend="cpp", **kw)
+    opt = cls(model.parameters(), capturable=True, backend=backend, **kw)
     g = torch.Generator().manual_seed(1)
     for t in range(6):
         x = torch.randn(5, 6, generator=g)
@@ -96,10 +98,12 @@ def test_capturable_rejects_what_a_graph_cannot_replay():
         ek.AdamW(params, capturable=True, ema_every=2)
     with pytest.raises(ValueError, match="ema_schedule"):
         ek.AdamW(params, capturable=True, ema_schedule=ek.schedules.polyak())
-    # a backend without device-scalar kernels (triton's take lr as a launch argument)
+    # a backend without device-scalar kernels (every shipped one has them: a stand-in)
     opt = ek.AdamW(params, capturable=True, backend="reference")
-    opt._backend_for = lambda ts: types.SimpleNamespace(NAME="triton")
-    with pytest.raises(ek.BackendUnavailableError, match="capturable"):
+    opt._backend_for = lambda ts: types.SimpleNamespace(NAME="custom")
+    with pytest.raises(ek.BackendUnavailableError,
+                       match="capturable=True needs a backend with device-scalar kernels.*"
+                             "'custom' has none"):
         opt.step()
     opt = ek.AdamW(params, capturable=True, backend="cpp")
     opt.zero_grad(set_to_none=True)

@@ -49,7 +49,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("flatten", [False, True])
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_found_inf_steps_are_skipped_without_a_host_read(case, backend, flatten):
     """Steps with found_inf in between (the first one among them) equal an optimizer that
@@ -169,14 +169,66 @@ def test_a_failure_in_the_second_group_leaves_the_first_group_and_counters(where
         assert [float(s["step"]) for s in opt.state.values()] == steps
 
 
+# Tensor lr on triton: the same model stepped with a float lr and with a guarded tensor lr that
+# holds the same float32 value (powers of two, so the float path's double lr is that value too:
+# every per-step scalar is then the same double, and the kernels' math the same).
+TRITON_LR_CASES = {
+    "adamw-amsgrad-2emas": (ek.AdamW, dict(weight_decay=0.1, amsgrad=True, kappa=4.0,
+                                           ema_decay=(0.9, 0.5))),
+    "adam-l2-maximize": (ek.Adam, dict(weight_decay=0.05, maximize=True, ema_decay=0.9,
+                                       ema_every=2)),
+    "sgd-nesterov": (ek.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.01,
+                                  ema_schedule=ek.schedules.warmup(0.95))),
+    "sgd-plain": (ek.SGD, dict(ema_decay=None)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("case", list(TRITON_LR_CASES))
+def test_triton_tensor_lr_is_read_on_the_device_and_equals_the_float_lr(case, flatten, dtype):
+    """Issue 12 on triton: a tensor lr (changed between steps, as a scheduler does) is read by
+    the kernels, never on the host, and the step equals the float-lr step bit for bit."""
+    cls, kw = TRITON_LR_CASES[case]
+    models = [_model().to(dtype), _model().to(dtype)]
+    lr_t = guarded(2.0 ** -6)
+    opt_t = cls(models[0].parameters(), lr=lr_t, backend="triton", flatten=flatten, **kw)
+    opt_f = cls(models[1].parameters(), lr=2.0 ** -6, backend="triton", flatten=flatten, **kw)
+    g = torch.Generator().manual_seed(4)
+    for t in range(5):
+        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in models[0].parameters()]
+        lr = 2.0 ** -(6 + t)
+        lr_t.copy_(torch.tensor([lr]))
+        opt_f.param_groups[0]["lr"] = lr
+        skip = t == 2
+        for m, o in zip(models, (opt_t, opt_f)):
+            for i, (p, gr) in enumerate(zip(m.parameters(), grads)):
+                # one parameter without a gradient on one step: the EMA-only path too
+                p.grad = None if (t == 3 and i == 1) else gr.clone()
+            fi = guarded(1.0 if skip else 0.0) if o is opt_t else \
+                torch.tensor([1.0 if skip else 0.0])
+            o.step(found_inf=fi)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+    for k in range(opt_f.num_emas):
+        for z, y in zip(opt_t.ema_parameters(k), opt_f.ema_parameters(k)):
+            assert (z is None and y is None) or torch.equal(z, y)
+    sd_t, sd_f = opt_t.state_dict(), opt_f.state_dict()
+    for k in sd_f["state"]:
+        for role, v in sd_f["state"][k].items():
+            assert torch.equal(sd_t["state"][k][role], v), (k, role)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("cls,kw", [
     (ek.AdamW, dict(weight_decay=0.1, ema_decay=0.9, kappa=2.0)),
     (ek.SGD, dict(momentum=0.9, ema_decay=0.8)),
 ])
-def test_capturable_tensor_lr_changed_between_steps_equals_non_capturable(cls, kw):
+def test_capturable_tensor_lr_changed_between_steps_equals_non_capturable(cls, kw, backend):
     models = [_model(), _model()]
-    lrs = [torch.tensor([0.05]), torch.tensor([0.05])]
-    opts = [cls(m.parameters(), lr=lr, capturable=c, backend="cpp", **kw)
+    # capturable=True's lr is guarded: a host read of it anywhere in step() fails the test
+    lrs = [guarded(0.05), torch.tensor([0.05])]
+    opts = [cls(m.parameters(), lr=lr, capturable=c, backend=backend, **kw)
             for m, lr, c in zip(models, lrs, (True, False))]
     g = torch.Generator().manual_seed(0)
     for t in range(5):
@@ -221,11 +273,20 @@ def test_capturable_float_lr_follows_a_scheduler_and_is_not_written_while_captur
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _gpu_backend(backend):
+    if backend not in ek.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available on this GPU machine: "
+                    f"{ek.available_backends('cuda')}")
+    return backend
+
+
 @gpu
-def test_gpu_captured_step_replays_with_the_current_tensor_lr():
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_captured_step_replays_with_the_current_tensor_lr(backend):
     m = _model().cuda()
     lr = torch.tensor([0.01], device="cuda")
-    opt = ek.AdamW(m.parameters(), lr=lr, capturable=True, ema_decay=0.9)
+    opt = ek.AdamW(m.parameters(), lr=lr, capturable=True, ema_decay=0.9,
+                   backend=_gpu_backend(backend))
     for p in m.parameters():
         p.grad = torch.randn_like(p)
     s = torch.cuda.Stream()

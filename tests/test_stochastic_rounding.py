@@ -588,7 +588,7 @@ def test_validation_errors_name_the_value_and_fix():
 
 def test_tensor_lr_with_sr_equals_float_lr():
     # a tensor lr runs the device-scalar kernels with the host's step count as SR's step
-    for backend in ("reference", "cpp") if not NO_EXT else ("reference",):
+    for backend in ("reference", "triton") + (("cpp",) if not NO_EXT else ()):
         outs = []
         for lr in (2 ** -6, torch.tensor(2 ** -6)):
             ps = _make_params(torch.bfloat16, 11)

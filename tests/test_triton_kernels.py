@@ -202,11 +202,15 @@ def _assert_state_close(got, want, what, rtol=1e-6):
 
 
 class _Problem:
-    """Tensors for one backend: params, grads, state roles and EMAs (lists aligned by index)."""
+    """Tensors for one backend: params, grads, state roles and EMAs (lists aligned by index).
 
-    def __init__(self, sizes, dtype, roles, seed, misalign=()):
+    ``emas`` is the first EMA list; ``n_emas`` > 1 adds ``more_emas``, one list per further EMA
+    (``ema_lists()``: all of them)."""
+
+    def __init__(self, sizes, dtype, roles, seed, misalign=(), n_emas=1):
         g = _gen(seed)
         self.params, self.grads, self.emas = [], [], []
+        self.more_emas = [[] for _ in range(n_emas - 1)]
         self.state = {r: [] for r in roles}
         for i, n in enumerate(sizes):
             p = torch.randn(n, generator=g).to(DEVICE, dtype)
@@ -226,9 +230,14 @@ class _Problem:
                 else:
                     t = torch.randn(n, generator=g) * 0.1
                 self.state[r].append(t.to(DEVICE))
+            for lst in self.more_emas:
+                lst.append(torch.randn(n, generator=g).to(DEVICE))
+
+    def ema_lists(self):
+        return [self.emas] + list(getattr(self, "more_emas", []))
 
     def tensors(self):
-        out = list(self.params) + list(self.grads) + list(self.emas)
+        out = list(self.params) + list(self.grads) + [z for zs in self.ema_lists() for z in zs]
         for lst in self.state.values():
             out += lst
         return out
@@ -238,6 +247,7 @@ class _Problem:
         other.params = [p.clone() for p in self.params]
         other.grads = [g.clone() for g in self.grads]
         other.emas = [z.clone() for z in self.emas]
+        other.more_emas = [[z.clone() for z in zs] for zs in getattr(self, "more_emas", [])]
         other.state = {r: [t.clone() for t in lst] for r, lst in self.state.items()}
         return other
 
@@ -257,24 +267,33 @@ class _Problem:
 
 
 def _compare(tri, want, step, ema_weight, before):
-    """Triton's tensors against the reference's after one step (``before``: pre-step copy)."""
+    """Triton's tensors against the reference's after one step (``before``: pre-step copy).
+
+    ``ema_weight``: None (no EMA moves), a number (the first EMA list moves) or a sequence of
+    weights, one per EMA list that moves (the lists after them must not)."""
     for i, (p, q) in enumerate(zip(tri.params, want.params)):
         _assert_params_close(p, q, f"step {step} param[{i}] ({p.numel()} elements): ")
     for r in tri.state:
         for i, (a, b) in enumerate(zip(tri.state[r], want.state[r])):
             _assert_state_close(a, b, f"step {step} {r}[{i}]: ")
-    for i, (z, y, z0, p) in enumerate(zip(tri.emas, want.emas, before.emas, tri.params)):
-        if ema_weight is None:
-            assert torch.equal(z, z0), f"step {step}: ema[{i}] changed on a non-EMA step"
-            continue
-        # ζ moves towards θ *as stored*: a bf16/fp16 θ may sit one ulp away from the
-        # reference's, and the EMA then rightly differs by ema_weight·ulp, so the EMA is checked
-        # against the reference formula applied to this backend's stored θ (and, for fp32, also
-        # against the reference's ζ directly).
-        expect = z0.lerp(p.float(), ema_weight)
-        _assert_state_close(z, expect, f"step {step} ema[{i}]: ", rtol=1e-5)
-        if p.dtype == torch.float32:
-            _assert_state_close(z, y, f"step {step} ema[{i}] vs reference: ", rtol=1e-5)
+    weights = [] if ema_weight is None else \
+        list(ema_weight) if isinstance(ema_weight, (list, tuple)) else [ema_weight]
+    for k, (zs, ys, z0s) in enumerate(zip(tri.ema_lists(), want.ema_lists(),
+                                          before.ema_lists())):
+        for i, (z, y, z0, p) in enumerate(zip(zs, ys, z0s, tri.params)):
+            if k >= len(weights):
+                assert torch.equal(z, z0), f"step {step}: ema {k} [{i}] changed on a step " \
+                                           f"that does not update it"
+                continue
+            # ζ moves towards θ *as stored*: a bf16/fp16 θ may sit one ulp away from the
+            # reference's, and the EMA then rightly differs by ema_weight·ulp, so the EMA is
+            # checked against the reference formula applied to this backend's stored θ (and,
+            # for fp32, also against the reference's ζ directly).
+            expect = z0.lerp(p.float(), weights[k])
+            _assert_state_close(z, expect, f"step {step} ema {k} [{i}]: ", rtol=1e-5)
+            if p.dtype == torch.float32:
+                _assert_state_close(z, y, f"step {step} ema {k} [{i}] vs reference: ",
+                                    rtol=1e-5)
     for i, (g, g0) in enumerate(zip(tri.grads, before.grads)):
         assert torch.equal(g.nan_to_num(), g0.nan_to_num()), f"grads[{i}] written"
 
@@ -285,9 +304,10 @@ def _assert_unchanged(tri, before, step):
                                                             f"changed a tensor"
 
 
-def _run_sequence(sizes, dtype, roles, ema_every, step_fn, seed, misalign=(), steps=None):
+def _run_sequence(sizes, dtype, roles, ema_every, step_fn, seed, misalign=(), steps=None,
+                  n_emas=1):
     """Drive both backends through AMP_STEPS; compare after each step, then re-sync."""
-    tri = _Problem(sizes, dtype, roles, seed, misalign)
+    tri = _Problem(sizes, dtype, roles, seed, misalign, n_emas)
     want = tri.clone()
     gen = _gen(seed + 1)
     steps = AMP_STEPS if steps is None else steps
@@ -390,6 +410,99 @@ def test_sgd_matches_reference(case, dtype, ema_every, layout):
     misalign = (2,) if layout == "list" else ()
     _run_sequence(sizes, dtype, _sgd_roles(cfg), ema_every, _sgd_step(cfg),
                   seed=hash((case, DT[dtype], ema_every, layout)) % 10_000, misalign=misalign)
+
+
+# capturable (DEVICE_SCALARS kernels): lr, t and the EMA weights are device tensors
+def _cap_weights(t, n_emas):
+    """One weight per EMA, on both sides of lerp's 0.5 switch between its formulas; 1.0 makes
+    the second EMA equal θ exactly."""
+    return [0.0625 if t % 2 else 0.75, 1e-3 if t % 2 else 1.0][:n_emas]
+
+
+def _cap_emas(prob, n_emas):
+    """The EMA argument: one list (the single-EMA form) or a list of lists."""
+    return prob.emas if n_emas == 1 else prob.ema_lists()[:max(n_emas, 1)]
+
+
+def _cap_lr(t, base):
+    return torch.tensor([base * (1.0 + 0.5 * (t % 3))], device=DEVICE)  # changes every step
+
+
+def _adam_cap_step(case, n_emas, beta1=0.9, beta2=0.999, eps=1e-8):
+    def step(backend, prob, taken, ema_on, pass_emas_anyway, gs, fi):
+        t = taken + 1
+        weights = _cap_weights(t, n_emas) if ema_on and n_emas else None
+        backend.adam_ema_capturable(
+            prob.params, prob.grads, prob.state["exp_avg"], prob.state["exp_avg_sq"],
+            prob.state["max_exp_avg_sq"] if case["amsgrad"] else None,
+            _cap_emas(prob, n_emas) if (weights or pass_emas_anyway) else None,
+            lr=_cap_lr(t, 1e-2), step=torch.tensor([float(t)], device=DEVICE), beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=case["weight_decay"],
+            decoupled=case["decoupled"], maximize=case["maximize"],
+            ema_weight=None if weights is None else torch.tensor(weights, device=DEVICE),
+            grad_scale=gs, found_inf=fi)
+        return weights
+    return step
+
+
+def _sgd_cap_step(case, n_emas):
+    def step(backend, prob, taken, ema_on, pass_emas_anyway, gs, fi):
+        weights = _cap_weights(taken + 1, n_emas) if ema_on and n_emas else None
+        backend.sgd_ema_capturable(
+            prob.params, prob.grads,
+            prob.state["momentum_buffer"] if case["momentum"] else None,
+            _cap_emas(prob, n_emas) if (weights or pass_emas_anyway) else None,
+            lr=_cap_lr(taken + 1, 0.05), momentum=case["momentum"],
+            dampening=case["dampening"], weight_decay=case["weight_decay"],
+            nesterov=case["nesterov"], maximize=case["maximize"], first_step=taken == 0,
+            ema_weight=None if weights is None else torch.tensor(weights, device=DEVICE),
+            grad_scale=gs, found_inf=fi)
+        return weights
+    return step
+
+
+CAP_ADAM = ("adamw", "adam_l2_amsgrad_maximize", "adamw_amsgrad")
+CAP_SGD = ("sgd", "sgd_momentum_wd", "sgd_nesterov_wd")
+
+
+def _cap_grid(cases):
+    """case x dtype x {list (with an odd-offset view), one flat size}: the EMA count (0-2),
+    the flat size and ema_every rotate so every dtype sees every EMA count and both layouts."""
+    out = []
+    for ci, name in enumerate(cases):
+        for di, dtype in enumerate(DTYPES):
+            k = (ci + di) % 3
+            out.append((name, dtype, k, "list"))
+            out.append((name, dtype, (k + 1) % 3, f"flat{SIZES[(ci + 2 * di) % len(SIZES)]}"))
+    return out
+
+
+@pytest.mark.parametrize("case,dtype,n_emas,layout", _cap_grid(CAP_ADAM), ids=_id)
+def test_adam_capturable_matches_reference_capturable(case, dtype, n_emas, layout):
+    """adam_ema_capturable (lr, t, 1 − ρ̂ read on the device) against the reference's, with
+    grad_scale / found_inf steps (a found_inf step changes nothing)."""
+    cfg = ADAM_CASES[case]
+    _run_sequence(_layout_sizes(layout), dtype, _adam_roles(cfg), 1 + n_emas % 2,
+                  _adam_cap_step(cfg, n_emas), seed=hash((case, DT[dtype], layout)) % 10_000,
+                  misalign=(2,) if layout == "list" else (), n_emas=max(n_emas, 1))
+
+
+@pytest.mark.parametrize("case,dtype,n_emas,layout", _cap_grid(CAP_SGD), ids=_id)
+def test_sgd_capturable_matches_reference_capturable(case, dtype, n_emas, layout):
+    cfg = SGD_CASES[case]
+    _run_sequence(_layout_sizes(layout), dtype, _sgd_roles(cfg), 1 + n_emas % 2,
+                  _sgd_cap_step(cfg, n_emas), seed=hash((case, DT[dtype], layout)) % 10_000,
+                  misalign=(2,) if layout == "list" else (), n_emas=max(n_emas, 1))
+
+
+def test_cap_grid_covers_every_axis():
+    for cases in (CAP_ADAM, CAP_SGD):
+        grid = _cap_grid(cases)
+        for dtype in DTYPES:
+            assert {k for _, d, k, _ in grid if d == dtype} == {0, 1, 2}
+            assert {lay == "list" for _, d, _, lay in grid if d == dtype} == {True, False}
+    assert {lay for _, _, _, lay in _cap_grid(CAP_ADAM) + _cap_grid(CAP_SGD)} >= \
+        {f"flat{s}" for s in SIZES}
 
 
 def test_grid_covers_every_axis():
@@ -511,9 +624,46 @@ def test_validation_messages():
     tk.ema_only([p], [m], 0.5)
 
 
+def test_capturable_validation_messages():
+    """The device scalars are checked without being read: type, element count, device."""
+    p, g, m, v = (torch.zeros(8, device=DEVICE) for _ in range(4))
+    one = torch.ones(1, device=DEVICE)
+    kw = dict(lr=one, step=one, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+              decoupled=True, maximize=False, ema_weight=None)
+    with pytest.raises(TypeError, match="adam_ema_capturable: lr must be a floating-point "
+                                        "tensor.*got float"):
+        tk.adam_ema_capturable([p], [g], [m], [v], None, None, **dict(kw, lr=1e-3))
+    with pytest.raises(ValueError, match=r"step must have 1 element, got shape \(2,\)"):
+        tk.adam_ema_capturable([p], [g], [m], [v], None, None,
+                               **dict(kw, step=torch.ones(2, device=DEVICE)))
+    with pytest.raises(ValueError, match="lr is on meta but the parameters are on"):
+        tk.adam_ema_capturable([p], [g], [m], [v], None, None,
+                               **dict(kw, lr=torch.ones(1, device="meta")))
+    with pytest.raises(ValueError, match="ema_weight has 2 elements but emas is one EMA list"):
+        tk.adam_ema_capturable([p], [g], [m], [v], None, [m.clone()],
+                               **dict(kw, ema_weight=torch.ones(2, device=DEVICE)))
+    skw = dict(lr=one, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+               maximize=False, first_step=False, ema_weight=None)
+    with pytest.raises(ValueError, match="sgd_ema_capturable: momentum is non-zero but "
+                                         "momentum_buffers is None"):
+        tk.sgd_ema_capturable([p], [g], None, None, **skw)
+    with pytest.raises(TypeError, match="sgd_ema_capturable: lr must be a floating-point "
+                                        "tensor.*torch.int64"):
+        tk.sgd_ema_capturable([p], [g], [m], None,
+                              **dict(skw, lr=torch.ones(1, dtype=torch.int64, device=DEVICE)))
+    # a float64 lr is converted on the device (no host read): the float32 value is used
+    q = p.clone().fill_(1.0)
+    tk.sgd_ema_capturable([q], [g.clone().fill_(1.0)], None, None,
+                          **dict(skw, momentum=0.0, lr=torch.full((1,), 0.25, device=DEVICE,
+                                                                  dtype=torch.float64)))
+    assert torch.equal(q, torch.full_like(q, 0.75))
+    tk.adam_ema_capturable([], [], [], [], None, None, **kw)  # nothing to do
+
+
 def test_interface_matches_reference():
     import inspect
-    for name in ("adam_ema", "sgd_ema", "ema_only"):
+    for name in ("adam_ema", "sgd_ema", "ema_only", "adam_ema_capturable",
+                 "sgd_ema_capturable"):
         a, b = inspect.signature(getattr(tk, name)), inspect.signature(getattr(ref, name))
         assert list(a.parameters) == list(b.parameters), name
         assert [p.kind for p in a.parameters.values()] == [p.kind for p in b.parameters.values()]

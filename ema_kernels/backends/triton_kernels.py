@@ -18,10 +18,17 @@ Two entry points share the per-element math (``_adam_math`` / ``_sgd_math``):
 Per-step values (lr, step size, bias corrections, betas, eps, weight decay, the ρ̂ weights,
 momentum, Nesterov, first step, "divide by grad_scale") are runtime arguments; only the flags
 that decide which bytes move (how many EMAs are updated this step, 0 to :data:`MAX_EMAS`, all
-in the same pass; AMSGrad; momentum) and the parameter dtype are ``tl.constexpr``: 44 kernels
-per dtype at most, each compiled on first use.  ``grad_scale`` / ``found_inf``
-are read inside the kernel (cached device stand-ins 1.0 / 0.0 when absent): no host sync, and
-a step with a non-zero ``found_inf`` writes nothing.
+in the same pass; AMSGrad; momentum), where the lr-dependent values come from
+(``DEVICE_SCALARS``) and the parameter dtype are ``tl.constexpr``: 164 kernels per 16-bit dtype
+at most (84 for fp32, which has no SR variants), each compiled on first use.  ``grad_scale`` / ``found_inf`` are read inside the kernel (cached
+device stand-ins 1.0 / 0.0 when absent): no host sync, and a step with a non-zero ``found_inf``
+writes nothing.
+
+``adam_ema_capturable`` / ``sgd_ema_capturable`` (capturable=True, and any step with a tensor
+lr) read lr, the step count and the EMA weights on the device, never on the host: the
+``DEVICE_SCALARS`` variants load the lr-dependent values from a small float32 device tensor
+(Adam: formed from lr and t in double by a few torch ops, as the reference forms them; SGD:
+the lr tensor itself) instead of taking them as launch arguments.
 
 bf16 stores round to nearest even by bit manipulation (Triton's interpreter truncates in its
 fp32→bf16 cast), so interpreted and compiled kernels round the same way as torch.
@@ -38,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _sr
-from ._emas import MAX_EMAS, ema_lists
+from ._emas import MAX_EMAS, ema_lists, ema_lists_capturable
 
 Tensor = torch.Tensor
 
@@ -267,6 +274,28 @@ if triton is not None:
             z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, stored - d * (1.0 - w3))
             tl.store(z3_ptr + offs, z3, mask=mask)
 
+    @triton.jit
+    def _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS: tl.constexpr):
+        """The EMA weights w_k = 1 − ρ̂_k from the device tensor ``ew_ptr`` (one float32 per
+        EMA updated; the launch arguments of the EMAs not updated are kept, never read)."""
+        if N_EMAS > 0:
+            w0 = tl.load(ew_ptr)
+        if N_EMAS > 1:
+            w1 = tl.load(ew_ptr + 1)
+        if N_EMAS > 2:
+            w2 = tl.load(ew_ptr + 2)
+        if N_EMAS > 3:
+            w3 = tl.load(ew_ptr + 3)
+        return w0, w1, w2, w3
+
+    # DEVICE_SCALARS (structural: where the per-step values come from, not what they are): the
+    # values that depend on lr, the step count or ρ̂ are loaded from device tensors instead of
+    # taken from the launch arguments (capturable=True, a tensor lr: nothing is read on the
+    # host, and a replayed CUDA graph uses the tensors' current values).  Adam: ``sc_ptr`` holds
+    # float32 [−step_size, √(1 − β2^t), 1 − lr·λ (or 1)], formed on the device in double by
+    # _adam_device_scalars as the reference forms them; SGD: ``sc_ptr`` is the float32 lr
+    # itself (−lr is exact).  ``ew_ptr``: the EMA weights.
+
     # Offsets are hinted as runs of 4 contiguous elements: every stream then has 4 elements per
     # thread in ONE register layout (16-byte fp32, 8-byte bf16/fp16 accesses).  Left alone,
     # Triton gives 16-bit streams 8 elements per thread but fp32 stores 4, and converts between
@@ -279,13 +308,19 @@ if triton is not None:
     def _adam_flat_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                           grad_scale_ptr, found_inf_ptr, n, beta1_w, beta2, beta2_w, eps, decay,
                           l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                          sr_base, k0, k1, N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr,
-                          SR: tl.constexpr, BLOCK: tl.constexpr):
+                          sr_base, k0, k1, sc_ptr, ew_ptr, N_EMAS: tl.constexpr,
+                          AMSGRAD: tl.constexpr, SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr,
+                          BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK   # 64-bit offsets
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         # GradScaler's tensors (or the host's stand-ins), read on the device: no host sync
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
+            if DEVICE_SCALARS:
+                neg_step_size = tl.load(sc_ptr)
+                bc2_sqrt = tl.load(sc_ptr + 1)
+                decay = tl.load(sc_ptr + 2)
+                w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             if start + BLOCK <= n:  # full block: unmasked, vectorised
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
@@ -301,12 +336,15 @@ if triton is not None:
     def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, grad_scale_ptr,
                          found_inf_ptr, n, grad_sign, weight_decay, momentum, dampening_w,
                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base, k0,
-                         k1, N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                         SR: tl.constexpr, BLOCK: tl.constexpr):
+                         k1, sc_ptr, ew_ptr, N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                         SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
+            if DEVICE_SCALARS:
+                neg_lr = -tl.load(sc_ptr)
+                w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             if start + BLOCK <= n:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                           grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
@@ -368,9 +406,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _adam_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                           beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign, neg_step_size,
-                          bc2_sqrt, w0, w1, w2, w3, has_scale, k0, k1, P_DTYPE: tl.constexpr,
-                          N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          bc2_sqrt, w0, w1, w2, w3, has_scale, k0, k1, sc_ptr, ew_ptr,
+                          P_DTYPE: tl.constexpr, N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr,
+                          SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         # rows: θ, g, m, v, vmax, ζ0, ζ1, ζ2, ζ3, sizes; with SR a row of element-index bases
         # after the chunk rows
         pid = tl.program_id(0)
@@ -382,6 +420,11 @@ if triton is not None:
             sr_base = tl.load(table_ptr + 10 * n_tensors + 2 * n_chunks + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
+            if DEVICE_SCALARS:
+                neg_step_size = tl.load(sc_ptr)
+                bc2_sqrt = tl.load(sc_ptr + 1)
+                decay = tl.load(sc_ptr + 2)
+                w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             row = table_ptr + t
             p_ptr = tl.multiple_of(
                 tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
@@ -426,9 +469,10 @@ if triton is not None:
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                         first_step, w0, w1, w2, w3, has_scale, k0, k1, P_DTYPE: tl.constexpr,
-                         N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         first_step, w0, w1, w2, w3, has_scale, k0, k1, sc_ptr, ew_ptr,
+                         P_DTYPE: tl.constexpr, N_EMAS: tl.constexpr,
+                         HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr,
+                         DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         # rows: θ, g, momentum buffer, ζ0, ζ1, ζ2, ζ3, sizes; with SR a row of element-index
         # bases after the chunk rows
         pid = tl.program_id(0)
@@ -440,6 +484,9 @@ if triton is not None:
             sr_base = tl.load(table_ptr + 8 * n_tensors + 2 * n_chunks + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
+            if DEVICE_SCALARS:
+                neg_lr = -tl.load(sc_ptr)
+                w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             row = table_ptr + t
             p_ptr = tl.multiple_of(
                 tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
@@ -775,6 +822,56 @@ def _ema_roles(what, emas, ema_weight, n):
     return roles, ws, len(lists)
 
 
+_NO_WEIGHTS = dict(w0=0.0, w1=0.0, w2=0.0, w3=0.0)  # DEVICE_SCALARS launches: loaded instead
+
+
+def _ema_roles_capturable(what, emas, ema_weight, n):
+    """``(z roles, weights tensor or None, N_EMAS)`` of a capturable call: the EMA lists padded
+    to MAX_EMAS roles with None, and the device tensor of weights (one element per EMA)."""
+    lists, w = ema_lists_capturable(emas, ema_weight, n, what)
+    return list(lists) + [None] * (MAX_EMAS - len(lists)), w, len(lists)
+
+
+def _device_scalar(what: str, name: str, t: Optional[Tensor], device: torch.device,
+                   numel: int) -> Optional[Tensor]:
+    """``t`` as the contiguous float32 tensor the kernels load, checked without reading it:
+    ``numel`` elements on ``device`` (a kernel cannot read a host tensor, and copying one
+    there would be the host round trip capturable=True exists to avoid). ``numel == 0``: no
+    EMA this step, ``None``. Converting another float dtype is a device op, never a read."""
+    if numel == 0:
+        return None
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{what}: {name} must be a floating-point tensor on the parameters' "
+                        f"device (the kernels read it there), got {type(t).__name__}"
+                        f"{f' of dtype {t.dtype}' if isinstance(t, Tensor) else ''}")
+    if t.numel() != numel:
+        raise ValueError(f"{what}: {name} must have {numel} element{'s' * (numel != 1)}, got "
+                         f"shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{what}: {name} is on {t.device} but the parameters are on {device}; "
+                         f"create it on {device} (the kernels read it there, never on the "
+                         f"host)")
+    return t.detach().reshape(numel).to(torch.float32).contiguous()
+
+
+def _adam_device_scalars(lr: Tensor, step: Tensor, beta1: float, beta2: float,
+                         weight_decay: float, decoupled: bool) -> Tensor:
+    """float32 ``[−lr/(1 − β1^t), √(1 − β2^t), 1 − lr·λ (AdamW with λ ≠ 0; else 1)]`` from the
+    device tensors ``lr`` and ``step`` (t, float32): the reference's capturable ops, in double
+    on the device, so both round the same doubles to float32 (and so does fused_math.h's
+    adam_step_values). A few tiny device ops, no host read, nothing created that outlives
+    the step (legal inside a CUDA-graph capture: a replay recomputes them)."""
+    lr64 = lr.reshape(()).double()
+    t = step.reshape(()).double()
+    step_size = lr64 / (1.0 - beta1 ** t)
+    bc2_sqrt = torch.sqrt(1.0 - beta2 ** t)
+    # −x rounds to −float32(x): negating in double first is the same float32 value
+    parts = [-step_size, bc2_sqrt]
+    parts.append(1.0 - lr64 * weight_decay if decoupled and weight_decay != 0 else
+                 torch.ones_like(lr64))  # theta * 1.0 is exact: the kernels multiply anyway
+    return torch.stack(parts).to(torch.float32)
+
+
 def _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step_size,
                   bias_correction2_sqrt, ws, has_scale) -> dict:
     # Host scalars as torch forms them (Python doubles); Triton passes them as float32, as
@@ -783,7 +880,8 @@ def _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step
         beta1_w=1.0 - beta1, beta2=beta2, beta2_w=1.0 - beta2, eps=eps,
         decay=(1.0 - lr * weight_decay) if (decoupled and weight_decay != 0) else 1.0,
         l2_wd=0.0 if decoupled else weight_decay, grad_sign=-1.0 if maximize else 1.0,
-        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt, **ws, has_scale=has_scale)
+        neg_step_size=-step_size, bc2_sqrt=bias_correction2_sqrt, **ws, has_scale=has_scale,
+        sc_ptr=None, ew_ptr=None)
 
 
 def _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, ws,
@@ -791,7 +889,7 @@ def _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, firs
     return dict(grad_sign=-1.0 if maximize else 1.0, weight_decay=weight_decay,
                 momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
                 nesterov=int(bool(nesterov)), first_step=int(bool(first_step)), **ws,
-                has_scale=has_scale)
+                has_scale=has_scale, sc_ptr=None, ew_ptr=None)
 
 
 def _refuse_capture(what: str) -> None:
@@ -802,9 +900,10 @@ def _refuse_capture(what: str) -> None:
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"the triton backend would create {what} inside a CUDA-graph capture: run one "
-            f"eager step() before capturing, or capture with capturable=True and "
-            f"backend='cuda' (the triton kernels take lr as a launch argument, so a replayed "
-            f"graph would keep the capture-time lr)")
+            f"eager step() with the same parameters before capturing (it creates them; the "
+            f"captured step reuses them), and capture with capturable=True (its kernels read "
+            f"lr, the step count and the EMA weights on the device, so a replay uses their "
+            f"current values)")
 
 
 # Device copies of StepTable pointer tables, by content hash: {(device, hash): (host, device)}.
@@ -863,7 +962,8 @@ def adam_ema_table(table, dtype: torch.dtype, device: torch.device, *, amsgrad: 
         _adam_list_kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks,
                                        gs, fi, **scalars, P_DTYPE=_TL_DTYPES[dtype],
                                        N_EMAS=n_emas, AMSGRAD=bool(amsgrad), SR=sr,
-                                       BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                       DEVICE_SCALARS=False, BLOCK=BLOCK,
+                                       num_warps=NUM_WARPS)
 
 
 def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
@@ -882,7 +982,8 @@ def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
         _sgd_list_kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks,
                                       gs, fi, **scalars, P_DTYPE=_TL_DTYPES[dtype],
                                       N_EMAS=n_emas, HAS_MOMENTUM=momentum != 0, SR=sr,
-                                      BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                      DEVICE_SCALARS=False, BLOCK=BLOCK,
+                                      num_warps=NUM_WARPS)
 
 
 def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -908,7 +1009,8 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                             step_size, bias_correction2_sqrt, ws, has_scale)
     sr_flag, sr_offsets = _sr_scalars("adam_ema", params, scalars, stochastic_rounding, sr_seed,
                                       sr_step, sr_offsets)
-    flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, SR=sr_flag, BLOCK=BLOCK)
+    flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, SR=sr_flag,
+                 DEVICE_SCALARS=False, BLOCK=BLOCK)
     _launch(_adam_flat_kernel, _adam_list_kernel,
             [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs] + z_roles, device,
             grad_scale, found_inf, scalars, flags, sr_offsets)
@@ -938,7 +1040,91 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
                            first_step, ws, has_scale)
     sr_flag, sr_offsets = _sr_scalars("sgd_ema", params, scalars, stochastic_rounding, sr_seed,
                                       sr_step, sr_offsets)
-    flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, SR=sr_flag, BLOCK=BLOCK)
+    flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, SR=sr_flag, DEVICE_SCALARS=False,
+                 BLOCK=BLOCK)
+    _launch(_sgd_flat_kernel, _sgd_list_kernel, [params, grads, momentum_buffers] + z_roles,
+            device, grad_scale, found_inf, scalars, flags, sr_offsets)
+
+
+def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                        exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
+                        emas: Optional[List[Tensor]], *, lr: Tensor, step: Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float,
+                        decoupled: bool, maximize: bool, ema_weight: Optional[Tensor],
+                        grad_scale: Optional[Tensor] = None,
+                        found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                        sr_seed: int = 0, sr_step: int = 0,
+                        sr_offsets: Optional[List[int]] = None) -> None:
+    """Adam / AdamW + EMA reading ``lr``, ``step`` (t, already incremented) and ``ema_weight``
+    (1 − ρ̂, one float32 element per EMA, or None) from one-element tensors on the parameters'
+    device: nothing is read on the host, so the call can be captured in a CUDA graph and a
+    replay uses the tensors' current values.
+
+    The bias corrections and the decoupled decay 1 − lr·λ are formed on the device in double,
+    with the reference's torch ops (:func:`_adam_device_scalars`), and the kernels load them
+    (their ``DEVICE_SCALARS`` variants); the stochastic-rounding key comes from the host's
+    ``sr_step`` (a device lr with a host step count; capturable=True refuses SR)."""
+    if len(params) == 0:
+        return
+    what = "adam_ema_capturable"
+    z_roles, ew, n_emas = _ema_roles_capturable(what, emas, ema_weight, len(params))
+    device = _check_lists(what, params, grads,
+                          [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                           ("max_exp_avg_sqs", max_exp_avg_sqs)] +
+                          [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
+                           enumerate(z_roles)],
+                          grad_scale, found_inf)
+    lr, step, ew = (_device_scalar(what, name, t, device, numel) for name, t, numel in
+                    (("lr", lr, 1), ("step", step, 1), ("ema_weight", ew, n_emas)))
+    has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
+    # the host arguments these replace are placeholders (never read by DEVICE_SCALARS kernels)
+    scalars = _adam_scalars(0.0, beta1, beta2, eps, weight_decay, decoupled, maximize, 0.0, 1.0,
+                            _NO_WEIGHTS, has_scale)
+    scalars.update(sc_ptr=_adam_device_scalars(lr, step, beta1, beta2, weight_decay,
+                                               decoupled), ew_ptr=ew)
+    sr_flag, sr_offsets = _sr_scalars(what, params, scalars, stochastic_rounding, sr_seed,
+                                      sr_step, sr_offsets)
+    flags = dict(N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, SR=sr_flag,
+                 DEVICE_SCALARS=True, BLOCK=BLOCK)
+    _launch(_adam_flat_kernel, _adam_list_kernel,
+            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs] + z_roles, device,
+            grad_scale, found_inf, scalars, flags, sr_offsets)
+
+
+def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
+                       momentum_buffers: Optional[List[Tensor]], emas: Optional[List[Tensor]], *,
+                       lr: Tensor, momentum: float, dampening: float, weight_decay: float,
+                       nesterov: bool, maximize: bool, first_step: bool,
+                       ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
+                       found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                       sr_seed: int = 0, sr_step: int = 0,
+                       sr_offsets: Optional[List[int]] = None) -> None:
+    """SGD + EMA reading ``lr`` and ``ema_weight`` (1 − ρ̂, one float32 element per EMA, or
+    None) from tensors on the parameters' device, never on the host: the kernels load the
+    float32 lr itself (−lr is exact) and the weights, so no device op runs before the launch."""
+    if len(params) == 0:
+        return
+    what = "sgd_ema_capturable"
+    z_roles, ew, n_emas = _ema_roles_capturable(what, emas, ema_weight, len(params))
+    has_momentum = momentum != 0
+    if has_momentum and momentum_buffers is None:
+        raise ValueError(f"{what}: momentum is non-zero but momentum_buffers is None")
+    momentum_buffers = momentum_buffers if has_momentum else None
+    device = _check_lists(what, params, grads,
+                          [("momentum_buffers", momentum_buffers)] +
+                          [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
+                           enumerate(z_roles)],
+                          grad_scale, found_inf)
+    lr, ew = (_device_scalar(what, name, t, device, numel) for name, t, numel in
+              (("lr", lr, 1), ("ema_weight", ew, n_emas)))
+    has_scale, grad_scale, found_inf = _amp_tensors(device, grad_scale, found_inf)
+    scalars = _sgd_scalars(0.0, momentum, dampening, weight_decay, nesterov, maximize,
+                           first_step, _NO_WEIGHTS, has_scale)
+    scalars.update(sc_ptr=lr, ew_ptr=ew)
+    sr_flag, sr_offsets = _sr_scalars(what, params, scalars, stochastic_rounding, sr_seed,
+                                      sr_step, sr_offsets)
+    flags = dict(N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, SR=sr_flag, DEVICE_SCALARS=True,
+                 BLOCK=BLOCK)
     _launch(_sgd_flat_kernel, _sgd_list_kernel, [params, grads, momentum_buffers] + z_roles,
             device, grad_scale, found_inf, scalars, flags, sr_offsets)
 
@@ -972,13 +1158,15 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def aot_variants():
-    """Yield ``(label, kernel, signature, constexprs, attrs)`` for every kernel variant.
+    """Yield ``(label, kernel, signature, constexprs, attrs)`` for every kernel variant the
+    launchers can produce, but DEVICE_SCALARS only for the EMA counts that cover its prologue.
 
     Variants: parameter dtype x {flat, list} x {AdamW/Adam, SGD} x the structural constexprs
-    (the number of EMAs updated, 0..MAX_EMAS; AMSGrad or momentum), and the EMA-only flat
-    kernel for 1..MAX_EMAS EMAs.  Flat kernels get the 16-byte pointer alignment the JIT
-    specialises on for ordinary (allocator- or flat-buffer-aligned) tensors; list kernels hint
-    it themselves.
+    (the number of EMAs updated, 0..MAX_EMAS; AMSGrad or momentum; stochastic rounding for
+    16-bit parameters; DEVICE_SCALARS, the capturable kernels, for the EMA counts in
+    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only flat kernel for 1..MAX_EMAS EMAs.  Flat
+    kernels get the 16-byte pointer alignment the JIT specialises on for ordinary (allocator-
+    or flat-buffer-aligned) tensors; list kernels hint it themselves.
     """
     import itertools
     adam_scalars = ("beta1_w", "beta2", "beta2_w", "eps", "decay", "l2_wd", "grad_sign",
@@ -989,34 +1177,46 @@ def aot_variants():
     def zs(k):
         return {f"z{j}_ptr": "*fp32" if j < k else "constexpr" for j in range(MAX_EMAS)}
 
+    def device(dev, k):
+        # the device-scalar pointers: absent (constexpr None) on host-scalar variants, and
+        # the EMA weights' pointer absent where no EMA is updated
+        return dict(sc_ptr="*fp32" if dev else "constexpr",
+                    ew_ptr="*fp32" if dev and k > 0 else "constexpr")
+
     for dtype in _PARAM_DTYPES:
         pt, ty = "*" + _TY[dtype], _TY[dtype]
         amp = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
         # stochastic rounding: a variant for 16-bit parameters only (fp32 never rounds)
         srs = (False, True) if dtype != torch.float32 else (False,)
-        for ams, k, sr in itertools.product((False, True), counts, srs):
-            flags = dict(N_EMAS=k, AMSGRAD=ams, SR=sr, BLOCK=BLOCK)
+        for ams, k, sr, dev in itertools.product((False, True), counts, srs, (False, True)):
+            if dev and k not in _AOT_DEVICE_SCALAR_EMAS:
+                continue
+            flags = dict(N_EMAS=k, AMSGRAD=ams, SR=sr, DEVICE_SCALARS=dev, BLOCK=BLOCK)
             tail = dict({s: "fp32" for s in adam_scalars}, has_scale="i32", k0="i32",
-                        k1="i32")
+                        k1="i32", **device(dev, k))
+            tag = f"{_sr_tag(sr)}{_device_tag(dev)}"
             sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", v_ptr="*fp32",
                        vmax_ptr="*fp32" if ams else "constexpr", **zs(k), **amp, n="i32",
                        **tail, sr_base="i64")
-            yield _variant(f"adam_flat[{ty},emas={k},amsgrad={ams}{_sr_tag(sr)}]",
+            yield _variant(f"adam_flat[{ty},emas={k},amsgrad={ams}{tag}]",
                            _adam_flat_kernel, sig, flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"adam_list[{ty},emas={k},amsgrad={ams}{_sr_tag(sr)}]",
+            yield _variant(f"adam_list[{ty},emas={k},amsgrad={ams}{tag}]",
                            _adam_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
-        for mom, k, sr in itertools.product((False, True), counts, srs):
-            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, SR=sr, BLOCK=BLOCK)
+        for mom, k, sr, dev in itertools.product((False, True), counts, srs, (False, True)):
+            if dev and k not in _AOT_DEVICE_SCALAR_EMAS:
+                continue
+            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, SR=sr, DEVICE_SCALARS=dev, BLOCK=BLOCK)
             tail = dict({s: "fp32" for s in sgd_scalars}, nesterov="i32", first_step="i32",
                         w0="fp32", w1="fp32", w2="fp32", w3="fp32", has_scale="i32", k0="i32",
-                        k1="i32")
+                        k1="i32", **device(dev, k))
+            tag = f"{_sr_tag(sr)}{_device_tag(dev)}"
             sig = dict(p_ptr=pt, g_ptr=pt, b_ptr="*fp32" if mom else "constexpr", **zs(k),
                        **amp, n="i32", **tail, sr_base="i64")
-            yield _variant(f"sgd_flat[{ty},emas={k},momentum={mom}{_sr_tag(sr)}]",
+            yield _variant(f"sgd_flat[{ty},emas={k},momentum={mom}{tag}]",
                            _sgd_flat_kernel, sig, flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"sgd_list[{ty},emas={k},momentum={mom}{_sr_tag(sr)}]",
+            yield _variant(f"sgd_list[{ty},emas={k},momentum={mom}{tag}]",
                            _sgd_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
         for k in range(1, MAX_EMAS + 1):
             sig = dict(p_ptr=pt, **zs(k), n="i32", w0="fp32", w1="fp32", w2="fp32", w3="fp32")
@@ -1027,6 +1227,20 @@ def aot_variants():
 def _sr_tag(sr: bool) -> str:
     """A stochastic-rounding variant's label suffix (the others keep their labels)."""
     return ",sr=True" if sr else ""
+
+
+def _device_tag(dev: bool) -> str:
+    """A DEVICE_SCALARS variant's label suffix (the host-scalar ones keep their labels)."""
+    return ",device_scalars=True" if dev else ""
+
+
+# The EMA counts whose DEVICE_SCALARS variants aot_variants yields.  A DEVICE_SCALARS variant
+# differs from its host-scalar twin (always compiled) only in its scalar prologue, whose one
+# dependence on N_EMAS is how many weights it loads; 0 (no weight pointer), 1 (the default
+# configuration) and MAX_EMAS (every weight, the most registers) cover that, over every other
+# axis (dtype, AMSGrad / momentum, SR, flat / list), at 3/5 of the compile time that all five
+# counts would add to the AOT tests (~1 s per variant and architecture).
+_AOT_DEVICE_SCALAR_EMAS = (0, 1, MAX_EMAS)
 
 
 def _variant(label, kernel, sig, flags):

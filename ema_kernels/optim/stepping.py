@@ -301,11 +301,12 @@ class StepMixin:
         raise RuntimeError(f"{name} is on {ts.device} but its .grad is on {g.device}")
 
     def _check_capturable(self, ts, backend, plan) -> None:
-        if not hasattr(backend, "adam_ema_capturable"):
+        if not hasattr(backend, "adam_ema_capturable"):  # every shipped backend has them
             raise _ops.BackendUnavailableError(
-                f"capturable=True needs the device-scalar kernels of the 'cuda', 'cpp' or "
-                f"'reference' backend; backend {backend.NAME!r} has none. Build the extension "
-                f"(pip install --no-build-isolation -e .) or use capturable=False")
+                f"capturable=True needs a backend with device-scalar kernels "
+                f"(adam_ema_capturable / sgd_ema_capturable: 'cuda', 'triton', 'cpp', "
+                f"'reference'); backend {backend.NAME!r} has none. Use one of those backends, "
+                f"or capturable=False")
         if any(ts.params[i].requires_grad for i in plan["skipped"]):
             raise RuntimeError(
                 "capturable=True steps every parameter of a set together (one device step "
@@ -493,15 +494,10 @@ class StepMixin:
 
     def _update_device_lr(self, backend, group, hp, params, grads, state, emas, step,
                           ema_weight, grad_scale, found_inf, lr_dev, sr=None) -> None:
-        """A host-counted step whose lr is a device tensor: the device-scalar kernels, with
-        the host's step count and EMA weight written into device scalars (fills, no copies
-        from pageable memory, so nothing waits)."""
-        if not hasattr(backend, "adam_ema_capturable"):
-            # Triton's kernels take lr as a launch argument: the one host read left (see
-            # _ops docs); every other backend reads the tensor on the device.
-            hp = dict(hp, lr=float(lr_dev))
-            return self._update(backend, group, hp, params, grads, state, emas, step,
-                                ema_weight, grad_scale, found_inf, sr=sr)
+        """A host-counted step whose lr is a device tensor: the device-scalar kernels (every
+        backend has them), with the host's step count and EMA weight written into device
+        scalars (fills, no copies from pageable memory, so nothing waits); the lr is never
+        read on the host."""
         dev = params[0].device
         step_t = torch.full((1,), float(step), dtype=torch.float32, device=dev)
         w_t = None
