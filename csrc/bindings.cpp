@@ -267,11 +267,6 @@ SrArgs sr_prepare(const Checker& c, std::vector<TensorPtrs>& ts, bool on, int64_
   return sr;
 }
 
-// The host EMA weights of a plain call (one per EMA; empty: no EMA this step).
-void set_ema_weights(double* out, const std::vector<double>& w) {
-  for (size_t k = 0; k < w.size() && k < size_t(kMaxEmas); ++k) out[k] = w[k];
-}
-
 // ------------------------------------------------------------------------------------------
 // Adam / AdamW
 // ------------------------------------------------------------------------------------------
@@ -296,17 +291,9 @@ AdamCall adam_prepare(const char* op, at::TensorList params, at::TensorList grad
   const bool amsgrad = !max_exp_avg_sqs.empty();
   if (amsgrad) c.list(max_exp_avg_sqs, params, "max_exp_avg_sqs", false);
   c.ema_lists(emas, params, n_emas);
-  AdamArgs& a = call.a;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.decoupled = decoupled;
-  a.maximize = maximize;
-  a.amsgrad = amsgrad;
-  a.n_emas = int(n_emas);
-  a.grad_scale = c.scalar(grad_scale, "grad_scale");
-  a.found_inf = c.scalar(found_inf, "found_inf");
+  call.a = make_adam_args(beta1, beta2, eps, weight_decay, decoupled, maximize, amsgrad,
+                          int(n_emas), c.scalar(grad_scale, "grad_scale"),
+                          c.scalar(found_inf, "found_inf"));
   call.ts = adam_ptrs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, amsgrad,
                       int(n_emas));
   return call;
@@ -329,7 +316,7 @@ AdamCall adam_prepare_plain(const char* op, at::TensorList params, at::TensorLis
   call.a.lr = lr;
   call.a.step_size = step_size;
   call.a.bc2_sqrt = bias_correction2_sqrt;
-  set_ema_weights(call.a.ema_w, ema_weights);
+  set_ema_weights(call.a.ema_w, ema_weights.data(), ema_weights.size());
   return call;
 }
 
@@ -440,16 +427,9 @@ SgdCall sgd_prepare(const char* op, at::TensorList params, at::TensorList grads,
   const bool has_buf = momentum != 0.0;
   if (has_buf) c.list(momentum_buffers, params, "momentum_buffers", false);
   c.ema_lists(emas, params, n_emas);
-  SgdArgs& a = call.a;
-  a.momentum = momentum;
-  a.dampening = dampening;
-  a.weight_decay = weight_decay;
-  a.nesterov = nesterov;
-  a.maximize = maximize;
-  a.first_step = first_step;
-  a.n_emas = int(n_emas);
-  a.grad_scale = c.scalar(grad_scale, "grad_scale");
-  a.found_inf = c.scalar(found_inf, "found_inf");
+  call.a = make_sgd_args(momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                         int(n_emas), c.scalar(grad_scale, "grad_scale"),
+                         c.scalar(found_inf, "found_inf"));
   call.ts = sgd_ptrs(params, grads, momentum_buffers, emas, has_buf, int(n_emas));
   return call;
 }
@@ -485,7 +465,7 @@ SgdCall sgd_prepare_plain(const char* op, EK_SGD_PLAIN_ARGS) {
                              nesterov, maximize, first_step, grad_scale, found_inf);
   call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
   call.a.lr = lr;
-  set_ema_weights(call.a.ema_w, ema_weights);
+  set_ema_weights(call.a.ema_w, ema_weights.data(), ema_weights.size());
   return call;
 }
 
@@ -555,7 +535,7 @@ EmaCall ema_prepare(at::TensorList emas, at::TensorList params,
               "one weight per EMA list");
   call.c.ema_lists(emas, params, int64_t(ema_weights.size()));
   call.n_emas = int(ema_weights.size());
-  set_ema_weights(call.w, ema_weights);
+  set_ema_weights(call.w, ema_weights.data(), ema_weights.size());
   call.ts.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     call.ts[i].p = const_cast<void*>(params[i].const_data_ptr());

@@ -71,6 +71,47 @@ struct SgdArgs {
   SrArgs sr;
 };
 
+// The per-group part of a launch's arguments, filled the same way by every entry point (the
+// torch.ops in bindings.cpp and StepTable in step_table.cpp); the per-step part (lr, step size,
+// EMA weights or the capturable pointers, stochastic rounding) is set by the caller.
+inline AdamArgs make_adam_args(double beta1, double beta2, double eps, double weight_decay,
+                               bool decoupled, bool maximize, bool amsgrad, int n_emas,
+                               const float* grad_scale, const float* found_inf) {
+  AdamArgs a;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.decoupled = decoupled;
+  a.maximize = maximize;
+  a.amsgrad = amsgrad;
+  a.n_emas = n_emas;
+  a.grad_scale = grad_scale;
+  a.found_inf = found_inf;
+  return a;
+}
+
+inline SgdArgs make_sgd_args(double momentum, double dampening, double weight_decay,
+                             bool nesterov, bool maximize, bool first_step, int n_emas,
+                             const float* grad_scale, const float* found_inf) {
+  SgdArgs a;
+  a.momentum = momentum;
+  a.dampening = dampening;
+  a.weight_decay = weight_decay;
+  a.nesterov = nesterov;
+  a.maximize = maximize;
+  a.first_step = first_step;
+  a.n_emas = n_emas;
+  a.grad_scale = grad_scale;
+  a.found_inf = found_inf;
+  return a;
+}
+
+// The host EMA weights of a plain launch: w[0..n) (n <= kMaxEmas, checked by the caller).
+inline void set_ema_weights(double* out, const double* w, size_t n) {
+  for (size_t k = 0; k < n && k < size_t(kMaxEmas); ++k) out[k] = w[k];
+}
+
 // CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.
 void adam_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a);
 void sgd_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a);

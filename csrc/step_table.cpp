@@ -152,33 +152,16 @@ class StepTable {
             const c10::optional<Tensor>& found_inf, c10::optional<int64_t> sr_seed,
             int64_t sr_step) {
     TORCH_CHECK(!triton_, "StepTable.adam: a triton table is launched by Triton");
-    AdamArgs a;
-    a.sr = sr_args(sr_seed, sr_step);
+    TORCH_CHECK(state_.size() == (amsgrad ? 3u : 2u), "StepTable.adam: the table holds ",
+                state_.size(), " state roles; Adam needs ", amsgrad ? 3 : 2);
+    AdamArgs a = make_adam_args(beta1, beta2, eps, weight_decay, decoupled, maximize, amsgrad,
+                                check_emas(ema_weights),
+                                device_scalar(grad_scale, "grad_scale", device_),
+                                device_scalar(found_inf, "found_inf", device_));
     a.lr = lr;
     a.step_size = step_size;
     a.bc2_sqrt = bc2_sqrt;
-    a.beta1 = beta1;
-    a.beta2 = beta2;
-    a.eps = eps;
-    a.weight_decay = weight_decay;
-    a.decoupled = decoupled;
-    a.maximize = maximize;
-    a.amsgrad = amsgrad;
-    TORCH_CHECK(state_.size() == (amsgrad ? 3u : 2u), "StepTable.adam: the table holds ",
-                state_.size(), " state roles; Adam needs ", amsgrad ? 3 : 2);
-    a.n_emas = set_emas(ema_weights, a.ema_w);
-    a.grad_scale = device_scalar(grad_scale, "grad_scale", device_);
-    a.found_inf = device_scalar(found_inf, "found_inf", device_);
-    fill_state(a.n_emas);
-    launch([&](int dev, void* stream) -> const char* {
-#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
-      if (cuda_) return adam_ema_cuda(active(), dtype_, a, dev, stream);
-#endif
-#ifndef EK_CUDA_EMULATION
-      adam_ema_cpu(active(), dtype_, a);
-#endif
-      return nullptr;
-    });
+    run(a, ema_weights, sr_seed, sr_step);
   }
 
   void sgd(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
@@ -186,31 +169,15 @@ class StepTable {
            const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf,
            c10::optional<int64_t> sr_seed, int64_t sr_step) {
     TORCH_CHECK(!triton_, "StepTable.sgd: a triton table is launched by Triton");
-    SgdArgs a;
-    a.sr = sr_args(sr_seed, sr_step);
-    a.lr = lr;
-    a.momentum = momentum;
-    a.dampening = dampening;
-    a.weight_decay = weight_decay;
-    a.nesterov = nesterov;
-    a.maximize = maximize;
-    a.first_step = first_step;
     TORCH_CHECK(state_.size() == (momentum != 0 ? 1u : 0u), "StepTable.sgd: the table holds ",
                 state_.size(), " state roles; momentum=", momentum, " needs ",
                 momentum != 0 ? 1 : 0);
-    a.n_emas = set_emas(ema_weights, a.ema_w);
-    a.grad_scale = device_scalar(grad_scale, "grad_scale", device_);
-    a.found_inf = device_scalar(found_inf, "found_inf", device_);
-    fill_state(a.n_emas);
-    launch([&](int dev, void* stream) -> const char* {
-#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
-      if (cuda_) return sgd_ema_cuda(active(), dtype_, a, dev, stream);
-#endif
-#ifndef EK_CUDA_EMULATION
-      sgd_ema_cpu(active(), dtype_, a);
-#endif
-      return nullptr;
-    });
+    SgdArgs a = make_sgd_args(momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                              check_emas(ema_weights),
+                              device_scalar(grad_scale, "grad_scale", device_),
+                              device_scalar(found_inf, "found_inf", device_));
+    a.lr = lr;
+    run(a, ema_weights, sr_seed, sr_step);
   }
 
   // The Triton list kernels' table of the prepared step (int64, on the host): address rows
@@ -502,12 +469,48 @@ class StepTable {
     return sr;
   }
 
-  int set_emas(const std::vector<double>& w, double* out) const {
+  static int check_emas(const std::vector<double>& w) {
     TORCH_CHECK(w.size() <= size_t(kMaxEmas), "StepTable: ", w.size(), " EMA weights, at most ",
                 kMaxEmas);
-    for (size_t k = 0; k < w.size(); ++k) out[k] = w[k];
     return int(w.size());
   }
+
+  // The launch of adam()/sgd(): the step's EMA weights and stochastic rounding, the EMA
+  // pointers of this launch, then the kernels of this table (overloads on the Args type).
+  template <class Args>
+  void run(Args& a, const std::vector<double>& ema_weights,
+           const c10::optional<int64_t>& sr_seed, int64_t sr_step) {
+    set_ema_weights(a.ema_w, ema_weights.data(), ema_weights.size());
+    a.sr = sr_args(sr_seed, sr_step);
+    fill_state(a.n_emas);
+    launch([&](int dev, void* stream) -> const char* {
+#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
+      if (cuda_) return cuda_kernel(active(), dtype_, a, dev, stream);
+#endif
+#ifndef EK_CUDA_EMULATION
+      cpu_kernel(active(), dtype_, a);
+#endif
+      return nullptr;
+    });
+  }
+#if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
+  static const char* cuda_kernel(const std::vector<TensorPtrs>& ts, DType dt, const AdamArgs& a,
+                                 int dev, void* stream) {
+    return adam_ema_cuda(ts, dt, a, dev, stream);
+  }
+  static const char* cuda_kernel(const std::vector<TensorPtrs>& ts, DType dt, const SgdArgs& a,
+                                 int dev, void* stream) {
+    return sgd_ema_cuda(ts, dt, a, dev, stream);
+  }
+#endif
+#ifndef EK_CUDA_EMULATION
+  static void cpu_kernel(const std::vector<TensorPtrs>& ts, DType dt, const AdamArgs& a) {
+    adam_ema_cpu(ts, dt, a);
+  }
+  static void cpu_kernel(const std::vector<TensorPtrs>& ts, DType dt, const SgdArgs& a) {
+    sgd_ema_cpu(ts, dt, a);
+  }
+#endif
 
   // The tensors a launch walks: the prepared table without zero-element entries (a 0-element
   // parameter may have no storage at all).
