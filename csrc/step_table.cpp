@@ -84,26 +84,26 @@ class StepTable {
   // (triton_table()).
   // like: an empty tensor of the set's dtype and device; shapes/strides: each parameter's when
   // its state was made (a parameter that no longer has them goes the general path).
-  StepTable(std::vector<Tensor> params, const Tensor& like, std::vector<std::vector<int64_t>> shapes,
-            std::vector<std::vector<int64_t>> strides, std::vector<std::vector<Tensor>> state,
-            std::vector<std::vector<Tensor>> emas, const std::vector<int64_t>& sr_bases,
-            const std::string& kernels)
-      : params_(std::move(params)), state_(std::move(state)), emas_(std::move(emas)),
-        sizes_(std::move(shapes)), strides_(std::move(strides)) {
+  StepTable(std::vector<Tensor> params, const Tensor& like,
+            const std::vector<std::vector<int64_t>>& shapes,
+            const std::vector<std::vector<int64_t>>& strides,
+            std::vector<std::vector<Tensor>> state, std::vector<std::vector<Tensor>> emas,
+            const std::vector<int64_t>& sr_bases, const std::string& kernels)
+      : params_(std::move(params)), state_(std::move(state)), emas_(std::move(emas)) {
     init_common(like, kernels);
     const size_t n = params_.size();
-    TORCH_CHECK(sizes_.size() == n && strides_.size() == n, "StepTable: ", sizes_.size(),
-                " shapes and ", strides_.size(), " strides for ", n, " parameters");
+    TORCH_CHECK(shapes.size() == n && strides.size() == n, "StepTable: ", shapes.size(),
+                " shapes and ", strides.size(), " strides for ", n, " parameters");
     for (size_t i = 0; i < n; ++i)
-      TORCH_CHECK(sizes_[i].size() == strides_[i].size(), "StepTable: parameter ", i, " has ",
-                  sizes_[i].size(), " sizes but ", strides_[i].size(), " strides");
+      TORCH_CHECK(shapes[i].size() == strides[i].size(), "StepTable: parameter ", i, " has ",
+                  shapes[i].size(), " sizes but ", strides[i].size(), " strides");
     for (const auto& role : state_) check_aligned(role, "state");
     for (const auto& z : emas_) check_aligned(z, "emas");
     TORCH_CHECK(sr_bases.size() == n, "StepTable: ", sr_bases.size(), " sr_bases for ", n,
                 " parameters");
     table_.resize(n);
     for (size_t i = 0; i < n; ++i) table_[i].sr_base = sr_bases[i];
-    pack_geometry();
+    pack_geometry(shapes, strides);
     ema_ptrs_.assign(kMaxEmas, std::vector<float*>(n, nullptr));
     gather_state();
   }
@@ -393,14 +393,13 @@ class StepTable {
   };
 
   // geo_: per parameter [ndim, sizes..., strides...] as its state was made, packed in order.
-  void pack_geometry() {
-    geo_off_.clear();
-    geo_.clear();
-    for (size_t i = 0; i < sizes_.size(); ++i) {
+  void pack_geometry(const std::vector<std::vector<int64_t>>& shapes,
+                     const std::vector<std::vector<int64_t>>& strides) {
+    for (size_t i = 0; i < shapes.size(); ++i) {
       geo_off_.push_back(int64_t(geo_.size()));
-      geo_.push_back(int64_t(sizes_[i].size()));
-      geo_.insert(geo_.end(), sizes_[i].begin(), sizes_[i].end());
-      geo_.insert(geo_.end(), strides_[i].begin(), strides_[i].end());
+      geo_.push_back(int64_t(shapes[i].size()));
+      geo_.insert(geo_.end(), shapes[i].begin(), shapes[i].end());
+      geo_.insert(geo_.end(), strides[i].begin(), strides[i].end());
     }
   }
 
@@ -547,8 +546,8 @@ class StepTable {
 
   std::vector<Tensor> params_;
   std::vector<std::vector<Tensor>> state_, emas_;
-  std::vector<std::vector<int64_t>> sizes_, strides_;
-  std::vector<int64_t> geo_, geo_off_;  // the same, packed (pack_geometry)
+  // each parameter's shape and strides when its state was made, packed (pack_geometry)
+  std::vector<int64_t> geo_, geo_off_;
   std::vector<TensorPtrs> table_, launch_;
   std::vector<std::vector<float*>> ema_ptrs_;  // [EMA k][tensor i]
   int filled_emas_ = -1;                        // EMAs whose pointers table_ holds now
@@ -576,8 +575,8 @@ void add_step_table(PyObject* module) {
   py::module_ m = py::reinterpret_borrow<py::module_>(module);
   py::class_<StepTable>(m, "StepTable",
                         "One parameter set's per-step host work (csrc/step_table.cpp).")
-      .def(py::init<std::vector<Tensor>, const Tensor&, std::vector<std::vector<int64_t>>,
-                    std::vector<std::vector<int64_t>>, std::vector<std::vector<Tensor>>,
+      .def(py::init<std::vector<Tensor>, const Tensor&, const std::vector<std::vector<int64_t>>&,
+                    const std::vector<std::vector<int64_t>>&, std::vector<std::vector<Tensor>>,
                     std::vector<std::vector<Tensor>>, const std::vector<int64_t>&,
                     const std::string&>(),
            py::arg("params"), py::arg("like"), py::arg("shapes"), py::arg("strides"),
