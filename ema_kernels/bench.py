@@ -709,9 +709,11 @@ def _json_value(v):
     return None if isinstance(v, float) and v != v else v
 
 
-def write_json(rows: Sequence[dict], path: str) -> None:
+def write_json(rows: Sequence[dict], path: str, keys: Sequence[str] = KEYS) -> None:
+    """The rows' ``keys`` (the GB/s bench's by default; ``HOST_KEYS`` for ``--host``) as a
+    JSON list, NaN as null."""
     with open(path, "w") as f:
-        json.dump([{k: _json_value(r[k]) for k in KEYS} for r in rows], f, indent=1)
+        json.dump([{k: _json_value(r[k]) for k in keys} for r in rows], f, indent=1)
         f.write("\n")
 
 
@@ -926,12 +928,6 @@ def format_host_table(rows: Sequence[dict]) -> str:
             _num(s, ".1f" if s == s and s >= 10 else ".2f") + ("x" if s == s else ""),
         ]) + " |")
     return "\n".join(out) + "\n"
-
-
-def write_host_json(rows: Sequence[dict], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump([{k: _json_value(r[k]) for k in HOST_KEYS} for r in rows], f, indent=1)
-        f.write("\n")
 
 
 def write_host_plot(rows: Sequence[dict], path: str, title: str = "") -> None:
@@ -1184,7 +1180,7 @@ def _main_host(args, device: str) -> int:
     print()
     print(format_host_table(rows))
     if args.json:
-        write_host_json(rows, args.json)
+        write_json(rows, args.json, HOST_KEYS)
         progress(f"wrote {args.json}")
     if args.plot:
         write_host_plot(rows, args.plot, title=desc)

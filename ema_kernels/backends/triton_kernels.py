@@ -943,6 +943,20 @@ def _table_common(dtype, device, ema_weight, grad_scale, found_inf, sr_seed, sr_
     return ws, len(weights), has_scale, grad_scale, found_inf, sr
 
 
+def _launch_table(kernel, table, state_rows, dtype, device, n_emas, sr, grad_scale, found_inf,
+                  scalars, **flags):
+    """One list-kernel launch over a StepTable's pointer table (``state_rows`` state rows:
+    Adam 3, SGD 1); ``flags`` the kernel's own structural constexprs."""
+    host, n_chunks, key = table.triton_table(state_rows, n_emas, BLOCK, sr)
+    if n_chunks == 0:
+        return
+    with _DeviceGuard(device):
+        kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks, grad_scale,
+                            found_inf, **scalars, P_DTYPE=_TL_DTYPES[dtype], N_EMAS=n_emas,
+                            SR=sr, DEVICE_SCALARS=False, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                            **flags)
+
+
 def adam_ema_table(table, dtype: torch.dtype, device: torch.device, *, amsgrad: bool,
                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    decoupled: bool, maximize: bool, step_size: float,
@@ -955,15 +969,8 @@ def adam_ema_table(table, dtype: torch.dtype, device: torch.device, *, amsgrad: 
                                                       found_inf, sr_seed, sr_step)
     scalars = _adam_scalars(lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
                             step_size, bias_correction2_sqrt, ws, has_scale)
-    host, n_chunks, key = table.triton_table(3, n_emas, BLOCK, sr)
-    if n_chunks == 0:
-        return
-    with _DeviceGuard(device):
-        _adam_list_kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks,
-                                       gs, fi, **scalars, P_DTYPE=_TL_DTYPES[dtype],
-                                       N_EMAS=n_emas, AMSGRAD=bool(amsgrad), SR=sr,
-                                       DEVICE_SCALARS=False, BLOCK=BLOCK,
-                                       num_warps=NUM_WARPS)
+    _launch_table(_adam_list_kernel, table, 3, dtype, device, n_emas, sr, gs, fi, scalars,
+                  AMSGRAD=bool(amsgrad))
 
 
 def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
@@ -975,15 +982,8 @@ def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
                                                       found_inf, sr_seed, sr_step)
     scalars = _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize,
                            first_step, ws, has_scale)
-    host, n_chunks, key = table.triton_table(1, n_emas, BLOCK, sr)
-    if n_chunks == 0:
-        return
-    with _DeviceGuard(device):
-        _sgd_list_kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks,
-                                      gs, fi, **scalars, P_DTYPE=_TL_DTYPES[dtype],
-                                      N_EMAS=n_emas, HAS_MOMENTUM=momentum != 0, SR=sr,
-                                      DEVICE_SCALARS=False, BLOCK=BLOCK,
-                                      num_warps=NUM_WARPS)
+    _launch_table(_sgd_list_kernel, table, 1, dtype, device, n_emas, sr, gs, fi, scalars,
+                  HAS_MOMENTUM=momentum != 0)
 
 
 def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
