@@ -100,7 +100,7 @@ def test_capturable_rejects_what_a_graph_cannot_replay():
         ek.AdamW(params, capturable=True, ema_schedule=ek.schedules.polyak())
     # a backend without device-scalar kernels (every shipped one has them: a stand-in)
     opt = ek.AdamW(params, capturable=True, backend="reference")
-    opt._backend_for = lambda ts: types.SimpleNamespace(NAME="custom")
+    opt._backend_for = lambda ts, env=None: types.SimpleNamespace(NAME="custom")
     with pytest.raises(ek.BackendUnavailableError,
                        match="capturable=True needs a backend with device-scalar kernels.*"
                              "'custom' has none"):

@@ -173,13 +173,21 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         self.param_groups.append(group)
 
     # ---------------------------------------------------------------- the sets ---------------
-    def _signature(self):
-        return (id(self.state), len(self.state), len(self.param_groups),
-                tuple((id(g["params"]), len(g["params"]), checks.num_emas(g), self._roles(g))
-                      for g in self.param_groups))
+    def _layout_key(self, group) -> tuple:
+        """What of a group's hyperparameters shapes its sets: its EMA count and state roles."""
+        return checks.num_emas(group), self._roles(group)
 
-    def _ensure_sets(self) -> List[List[layout.TensorSet]]:
-        if self._sets is None or self._sets_sig != self._signature():
+    def _signature(self, hps=None):
+        """When this changes the sets are rebuilt. ``hps``: the step's checked hyperparameters,
+        which hold each group's :meth:`_layout_key` (step() passes them: no re-derivation)."""
+        groups = self.param_groups
+        keys = [hp["layout"] for hp in hps] if hps is not None else \
+            [self._layout_key(g) for g in groups]
+        return (id(self.state), len(self.state), len(groups),
+                tuple((id(g["params"]), len(g["params"])) + k for g, k in zip(groups, keys)))
+
+    def _ensure_sets(self, hps=None) -> List[List[layout.TensorSet]]:
+        if self._sets is None or self._sets_sig != self._signature(hps):
             self._build_sets()
         return self._sets
 
