@@ -299,15 +299,18 @@ class StepTable {
       ahead.at(i);
       c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
       const int64_t* geo = geo_.data() + geo_off_[i];
-      if (p->layout() != c10::kStrided || p->dtype() != meta_ || p->device() != device_ ||
+      // the device is the storage's (a TensorImpl's device_opt_ is its storage's; reading it
+      // there saves an out-of-line TensorImpl::device() on a line address() reads anyway)
+      if (p->layout() != c10::kStrided || p->dtype() != meta_ || !on_device(p) ||
           !same_geometry(p, geo))
         return kParamChanged;
-      const Tensor* gt = grad_of(p);
+      const auto* meta = ahead.meta(i);
+      const Tensor* gt = meta == nullptr ? nullptr : &meta->grad_;
       if (gt == nullptr || !gt->defined()) return kNoGrad;
       // The kernels walk θ and g with one index: same strides (a channels_last gradient of a
       // channels_last weight is fine, a contiguous one is not: step()'s general path copies).
       const c10::TensorImpl* g = gt->unsafeGetTensorImpl();
-      if (g->layout() != c10::kStrided || g->dtype() != meta_ || g->device() != device_ ||
+      if (g->layout() != c10::kStrided || g->dtype() != meta_ || !on_device(g) ||
           !same_geometry(g, geo))
         return kGradLayout;
       TensorPtrs& t = table_[i];
@@ -320,6 +323,12 @@ class StepTable {
         return kMisaligned;
     }
     return kReady;
+  }
+
+  // Is t's storage on the table's device?  (No storage: address() answers for it.)
+  bool on_device(const c10::TensorImpl* t) const {
+    const c10::Storage& st = t->unsafe_storage();
+    return !st || st.unsafeGetStorageImpl()->device() == device_;
   }
 
   // p.grad as TensorImpl::grad() returns it (its AutogradMeta's grad_, every AutogradMeta
@@ -346,32 +355,47 @@ class StepTable {
   // TensorImpl of parameter i + 4d, the AutogradMeta and StorageImpl of i + 3d (whose
   // TensorImpl has arrived by then), the gradient's TensorImpl of i + 2d and its StorageImpl
   // of i + d.  Reads only (a parameter that turns out to have no gradient costs nothing).
+  // Each link is followed once: the AutogradMeta (an out-of-line call into libc10) and the
+  // gradient's TensorImpl found at one stage wait in a ring for the later ones and the loop.
   class Prefetcher {
    public:
+    using Meta = torch::autograd::AutogradMeta;
     explicit Prefetcher(const std::vector<Tensor>& ps) : ps_(ps), n_(ps.size()) {
       for (size_t j = 0; j < 4 * kDist && j < n_; ++j) impl_lines(ps_[j].unsafeGetTensorImpl());
+      for (size_t j = 0; j < 3 * kDist && j < n_; ++j) stage_meta(j);
+      for (size_t j = 0; j < 2 * kDist && j < n_; ++j) stage_grad(j);
+      for (size_t j = 0; j < kDist && j < n_; ++j) stage_grad_storage(j);
     }
-    void at(size_t i) const {
+    void at(size_t i) {
       if (i + 4 * kDist < n_) impl_lines(ps_[i + 4 * kDist].unsafeGetTensorImpl());
-      if (i + 3 * kDist < n_) {
-        const c10::TensorImpl* p = ps_[i + 3 * kDist].unsafeGetTensorImpl();
-        // its grad_ sits ~40 bytes in
-        __builtin_prefetch(p->autograd_meta());
-        __builtin_prefetch(reinterpret_cast<const char*>(p->autograd_meta()) + 63);
-        storage_line(p);
-      }
-      if (i + 2 * kDist < n_) {
-        const Tensor* g = grad_of(ps_[i + 2 * kDist].unsafeGetTensorImpl());
-        if (g != nullptr && g->defined()) impl_lines(g->unsafeGetTensorImpl());
-      }
-      if (i + kDist < n_) {
-        const Tensor* g = grad_of(ps_[i + kDist].unsafeGetTensorImpl());
-        if (g != nullptr && g->defined()) storage_line(g->unsafeGetTensorImpl());
-      }
+      if (i + 3 * kDist < n_) stage_meta(i + 3 * kDist);
+      if (i + 2 * kDist < n_) stage_grad(i + 2 * kDist);
+      if (i + kDist < n_) stage_grad_storage(i + kDist);
     }
+    // parameter i's AutogradMeta (nullptr: none), for i within 3d of the last at()
+    const Meta* meta(size_t i) const { return meta_[i & kMask]; }
 
    private:
     static constexpr size_t kDist = 4;
+    static constexpr size_t kMask = 8 * kDist - 1;  // ring of 32 > the 3d a value waits
+    void stage_meta(size_t j) {
+      const c10::TensorImpl* p = ps_[j].unsafeGetTensorImpl();
+      const Meta* m = static_cast<const Meta*>(p->autograd_meta());
+      meta_[j & kMask] = m;
+      if (m != nullptr) __builtin_prefetch(&m->grad_);
+      storage_line(p);
+    }
+    void stage_grad(size_t j) {
+      const Meta* m = meta_[j & kMask];
+      const c10::TensorImpl* g =
+          m != nullptr && m->grad_.defined() ? m->grad_.unsafeGetTensorImpl() : nullptr;
+      grad_[j & kMask] = g;
+      if (g != nullptr) impl_lines(g);
+    }
+    void stage_grad_storage(size_t j) {
+      const c10::TensorImpl* g = grad_[j & kMask];
+      if (g != nullptr) storage_line(g);
+    }
     // the fields prepare reads (storage, autograd meta, sizes and strides, dtype, device,
     // numel, offset) span the first ~200 bytes of a TensorImpl
     static void impl_lines(const c10::TensorImpl* t) {
@@ -381,7 +405,7 @@ class StepTable {
       __builtin_prefetch(c + 128);
       __builtin_prefetch(c + 192);
     }
-    // a StorageImpl's data pointer and its access flags: its first ~64 bytes, which start
+    // a StorageImpl's data pointer, device and access flags: its first ~64 bytes, which start
     // anywhere in a line (heap objects are 16-byte aligned)
     static void storage_line(const c10::TensorImpl* t) {
       const char* c = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
@@ -390,6 +414,8 @@ class StepTable {
     }
     const std::vector<Tensor>& ps_;
     const size_t n_;
+    const Meta* meta_[kMask + 1] = {};
+    const c10::TensorImpl* grad_[kMask + 1] = {};
   };
 
   // geo_: per parameter [ndim, sizes..., strides...] as its state was made, packed in order.
