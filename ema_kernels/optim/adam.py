@@ -66,7 +66,7 @@ class _AdamBase(EMAOptimizer):
                       sr_seed):
         beta1, beta2 = hp["betas"]
         step_size, bc2_sqrt = hp["lr"] / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5
-        if ts.table.kernels == "triton":
+        if backend.NAME == "triton":  # (a module attribute: no call into the table)
             backend.adam_ema_table(
                 ts.table, ts.dtype, ts.device, amsgrad=bool(group["amsgrad"]), lr=hp["lr"],
                 beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],

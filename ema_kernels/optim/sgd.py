@@ -64,7 +64,7 @@ class SGD(EMAOptimizer):
 
     def _update_table(self, backend, ts, group, hp, step, ema_weight, grad_scale, found_inf,
                       sr_seed):
-        if ts.table.kernels == "triton":
+        if backend.NAME == "triton":  # (a module attribute: no call into the table)
             backend.sgd_ema_table(
                 ts.table, ts.dtype, ts.device, lr=hp["lr"], momentum=hp["momentum"],
                 dampening=hp["dampening"], weight_decay=hp["weight_decay"],
