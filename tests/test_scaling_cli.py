@@ -1,4 +1,5 @@
 """The scaling rules, the backend registry and the command line."""
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,18 @@ def test_available_backends_and_errors(monkeypatch):
     monkeypatch.setenv("EMA_KERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="EMA_KERNELS_BACKEND"):
         _ops.resolve("auto", "cpu")
+
+
+def test_env_backend_reads_what_os_environ_holds(monkeypatch):
+    monkeypatch.delenv(_ops.ENV_VAR, raising=False)
+    assert _ops.env_backend() is None
+    monkeypatch.setenv(_ops.ENV_VAR, "reference")
+    assert _ops.env_backend() == "reference" == os.environ.get(_ops.ENV_VAR)
+    monkeypatch.delenv(_ops.ENV_VAR)
+    assert _ops.env_backend() is None
+    # os.environ replaced by a plain mapping (no backing dict of bytes): read through it
+    monkeypatch.setattr(os, "environ", {_ops.ENV_VAR: "cpp"})
+    assert _ops.env_backend() == "cpp"
 
 
 def test_env_override_reaches_the_optimizer(monkeypatch):

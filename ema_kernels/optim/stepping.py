@@ -9,7 +9,6 @@ clock either way (a parameter that took no step is still averaged, by ``ema_only
 from __future__ import annotations
 
 import operator
-import os
 from itertools import repeat
 from typing import Any, Callable, Dict, List, Optional
 
@@ -209,7 +208,7 @@ class StepMixin:
         sets = self._sets
         if sets is None or self._sets_sig != self._signature(hps):
             return None
-        key = (self.backend, os.environ.get(_ops.ENV_VAR))
+        key = (self.backend, _ops.env_backend())
         plans = []
         for group, gsets, hp in zip(self.param_groups, sets, hps):
             if hp.get("lr_tensor") is not None:
@@ -241,7 +240,7 @@ class StepMixin:
     def _plan(self, sets, hps):
         """Check every group and set; the launches of this step. Mutates nothing."""
         plans = []
-        env = os.environ.get(_ops.ENV_VAR)  # once per step: ~1 µs a lookup
+        env = _ops.env_backend()  # once per step, not per set
         for gi, (group, gsets, hp) in enumerate(zip(self.param_groups, sets, hps)):
             ema = self._ema_plan(group, hp)
             launches = []
