@@ -16,7 +16,8 @@
 //                       status and step() takes its general path (which raises the error that
 //                       names the parameter, re-makes state, skips grad-None parameters, or
 //                       copies an odd gradient layout) -- the same results, only in Python.
-//   table.adam(...) / table.sgd(...)  -> one fused launch over the gathered table.
+//   table.adam(...) / table.sgd(...)  -> one fused launch over the gathered table; then the
+//                       set's host step counts (`steps`, where the table was given them) +1.
 //
 // prepare() runs for every set of every group before the first launch, so a step that must
 // fail does so before anything moves.  Exposed with pybind11 (not torch.ops): a torch.ops call
@@ -88,9 +89,11 @@ class StepTable {
             const std::vector<std::vector<int64_t>>& shapes,
             const std::vector<std::vector<int64_t>>& strides,
             std::vector<std::vector<Tensor>> state, std::vector<std::vector<Tensor>> emas,
-            const std::vector<int64_t>& sr_bases, const std::string& kernels)
+            const std::vector<int64_t>& sr_bases, const std::string& kernels,
+            const c10::optional<Tensor>& steps)
       : params_(std::move(params)), state_(std::move(state)), emas_(std::move(emas)) {
     init_common(like, kernels);
+    set_steps(steps);
     const size_t n = params_.size();
     TORCH_CHECK(shapes.size() == n && strides.size() == n, "StepTable: ", shapes.size(),
                 " shapes and ", strides.size(), " strides for ", n, " parameters");
@@ -114,11 +117,12 @@ class StepTable {
   static StepTable flat(std::vector<Tensor> params, std::vector<Tensor> bound_grads,
                         std::vector<int64_t> param_ptrs, Tensor flat_param, Tensor flat_grad,
                         std::vector<Tensor> state, std::vector<Tensor> emas,
-                        const std::string& kernels) {
+                        const std::string& kernels, const c10::optional<Tensor>& steps) {
     StepTable t;
     t.params_ = std::move(params);
     t.is_flat_ = true;
     t.init_common(flat_param, kernels);
+    t.set_steps(steps);
     TORCH_CHECK(bound_grads.size() == t.params_.size() &&
                     param_ptrs.size() == t.params_.size(),
                 "StepTable.flat: ", bound_grads.size(), " bound gradients and ",
@@ -269,6 +273,20 @@ class StepTable {
       TORCH_CHECK(device_.is_cpu(), "StepTable: the CPU kernels for tensors on ", device_);
     }
 #endif
+  }
+
+  // steps: the set's host step counts (float32, one per parameter: the memory the state's
+  // "step" tensors view), advanced by adam()/sgd() after their launch -- in C++, because
+  // numpy's `steps += 1` costs ~9 us per step once a backward pass has flushed the caches.
+  void set_steps(const c10::optional<Tensor>& steps) {
+    if (!steps.has_value() || !steps->defined()) return;
+    TORCH_CHECK(!triton_, "StepTable: a triton table's launcher advances its own step counts");
+    TORCH_CHECK(steps->device().is_cpu() && steps->scalar_type() == c10::ScalarType::Float &&
+                    steps->is_contiguous() && steps->numel() == int64_t(params_.size()),
+                "StepTable: steps must be a contiguous float32 CPU tensor of ",
+                params_.size(), " elements (one per parameter), got ", steps->sizes(), " ",
+                c10::toString(steps->scalar_type()), " on ", steps->device());
+    steps_ = *steps;
   }
 
   void check_aligned(const std::vector<Tensor>& ts, const char* what) const {
@@ -517,6 +535,10 @@ class StepTable {
 #endif
       return nullptr;
     });
+    if (steps_.defined()) {  // launched: the host counts move (float32, as numpy's += 1)
+      float* s = steps_.data_ptr<float>();
+      for (int64_t i = 0, n = steps_.numel(); i < n; ++i) s[i] += 1.0f;
+    }
   }
 #if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
   static const char* cuda_kernel(const std::vector<TensorPtrs>& ts, DType dt, const AdamArgs& a,
@@ -572,6 +594,7 @@ class StepTable {
 
   std::vector<Tensor> params_;
   std::vector<std::vector<Tensor>> state_, emas_;
+  Tensor steps_;  // the host step counts adam()/sgd() advance (undefined: the caller does)
   // each parameter's shape and strides when its state was made, packed (pack_geometry)
   std::vector<int64_t> geo_, geo_off_;
   std::vector<TensorPtrs> table_, launch_;
@@ -604,12 +627,14 @@ void add_step_table(PyObject* module) {
       .def(py::init<std::vector<Tensor>, const Tensor&, const std::vector<std::vector<int64_t>>&,
                     const std::vector<std::vector<int64_t>>&, std::vector<std::vector<Tensor>>,
                     std::vector<std::vector<Tensor>>, const std::vector<int64_t>&,
-                    const std::string&>(),
+                    const std::string&, const c10::optional<Tensor>&>(),
            py::arg("params"), py::arg("like"), py::arg("shapes"), py::arg("strides"),
-           py::arg("state"), py::arg("emas"), py::arg("sr_bases"), py::arg("kernels"))
+           py::arg("state"), py::arg("emas"), py::arg("sr_bases"), py::arg("kernels"),
+           py::arg("steps") = py::none())
       .def_static("flat", &StepTable::flat, py::arg("params"), py::arg("bound_grads"),
                   py::arg("param_ptrs"), py::arg("flat_param"), py::arg("flat_grad"),
-                  py::arg("state"), py::arg("emas"), py::arg("kernels"))
+                  py::arg("state"), py::arg("emas"), py::arg("kernels"),
+                  py::arg("steps") = py::none())
       .def("prepare", &StepTable::prepare,
            "Read and check every .grad; 0: ready to launch, else the reason it is not")
       .def("adam", &StepTable::adam, py::arg("lr"), py::arg("beta1"), py::arg("beta2"),

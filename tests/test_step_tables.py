@@ -328,6 +328,33 @@ def test_step_table_checks_its_inputs():
     assert t.prepare() == _C.STATUS["param_changed"]
 
 
+def test_a_table_advances_the_host_step_counts_after_its_launch():
+    _ext.load_extension()
+    from ema_kernels import _C
+    p = torch.nn.Parameter(torch.randn(5))
+    like = torch.empty(0)
+    state = [[torch.zeros(5)], [torch.zeros(5)]]
+    steps = torch.tensor([3.0])
+    t = _C.StepTable([p], like, [[5]], [[1]], state, [], [0], "cpu", steps=steps)
+    p.grad = torch.randn(5)
+    assert t.prepare() == 0
+    with pytest.raises(RuntimeError, match="2 EMA weights but the table holds 0"):
+        t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [0.1, 0.1], None,
+               None)
+    assert steps.tolist() == [3.0]  # a launch refused moves no count
+    assert t.prepare() == 0
+    t.adam(1e-3, 0.9, 0.999, 1e-8, 0.0, True, False, False, 1e-2, 0.03, [], None, None)
+    assert steps.tolist() == [4.0]
+    ts = _C.StepTable([p], like, [[5]], [[1]], [], [], [0], "cpu", steps=steps)
+    assert ts.prepare() == 0
+    ts.sgd(0.1, 0.0, 0.0, 0.0, False, False, False, [], None, None)
+    assert steps.tolist() == [5.0]
+    with pytest.raises(RuntimeError, match="steps must be a contiguous float32 CPU tensor of 1 "):
+        _C.StepTable([p], like, [[5]], [[1]], state, [], [0], "cpu", steps=torch.zeros(2))
+    with pytest.raises(RuntimeError, match="a triton table's launcher advances"):
+        _C.StepTable([p], like, [[5]], [[1]], state, [], [0], "triton", steps=steps)
+
+
 def test_triton_tables_export_the_list_kernels_table():
     _ext.load_extension()
     from ema_kernels import _C

@@ -181,10 +181,12 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         """When this changes the sets are rebuilt. ``hps``: the step's checked hyperparameters,
         which hold each group's :meth:`_layout_key` (step() passes them: no re-derivation)."""
         groups = self.param_groups
-        keys = [hp["layout"] for hp in hps] if hps is not None else \
-            [self._layout_key(g) for g in groups]
-        return (id(self.state), len(self.state), len(groups),
-                tuple((id(g["params"]), len(g["params"])) + k for g, k in zip(groups, keys)))
+        sig = [id(self.state), len(self.state), len(groups)]
+        for i, g in enumerate(groups):  # one loop (no comprehensions): every step runs it
+            ps = g["params"]
+            sig += (id(ps), len(ps))
+            sig += hps[i]["layout"] if hps is not None else self._layout_key(g)
+        return tuple(sig)
 
     def _ensure_sets(self, hps=None) -> List[List[layout.TensorSet]]:
         if self._sets is None or self._sets_sig != self._signature(hps):

@@ -455,7 +455,8 @@ class StepMixin:
             step = ts.uniform_step + 1
             self._update_table(backend, ts, group, hp, step, ema_weight, grad_scale,
                                found_inf, self._sr_seed(group, hp, ts))
-            ts.steps += 1
+            if backend.NAME == "triton":  # the C++ kernels' tables advanced ts.steps
+                ts.steps += 1
             ts.uniform_step = step
             return
         # Several EMAs: the backends' list-of-EMA-lists form, one weight each (one pass).

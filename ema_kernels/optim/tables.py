@@ -70,18 +70,21 @@ def table_for(ts: layout.TensorSet, backend, capturable: bool):
     emas = [ts.views[k] for k in ts.ema_keys]
     if any(v is None for vs in roles + emas for v in vs):
         return None  # a parameter frozen so far has no state yet: made at its first gradient
+    # The C++ kernels' tables advance the set's host step counts after their launch (Triton's
+    # launcher is Python: step() advances them there).
+    steps = None if kernels == "triton" else ts.steps_t
     fb = ts.flat
     if fb is not None:
         if fb.bound_grads is None or fb.grad is None:
             return None  # until zero_grad(set_to_none=False) binds flat gradients
         ts.table = cls.flat(ts.params, fb.bound_grads, fb.param_ptrs, fb.param, fb.grad,
                             [fb.roles[r] for r in ts.roles], [fb.roles[k] for k in ts.ema_keys],
-                            kernels)
+                            kernels, steps=steps)
         ts.table_bound = fb.bound_grads
     else:
         like = torch.empty(0, dtype=ts.dtype, device=ts.device)
         ts.table = cls(ts.params, like, ts.shapes, ts.strides, roles, emas,
-                       layout.sr_offsets(ts, range(len(ts.params))), kernels)
+                       layout.sr_offsets(ts, range(len(ts.params))), kernels, steps=steps)
     return ts.table
 
 
