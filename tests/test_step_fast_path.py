@@ -14,17 +14,10 @@ import ema_kernels as ek
 from ema_kernels import _ops
 from ema_kernels.optim import stepping
 
-from test_step_tables import BACKENDS, _assert_same, _model, _snapshot
+# backend: test_step_tables' fixture ('cuda' = the emulated CUDA kernels on CPU tensors)
+from test_step_tables import BACKENDS, _assert_same, _model, _snapshot, backend  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="the compiled extension is not built")
-
-
-@pytest.fixture
-def backend(request):
-    name = request.param
-    if name == "cuda":
-        request.getfixturevalue("cuda_emulation")
-    return name
 
 
 def _general_only(monkeypatch):
