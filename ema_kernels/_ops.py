@@ -92,7 +92,7 @@ def resolve(name: str, device) -> object:
     """The backend module that runs ``name`` (or ``"auto"``) on ``device``; raises if it can't."""
     device_type = torch.device(device).type
     if name == "auto":
-        env = os.environ.get(ENV_VAR)
+        env = env_backend()
         if env:
             if env not in BACKENDS and env != "auto":
                 raise ValueError(f"{ENV_VAR}={env!r} is not a backend; choose one of "

@@ -204,7 +204,7 @@ class StepMixin:
         code or data, so its Python costs ~50 ns per cache line it touches rather than per
         bytecode (measured on a 2-core CPU VM: 20 µs hot, 55-90 µs after 2000 parameters'
         metadata went through the cache). This path touches only what the steady state needs:
-        no per-set calls into :mod:`.tables`, no lookups of device tensors, no undo record."""
+        no table building, no lookups of device tensors, no undo record."""
         sets = self._sets
         if sets is None or self._sets_sig != self._signature(hps):
             return None
@@ -218,18 +218,14 @@ class StepMixin:
                 return None  # the EMAs restart from the parameters: _restart_emas
             launches = []
             for ts in gsets:
-                table = ts.table
-                if table is tables.UNBUILT or table is tables.UNUSABLE or \
-                        ts.backend_key != key or ts.table_backend is not ts.backend_module or \
-                        ts.uniform_step is None:
+                if ts.backend_key != key or ts.uniform_step is None:
                     return None
-                plan = _TABLE_PLAN
-                if ts.flat is not None:  # tables.table_for's checks of the flat layout
-                    if ts.table_bound is not ts.flat.bound_grads:
-                        return None
-                    if table.is_flat and table.kernels == "triton":
-                        plan = _FLAT_PLAN
-                launches.append((ts, ts.backend_module, plan))
+                table = tables.current(ts, ts.backend_module)
+                if table is None:
+                    return None
+                # Triton's flat layout: its flat kernel over the buffers (as _plan)
+                flat = ts.flat is not None and table.is_flat and table.kernels == "triton"
+                launches.append((ts, ts.backend_module, _FLAT_PLAN if flat else _TABLE_PLAN))
             plans.append((group, hp, ema, launches))
         for *_, launches in plans:
             for ts, _, _ in launches:

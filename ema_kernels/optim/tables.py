@@ -49,17 +49,26 @@ def _module_for(backend, device):
     return getattr(mod, "StepTable", None), kernels
 
 
+def current(ts: layout.TensorSet, backend):
+    """The set's StepTable if one was built for ``backend`` and (flat layout) for the gradient
+    views zero_grad bound last; else None (not built, unusable, or stale). Builds nothing."""
+    table = ts.table
+    if table is UNBUILT or table is UNUSABLE or ts.table_backend is not backend:
+        return None
+    if ts.flat is not None and ts.table_bound is not ts.flat.bound_grads:
+        return None  # zero_grad(set_to_none=False) bound new gradient views: rebuild
+    return table
+
+
 def table_for(ts: layout.TensorSet, backend, capturable: bool):
     """The set's StepTable (built on first use), or None where this set takes the Python
     path: capturable mode, DTensor shards, non-dense parameters, missing state, float64, or a
     backend without tables."""
-    table = ts.table
-    if table is not UNBUILT and ts.table_backend is backend:
-        if table is not UNUSABLE and ts.flat is not None \
-                and ts.table_bound is not ts.flat.bound_grads:
-            table = UNBUILT  # zero_grad(set_to_none=False) bound new gradient views
-        else:
-            return table or None
+    table = current(ts, backend)
+    if table is not None:
+        return table
+    if ts.table is UNUSABLE and ts.table_backend is backend:
+        return None
     ts.table, ts.table_backend, ts.table_bound = UNUSABLE, backend, None
     if capturable or ts.dtensor or any(k == layout.STRIDED for k in ts.kinds):
         return None
