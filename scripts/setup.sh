@@ -67,8 +67,15 @@ if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$build_hash" ] || ! built_ok; then
     fi
     # --force: setuptools would skip an extension whose .so is newer than its listed sources,
     # missing a changed header it does not list; ninja (in $BUILD_TEMP) decides what to redo.
-    MAX_JOBS=${MAX_JOBS:-2} "$VPY" setup.py -q build_ext --inplace --force \
-        --build-temp "$BUILD_TEMP"
+    # The compiler lines go to build/ext/build.log; the build's own what-and-why lines are shown.
+    mkdir -p "$BUILD_TEMP"
+    if ! MAX_JOBS=${MAX_JOBS:-2} "$VPY" setup.py -q build_ext --inplace --force \
+            --build-temp "$BUILD_TEMP" > "$BUILD_TEMP/build.log" 2>&1; then
+        tail -n 60 "$BUILD_TEMP/build.log" >&2
+        echo "setup.sh: the extension build failed (whole log: $BUILD_TEMP/build.log)" >&2
+        exit 1
+    fi
+    grep -E '^ema_kernels setup:|^\[[0-9]+/[0-9]+\] ' "$BUILD_TEMP/build.log" | sed -E 's/^(\[[0-9]+\/[0-9]+\]) .* -c (\S+) -o .*/\1 compiled \2/' || true
     echo "$build_hash" > "$BUILD_STAMP"
     did="${did:+$did and }extension"
 fi
