@@ -25,10 +25,13 @@ def find_ema_optimizer(optimizer):
     seen: List[str] = []
     obj = optimizer
     while obj is not None and len(seen) < 8:
-        if _is_ema_optimizer(obj):
+        inner = getattr(obj, "optimizer", None)
+        # Lightning's wrapper copies its optimizer's attributes (it has the EMA API itself):
+        # the optimizer is the innermost object with the API
+        if _is_ema_optimizer(obj) and not _is_ema_optimizer(inner):
             return obj
         seen.append(type(obj).__name__)
-        obj = getattr(obj, "optimizer", None)
+        obj = inner
     raise TypeError(
         f"no ema_kernels optimizer found in {' -> '.join(seen) or repr(optimizer)}: the EMA "
         f"integrations need the training's optimizer to be an ema_kernels optimizer (e.g. "
