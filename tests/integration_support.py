@@ -16,7 +16,7 @@ def require(module: str, package: str = None):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name != module.split(".")[0]:
+        if not (e.name == module or module.startswith(f"{e.name}.")):
             raise  # installed, but one of its own imports is missing: a real failure
         msg = (f"{package or module} is not installed: the integration tests need the "
                f"'integrations' extra (pip install -e '.[integrations]')")
