@@ -113,3 +113,34 @@ def test_save_state_load_state_restore_the_emas_bit_for_bit(tmp_path):
     # the saved state really held step-3 EMAs (not the final ones)
     saved = torch.load(tmp_path / "state" / "optimizer.bin", weights_only=True)
     assert not torch.equal(saved["state"][0]["ema"], opt_a.ema_parameters()[0])
+
+
+def test_a_teacher_registered_for_checkpointing_keeps_its_buffers_ema(tmp_path):
+    """docs/integrations.md: accelerator.register_for_checkpointing(teacher) saves and restores
+    the EMA of the buffers (BatchNorm statistics) with the optimizer's EMAs."""
+    acc = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    opt = ek.SGD(net.parameters(), lr=5e-2, momentum=0.9, ema_decay=RHO)
+    p_net, p_opt, p_loader = acc.prepare(net, opt, loader())
+    teacher = opt.ema_module(net)
+    acc.register_for_checkpointing(teacher)
+    batches = list(p_loader)
+
+    def steps(bs):
+        for x, y in bs:
+            acc.backward(torch.nn.functional.mse_loss(p_net(x), y))
+            p_opt.step()
+            p_opt.zero_grad()
+    steps(batches[:3])
+    acc.save_state(str(tmp_path / "state"))
+    saved_mean = teacher[1].running_mean.clone()
+    saved_ema = [z.clone() for z in opt.ema_parameters()]
+    steps(batches[3:6])
+    assert not torch.equal(teacher[1].running_mean, saved_mean)
+    acc.load_state(str(tmp_path / "state"))
+    assert torch.equal(teacher[1].running_mean, saved_mean)
+    for z, s in zip(opt.ema_parameters(), saved_ema):
+        assert torch.equal(z, s)
+    for p, z in zip(teacher.parameters(), opt.ema_parameters()):  # still live views
+        assert p.data_ptr() == z.data_ptr()
