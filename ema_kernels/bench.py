@@ -972,8 +972,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ema_kernels bench",
         description="Time one optimizer step + EMA update: every available ema_kernels backend "
-                    "against torch's optimizers with the EMAs people use (foreach lerp, timm "
-                    "ModelEmaV3, AveragedModel, a per-tensor loop) and an in-place stream "
+                    "against torch's optimizers with the EMAs people use, the packages "
+                    "themselves (foreach lerp, AveragedModel, timm ModelEmaV3, ema-pytorch EMA, "
+                    "diffusers EMAModel, torch.compile'd step + lerp) and an in-place stream "
                     "(a += b) of the same bytes. Table (Markdown) to stdout, progress to stderr.")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is visible, else cpu")
