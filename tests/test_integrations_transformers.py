@@ -315,3 +315,49 @@ def test_resume_from_checkpoint_restores_the_emas_bit_for_bit(tmp_path, make_mod
     ema3 = load_file(os.path.join(tmp_path, "a", "checkpoint-3", "ema", "model.safetensors"))
     name, z = next(iter(zip([n for n, _ in m_a.named_parameters()], opt_a.ema_parameters())))
     assert not torch.equal(ema3[name], z)
+
+
+def test_saved_ema_of_a_flatten_optimizer_with_tied_weights(tmp_path):
+    """flatten=True: the EMAs are views of one buffer (safetensors refuses shared storage);
+    GPT-2 ties lm_head to wte. The folder still loads, equal to the EMA."""
+    model = gpt2()
+    opt = ek.AdamW(model.parameters(), lr=1e-2, ema_decay=RHO, flatten=True)
+    tr = Trainer(model=model, args=args(tmp_path, max_steps=2, save_strategy="steps",
+                                        save_steps=2),
+                 train_dataset=Tokens(16), optimizers=(opt, scheduler(opt)),
+                 callbacks=[EMACallback()])
+    tr.train()
+    loaded = GPT2LMHeadModel.from_pretrained(os.path.join(tmp_path, "checkpoint-2", "ema"))
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    for p, z in zip(loaded.parameters(), opt.ema_parameters()):
+        assert torch.equal(p, z)
+    assert not torch.equal(opt.ema_parameters()[0], model.transformer.wte.weight)
+
+
+class PlainNet(torch.nn.Module):
+    """Not a PreTrainedModel (no save_pretrained): the EMA folder holds model.safetensors."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x, labels=None):
+        out = self.head(torch.tanh(self.lin(x))).squeeze(-1)
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_saved_ema_of_a_plain_module(tmp_path, flatten):
+    model = PlainNet()
+    opt = ek.AdamW(model.parameters(), lr=1e-2, ema_decay=RHO, flatten=flatten)
+    tr = Trainer(model=model, args=args(tmp_path, max_steps=2, save_strategy="steps",
+                                        save_steps=2),
+                 train_dataset=Regression(16), optimizers=(opt, scheduler(opt)),
+                 callbacks=[EMACallback()])
+    tr.train()
+    saved = load_file(os.path.join(tmp_path, "checkpoint-2", "ema", "model.safetensors"))
+    assert sorted(saved) == sorted(n for n, _ in model.named_parameters())
+    for z, (n, _) in zip(opt.ema_parameters(), model.named_parameters()):
+        assert torch.equal(saved[n], z)

@@ -64,6 +64,8 @@ class EMACallback(TrainerCallback):
         self.model: Optional[torch.nn.Module] = None
         self.teacher: Optional[torch.nn.Module] = None
         self._swap: Optional[contextlib.ExitStack] = None
+        self._hooked = None  # the optimizer whose state_dict hooks carry the buffers' EMA
+        self._pending: Optional[dict] = None  # buffers' EMA loaded before the teacher exists
 
     @property
     def folder_name(self) -> str:
@@ -83,7 +85,7 @@ class EMACallback(TrainerCallback):
             self._swap_in()  # the Trainer evaluates right after on_train_begin
 
     def _hook(self, opt) -> None:
-        if getattr(self, "_hooked", None) is not opt:
+        if self._hooked is not opt:
             opt.register_state_dict_post_hook(self._save_buffers)
             opt.register_load_state_dict_pre_hook(self._stash_buffers)
             self._hooked = opt
@@ -98,7 +100,7 @@ class EMACallback(TrainerCallback):
         if self.optimizer is not opt or self.model is not model:
             self.optimizer, self.model = opt, model
             self.teacher = opt.ema_module(model, self.index)
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending:
             with torch.no_grad():
                 for n, b in self.teacher.named_buffers():
@@ -177,23 +179,18 @@ class EMACallback(TrainerCallback):
         if self.teacher is None:
             raise RuntimeError("EMACallback.save_pretrained() is available once training has "
                                "started")
-        teacher = self.teacher
-        state_dict = None
-        if getattr(self.optimizer, "flatten", False):
-            # flatten=True: the EMAs are views of one buffer, which safetensors refuses to
-            # write as separate tensors
-            state_dict = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-        if callable(getattr(teacher, "save_pretrained", None)):
-            if state_dict is not None:
-                kwargs.setdefault("state_dict", state_dict)
-            teacher.save_pretrained(path, **kwargs)
+        if callable(getattr(self.teacher, "save_pretrained", None)):
+            # (flatten=True's EMAs share one storage: save_pretrained writes them apart)
+            self.teacher.save_pretrained(path, **kwargs)
             return
-        from safetensors.torch import save_file, save_model
+        from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
-        if state_dict is not None:
-            save_file(state_dict, os.path.join(path, "model.safetensors"))
-        else:
-            save_model(teacher, os.path.join(path, "model.safetensors"))
+        state = {k: v.detach().contiguous() for k, v in self.teacher.state_dict().items()}
+        if len({v.untyped_storage().data_ptr() for v in state.values()}) < len(state):
+            # tied weights, or flatten=True's views of one buffer: safetensors writes no
+            # shared storage
+            state = {k: v.clone() for k, v in state.items()}
+        save_file(state, os.path.join(path, "model.safetensors"))
 
     def on_save(self, args, state, control, **kwargs):
         if not self.save or self.teacher is None or not state.is_world_process_zero:
