@@ -7,8 +7,9 @@ with ``time.perf_counter`` (medians over 2 x ``--steps`` steps after a warm-up; 
 take their steps in turns, so a busy machine slows them alike):
 
 - ``torch AdamW(foreach|fused) + timm EMAv3``: ``torch.optim.AdamW(foreach=True)`` (PyTorch's
-  default on GPUs) or ``fused=True``, then the EMA update of timm's ``ModelEmaV3`` (walk both
-  ``state_dict()``s, one ``torch._foreach_lerp_``), timed as its own phase;
+  default on GPUs) or ``fused=True``, then ``timm.utils.ModelEmaV3.update`` (timm itself: walk
+  both ``state_dict()``s, one ``torch._foreach_lerp_``), timed as its own phase (needs timm:
+  ``pip install 'ema-kernels[integrations]'``);
 - ``ek.AdamW``: ``ema_kernels.AdamW`` — step and EMA in one pass. To time its EMA inside the
   fused step it runs with ``ema_every=2``: odd steps move no EMA bytes, even steps update it,
   so EMA cost = median(EMA step) − median(plain step), from interleaved steps of one run.
@@ -29,7 +30,6 @@ import torch
 import torch.nn as nn
 
 import ema_kernels as ek
-from ema_kernels.bench import timm_v3_update
 
 EMA_DECAY = 0.9999
 
@@ -62,7 +62,12 @@ class Trainer:
         if kind.startswith("torch"):
             mode = kind.split("-")[1]
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **{mode: True})
-            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+            try:
+                from timm.utils import ModelEmaV3
+            except ModuleNotFoundError as e:
+                raise SystemExit(f"the torch rows need timm's ModelEmaV3 ({e}): pip install "
+                                 f"timm, or pip install 'ema-kernels[integrations]'") from None
+            self.ema_model = ModelEmaV3(self.model, decay=EMA_DECAY)
         else:
             self.opt = ek.AdamW(self.model.parameters(), lr=1e-4, ema_decay=EMA_DECAY,
                                 ema_every=2)
@@ -79,7 +84,7 @@ class Trainer:
         t2 = time.perf_counter()
         if self.ema_model is not None:
             with torch.no_grad():
-                timm_v3_update(self.ema_model, self.model, EMA_DECAY)
+                self.ema_model.update(self.model)
         t3 = time.perf_counter()
         self.steps += 1
         if record:

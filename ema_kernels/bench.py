@@ -12,7 +12,7 @@ Every row does the same job on the same parameters — one optimizer step and on
 
 With ``--emas N`` every row keeps N EMAs (decays 0.9999, 0.999, ...): ``ek`` rows one optimizer
 with an ``ema_decay`` tuple (all N updated in the step's one pass), the baselines N EMA updates
-after the optimizer step (N ``_foreach_lerp_`` calls, N timm/AveragedModel/loop EMAs).
+after the optimizer step (N ``_foreach_lerp_`` calls, N EMA objects of each package).
 With ``--clip`` every step also clips the gradients' total norm (max_norm
 :data:`CLIP_MAX_NORM`, active at every step): ``ek`` rows ``opt.clip_grad_norm_`` + ``step()``
 (the norm reads g once, the coefficient is applied inside the step's pass: fp32 AdamW + EMA
@@ -21,12 +21,13 @@ With ``--clip`` every step also clips the gradients' total norm (max_norm
 ``_foreach_lerp_`` (52 B/param, :func:`torch_clip_bytes_per_param`). In this mode every row's
 GB/s is against its own byte count (the ``B/param`` column), and only those rows (and the
 stream) run.
-- ``torch foreach + timm EMAv3``: ``torch.optim.X(foreach=True)`` + the update of timm's
-  ``ModelEmaV3`` (walk both ``state_dict()``s, one ``_foreach_lerp_``);
-- ``torch fused + AveragedModel``: ``torch.optim.swa_utils.AveragedModel`` with
-  ``get_ema_multi_avg_fn``;
-- ``torch fused + loop EMA``: a per-tensor ``ema.lerp_(param, 1 − ρ)`` Python loop (the
-  method of ema-pytorch / torch-ema without foreach);
+- the peers, the real packages imported and called as their users call them
+  (:mod:`ema_kernels.bench_peers`; a row whose package is missing is reported, not timed):
+  ``torch fused + AveragedModel`` (``torch.optim.swa_utils.AveragedModel`` with
+  ``get_ema_multi_avg_fn``), ``torch foreach + timm ModelEmaV3``, ``torch fused + ema-pytorch
+  EMA``, ``torch fused + diffusers EMAModel`` (``foreach=True``), and
+  ``torch.compile(foreach step + foreach_lerp)`` (inductor's generated optimizer + the lerp;
+  its first call compiles, in the untimed warm-up; ``--no-compile`` leaves it out);
 - ``stream a+=b``: the copy bandwidth the rows are measured against: ``a.add_(b)`` over two
   contiguous fp32 buffers, in place, moving the *same number of bytes* as the step must (reads
   a and b, writes a: 12 B per element) — the device's streaming ceiling at that footprint,
@@ -56,7 +57,6 @@ missing. ``ema_every=k``: a timed call is k steps (one with the EMA), reported p
 from __future__ import annotations
 
 import argparse
-import copy as _copy
 import gc
 import json
 import math
@@ -70,6 +70,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from . import bench_peers
 
 __all__ = ["bytes_per_param", "torch_clip_bytes_per_param", "main", "run", "Case",
            "row_names", "build_row", "KEYS", "run_host", "host_row_names", "HOST_KEYS"]
@@ -303,34 +305,6 @@ def _row_fused_clip_lerp(case: Case):
     return _every(case.ema_every, step, ema), (opt, params, emas)
 
 
-def timm_v3_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """timm ModelEmaV3.apply_update_ (foreach branch), as published: one _foreach_lerp_ over the
-    floating-point entries of both state dicts, integer buffers copied."""
-    ema_lerp_values, model_lerp_values = [], []
-    for ema_v, model_v in zip(ema_model.state_dict().values(), model.state_dict().values()):
-        if ema_v.is_floating_point():
-            ema_lerp_values.append(ema_v)
-            model_lerp_values.append(model_v)
-        else:
-            ema_v.copy_(model_v)
-    torch._foreach_lerp_(ema_lerp_values, model_lerp_values, weight=1. - decay)
-
-
-def _row_timm_v3(case: Case):
-    """torch foreach optimizer + timm ModelEmaV3.apply_update_ (foreach branch), as published."""
-    params = _make_params(case)
-    model = _Model(params)
-    ema_models = [_copy.deepcopy(model) for _ in case.decays]
-    opt = _torch_optimizer(case, params, foreach=True)
-    decays = [d ** case.ema_every for d in case.decays]
-
-    def ema():
-        for ema_model, decay in zip(ema_models, decays):
-            timm_v3_update(ema_model, model, decay)
-
-    return _every(case.ema_every, opt.step, ema), (opt, model, ema_models)
-
-
 def _row_averaged_model(case: Case):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -349,22 +323,6 @@ def _row_averaged_model(case: Case):
     return _every(case.ema_every, opt.step, ema), (opt, model, avgs)
 
 
-def _row_loop_ema(case: Case):
-    """Per-tensor Python loop (ema-pytorch's ``ma.lerp_(cur, 1 - decay)``, no foreach)."""
-    params = _make_params(case)
-    model = _Model(params)
-    ema_models = [_copy.deepcopy(model) for _ in case.decays]
-    opt = _torch_optimizer(case, params, fused=True)
-    ws = [1.0 - d ** case.ema_every for d in case.decays]
-
-    def ema():
-        for ema_model, w in zip(ema_models, ws):
-            for ma, cur in zip(ema_model.parameters(), model.parameters()):
-                ma.data.lerp_(cur.data, w)
-
-    return _every(case.ema_every, opt.step, ema), (opt, model, ema_models)
-
-
 def _row_copy(case: Case):
     """In-place ``a += b``, fp32, moving as many bytes as the step must (read a, b; write a)."""
     n = max(1, math.ceil(case.bytes_per_param * case.numel / 12))
@@ -377,10 +335,11 @@ def _row_copy(case: Case):
 # The ek rows are generated from ema_kernels.available_backends(); a baseline is one line here.
 BASELINES: Dict[str, Callable] = {
     BASELINE: _row_fused_lerp,
-    "torch foreach + timm EMAv3": _row_timm_v3,
     "torch fused + AveragedModel": _row_averaged_model,
-    "torch fused + loop EMA": _row_loop_ema,
+    **bench_peers.PEERS,
+    bench_peers.COMPILED: bench_peers.compiled_foreach_lerp,
 }
+COMPILED = bench_peers.COMPILED
 
 
 def ek_backends(device: str) -> List[str]:
@@ -394,8 +353,10 @@ def ek_backends(device: str) -> List[str]:
     return names
 
 
-def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False) -> List[str]:
-    """Every row of a run on ``device``, in table order (``clip``: the ``--clip`` rows).
+def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False,
+              compile: bool = True) -> List[str]:
+    """Every row of a run on ``device``, in table order (``clip``: the ``--clip`` rows;
+    ``compile=False``: without the torch.compile row, whose first call compiles for seconds).
     ``stochastic_rounding``: each ek row also with ``stochastic_rounding=True`` (``ek[b,sr]``,
     ``ek[b,flat,sr]``) next to it; it changes nothing for fp32 parameters, so it is meant for
     ``--dtype bf16/fp16``."""
@@ -407,7 +368,7 @@ def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False
                 names.append(row[:-1] + ",sr]")
     if clip:
         return names + [CLIP_BASELINE, COPY]
-    return names + list(BASELINES) + [COPY]
+    return names + [b for b in BASELINES if compile or b != COMPILED] + [COPY]
 
 
 def build_row(name: str, case: Case):
@@ -535,24 +496,27 @@ def _fmt_numel(n: int) -> str:
     return str(n)
 
 
-def _build(name: str, case: Case, progress):
+def _build(name: str, case: Case, progress, errors: Optional[Dict[str, str]] = None):
     torch.manual_seed(0)
     try:
         return build_row(name, case)
     except Exception as e:  # a baseline this torch does not support here: report, keep going
+        why = str(e) if isinstance(e, bench_peers.PeerMissing) else f"{type(e).__name__}: {e}"
+        if errors is not None:
+            errors.setdefault(name, why)
         if progress:
-            progress(f"    {name}: could not be built ({type(e).__name__}: {e})")
+            progress(f"    {name}: could not be built ({why})")
         return None, None
 
 
 def _measure_case(case: Case, names: Sequence[str], *, warmup, repeats, target_s,
-                  progress) -> Dict[str, float]:
+                  progress, errors: Optional[Dict[str, str]] = None) -> Dict[str, float]:
     """Seconds per call of each row's fn for one case (NaN for a row that failed)."""
     out = {name: float("nan") for name in names}
     cuda = torch.device(case.device).type == "cuda"
     interleave = not cuda and 48 * case.numel * len(names) <= INTERLEAVE_MAX_BYTES
     if interleave:
-        built = {name: _build(name, case, progress) for name in names}
+        built = {name: _build(name, case, progress, errors) for name in names}
         fns = {name: fk[0] for name, fk in built.items() if fk[0] is not None}
         try:
             out.update(_time_cpu_interleaved(fns, warmup=warmup, repeats=repeats,
@@ -567,7 +531,7 @@ def _measure_case(case: Case, names: Sequence[str], *, warmup, repeats, target_s
             return out
     timer = _time_cuda if cuda else _time_cpu
     for name in names:
-        fn, keep = _build(name, case, progress)
+        fn, keep = _build(name, case, progress, errors)
         if fn is not None:
             try:
                 for _ in range(warmup):
@@ -586,12 +550,15 @@ def _measure_case(case: Case, names: Sequence[str], *, warmup, repeats, target_s
 def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup: int = 2,
         repeats: Optional[int] = None, target_s: float = 0.25,
         progress: Optional[Callable[[str], None]] = None,
-        stochastic_rounding: bool = False) -> List[dict]:
-    """Benchmark every row on every case; a list of dicts with :data:`KEYS`."""
+        stochastic_rounding: bool = False, compile: bool = True,
+        errors: Optional[Dict[str, str]] = None) -> List[dict]:
+    """Benchmark every row on every case; a list of dicts with :data:`KEYS`. ``errors``: a
+    dict that receives, for each row that could not be built, why (a missing package)."""
     rows: List[dict] = []
     for i, case in enumerate(cases, 1):
         case_names = list(names or row_names(case.device, clip=case.clip,
-                                             stochastic_rounding=stochastic_rounding))
+                                             stochastic_rounding=stochastic_rounding,
+                                             compile=compile))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.device} {case.optimizer} {case.dtype} "
                      f"numel={_fmt_numel(case.numel)} in {min(case.tensors, case.numel)} tensors, "
@@ -599,7 +566,7 @@ def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup:
                      f"{', clip' if case.clip else ''}: {len(case_names)} rows ...")
         t0 = time.perf_counter()
         secs = _measure_case(case, case_names, warmup=warmup, repeats=repeats,
-                             target_s=target_s, progress=progress)
+                             target_s=target_s, progress=progress, errors=errors)
         for name in case_names:
             bpp = case.row_bytes_per_param(name)
             ms = secs[name] * 1e3 / calls_per_fn(name, case)
@@ -1005,8 +972,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ema_kernels bench",
         description="Time one optimizer step + EMA update: every available ema_kernels backend "
-                    "against torch's optimizers with the EMAs people use (foreach lerp, timm "
-                    "ModelEmaV3, AveragedModel, a per-tensor loop) and an in-place stream "
+                    "against torch's optimizers with the EMAs people use, the packages "
+                    "themselves (foreach lerp, AveragedModel, timm ModelEmaV3, ema-pytorch EMA, "
+                    "diffusers EMAModel, torch.compile'd step + lerp) and an in-place stream "
                     "(a += b) of the same bytes. Table (Markdown) to stdout, progress to stderr.")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if a GPU is visible, else cpu")
@@ -1039,6 +1007,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, metavar="NAME",
                    help="run only these rows (exact names as in the table; e.g. to keep a "
                         "large case within the interleaved-timing memory bound)")
+    p.add_argument("--no-compile", action="store_true",
+                   help=f"leave out the '{COMPILED}' row (its first call compiles: ~10-25 s "
+                        f"per case on a CPU, in the untimed warm-up)")
     p.add_argument("--stochastic-rounding", action="store_true",
                    help="also time every ema_kernels row with stochastic_rounding=True (rows "
                         "ek[...,sr]; it rounds bf16/fp16 parameters, fp32 ones are unaffected)")
@@ -1107,8 +1078,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if busy:
         progress(busy)
     t0 = time.perf_counter()
+    errors: Dict[str, str] = {}
     rows = run(cases, names=args.rows, warmup=args.warmup, repeats=args.repeats,
-               progress=progress, stochastic_rounding=args.stochastic_rounding)
+               progress=progress, stochastic_rounding=args.stochastic_rounding,
+               compile=not args.no_compile, errors=errors)
     progress(f"done in {time.perf_counter() - t0:.1f} s")
 
     print(f"# {desc}")
@@ -1122,6 +1095,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(norm pass + clip pass + step + lerp), the ek rows with the fused count")
     print()
     print(format_table(rows))
+    for name, why in errors.items():
+        print(f"# not run: {name}: {why}")
     if args.json:
         write_json(rows, args.json)
         progress(f"wrote {args.json}")

@@ -136,25 +136,44 @@ class warmup(_CellProduct):
     Starts at 0 (the first EMA update copies the parameters) and rises towards ``rho``, reached
     at s = gamma·((1 − rho)^(−1/power) − 1). ``decay(a, b)`` is the product of the per-base-step
     values over [a, b) (see the module docstring for fractional a, b).
+
+    ``delay`` and ``min_rho`` (defaults 0: the plain formula above) give diffusers' ``EMAModel``
+    and ema-pytorch's ``EMA`` their ``update_after_step`` and ``min_decay``/``min_value``:
+    with t = s − delay, ρ(s) = 0 for t ≤ 0 (the EMA copies the parameters), else
+    max(min(rho, 1 − (1 + t/gamma)^−power), min_rho). ``warmup(decay, inv_gamma, power,
+    delay=update_after_step, min_rho=min_decay)`` is ``EMAModel(use_ema_warmup=True, ...)``'s
+    ``get_decay(n)`` at the n-th step, bit for bit (see ``ema_kernels.integrations.diffusers``).
     """
 
-    _fields = ("rho", "gamma", "power")
+    _fields = ("rho", "gamma", "power", "delay", "min_rho")
 
-    def __init__(self, rho: float, gamma: float = 1.0, power: float = 2.0 / 3.0):
+    def __init__(self, rho: float, gamma: float = 1.0, power: float = 2.0 / 3.0,
+                 delay: float = 0.0, min_rho: float = 0.0):
         self.rho = check_rho(rho, "warmup(rho)")
         self.gamma = _real("warmup(gamma)", gamma, "it must be a finite number > 0")
         self.power = _real("warmup(power)", power, "it must be a finite number > 0")
         if not (self.gamma > 0 and self.power > 0):
             raise ValueError(f"warmup(gamma={gamma!r}, power={power!r}): both must be > 0")
+        self.delay = _real("warmup(delay)", delay, "it must be a finite number >= 0 (base "
+                           "steps before the EMA starts averaging)")
+        if self.delay < 0:
+            raise ValueError(f"warmup(delay={delay!r}) must be >= 0: the base steps during "
+                             f"which the EMA copies the parameters")
+        self.min_rho = check_rho(min_rho, "warmup(min_rho)")
 
     def __call__(self, s: float) -> float:
-        return min(self.rho, 1.0 - (1.0 + float(s) / self.gamma) ** (-self.power))
+        t = float(s) - self.delay
+        if t <= 0:
+            return 0.0  # (the formula's value at t = 0 too, unless min_rho > 0)
+        # the order of min and max is diffusers' get_decay's (min_rho wins over rho)
+        return max(min(self.rho, 1.0 - (1.0 + t / self.gamma) ** (-self.power)), self.min_rho)
 
     def _flat_from(self) -> float:
         if self.rho >= 1.0:
             return math.inf  # never reaches rho: every cell has its own value
-        # First n with 1 − (1 + n/gamma)^−power ≥ rho; +1 guards the rounding of the pow.
-        return math.ceil(self.gamma * ((1.0 - self.rho) ** (-1.0 / self.power) - 1.0)) + 1.0
+        # First n with 1 − (1 + (n − delay)/gamma)^−power ≥ rho; +1 guards the rounding.
+        return math.ceil(self.delay + self.gamma * ((1.0 - self.rho) ** (-1.0 / self.power)
+                                                    - 1.0)) + 1.0
 
 
 class cosine(_CellProduct):

@@ -9,8 +9,10 @@ import torch
 import ema_kernels
 from ema_kernels import bench
 
+# --no-compile: the torch.compile row compiles for 10-25 s per case (tests/test_bench_peers.py
+# runs it once)
 TINY = ["--device", "cpu", "--numel", "300", "--tensors", "3", "--repeats", "2", "--warmup", "1",
-        "--quiet"]
+        "--quiet", "--no-compile"]
 
 
 # --- bytes per parameter: hand counts ------------------------------------------------------
@@ -91,7 +93,7 @@ def _expected_names():
     for b in ema_kernels.available_backends("cpu"):
         if b != "triton":
             names += [f"ek[{b}]", f"ek[{b},flat]"]  # the default layout, then flatten=True
-    return names + list(bench.BASELINES) + [bench.COPY]
+    return names + [b for b in bench.BASELINES if b != bench.COMPILED] + [bench.COPY]
 
 
 def _check_rows(rows, *, optimizer, dtype, ema_every, numel=300, tensors=3, emas=1):
@@ -248,7 +250,7 @@ def test_bench_clip_rows_really_clip():
     after = torch.nn.utils.get_total_norm([p.grad for p in t_params])
     assert after == pytest.approx(bench.CLIP_MAX_NORM, rel=1e-4)
     with pytest.raises(ValueError, match="no clipping variant"):
-        bench.build_row("torch fused + loop EMA", case)
+        bench.build_row("torch fused + AveragedModel", case)
 
 
 def test_bench_rows_option_and_its_error(tmp_path, capsys):
@@ -256,7 +258,7 @@ def test_bench_rows_option_and_its_error(tmp_path, capsys):
     keep = ["ek[reference]", bench.BASELINE, bench.COPY]
     assert bench.main(TINY + ["--rows", *keep, "--json", str(path)]) == 0
     assert [r["name"] for r in json.loads(path.read_text())] == keep
-    assert bench.main(TINY + ["--clip", "--rows", "torch fused + loop EMA"]) == 2
+    assert bench.main(TINY + ["--clip", "--rows", "torch fused + AveragedModel"]) == 2
     assert "not rows of this run" in capsys.readouterr().err
 
 
