@@ -55,6 +55,7 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         self._init_derived()
         defaults = dict(defaults, foreach=foreach, fused=fused, capturable=self.capturable,
                         differentiable=False)
+        checks.check_no_ema_with_schedule(defaults, where="defaults")
         self._check_hparams(defaults, where="defaults")
         # Validate every group before adopting any (flatten=True moves storage): a failed
         # construction leaves the parameters as they were.
@@ -102,7 +103,8 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         from .. import scaling
         kappa = scaling.check_kappa(group["kappa"])
         checks.check_ema_settings(group, where)
-        if self.capturable and (group["ema_schedule"] is not None or group["ema_every"] != 1):
+        if self.capturable and checks.num_emas(group) and (
+                group["ema_schedule"] is not None or group["ema_every"] != 1):
             raise ValueError(
                 f"capturable=True ({where}) needs ema_every=1 and no ema_schedule (got "
                 f"ema_every={group['ema_every']!r}, ema_schedule={group['ema_schedule']!r}): a "
@@ -133,6 +135,7 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
     # ---------------------------------------------------------------- param groups -----------
     def _checked_group(self, param_group, defaults, existing, index) -> Dict[str, Any]:
         group = checks.normalise_group(param_group, existing)
+        checks.check_no_ema_with_schedule(group, where=f"param group {index}")
         for k, v in defaults.items():
             group.setdefault(k, v)
         self._check_hparams(group, where=f"param group {index}")

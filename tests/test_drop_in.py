@@ -1,0 +1,83 @@
+"""Drop-in behaviour a user trial and torch's own optimizer suite caught (issue 23): a group's
+``ema_decay=None`` against an optimizer-wide schedule, torch's validation messages,
+``torch.compile(opt.step, fullgraph=True)``, the ``zero_grad`` profiler range."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import ema_kernels as ek
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+
+
+def _load_example(name):
+    path = os.path.join(ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------ ema_decay=None in a group -------
+@pytest.mark.parametrize("cls", [ek.AdamW, ek.SGD])
+def test_group_none_wins_over_optimizer_wide_schedule(cls):
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    sched = ek.schedules.cosine(0.9, 1.0, total_steps=100)
+    opt = cls([{"params": a.parameters()}, {"params": b.parameters(), "ema_decay": None}],
+              lr=0.1, ema_schedule=sched)
+    emas = opt.ema_parameters()
+    assert [e is None for e in emas] == [False, False, True, True]
+    assert all("ema" not in opt.state.get(p, {}) for p in b.parameters())
+    b_before = [p.detach().clone() for p in b.parameters()]
+    b(a(torch.randn(5, 3))).sum().backward()
+    opt.step()
+    assert all("ema" not in opt.state.get(p, {}) for p in b.parameters())
+    with opt.swap_ema():  # the predictor is not swapped: it has no EMA
+        for p, q in zip(b.parameters(), b_before):
+            assert not torch.equal(p, q)  # it stepped, and holds its own value
+    assert opt.num_emas == 1
+    # a group may switch its EMA on later: it starts from the parameters of that moment and
+    # follows the (inherited) schedule
+    opt.param_groups[1]["ema_decay"] = 0.5
+    opt.zero_grad()
+    b(a(torch.randn(5, 3))).sum().backward()
+    opt.step()
+    assert all(e is not None for e in opt.ema_parameters())
+
+
+def test_byol_example_predictor_keeps_no_ema(monkeypatch):
+    """examples/byol.py's own optimizer (a whole-optimizer ema_schedule, the predictor's group
+    with ema_decay=None): the predictor has no EMA and swap_ema leaves it alone."""
+    byol = _load_example("byol")
+    made = []
+    real = ek.AdamW
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(byol.ek, "AdamW", spy)
+    data = byol.make_data(seed=0, n_train=256, probe_per_class=4, n_test=64)
+    byol.train(data, kappa=1, rule="rule", base_steps=2, evals=1, seed=0)
+    (opt,) = made
+    online, predictor = opt.param_groups
+    n = len(online["params"])
+    assert all(e is opt.state[p]["ema"] for e, p in zip(opt.ema_parameters()[:n],
+                                                          online["params"]))
+    assert all(e is None for e in opt.ema_parameters()[n:])
+    assert all("ema" not in opt.state.get(p, {}) for p in predictor["params"])
+
+
+@pytest.mark.parametrize("where", ["defaults", "group"])
+def test_none_and_schedule_given_together_is_refused(where):
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    sched = ek.schedules.warmup(0.99)
+    with pytest.raises(ValueError, match="ema_decay=None means this group keeps no EMA"):
+        if where == "defaults":
+            ek.AdamW([p], ema_decay=None, ema_schedule=sched)
+        else:
+            ek.AdamW([{"params": [p]}, {"params": [q], "ema_decay": None,
+                                        "ema_schedule": sched}])
