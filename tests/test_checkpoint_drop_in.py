@@ -183,3 +183,122 @@ def test_custom_schedule_rule():
     for i, st in before["state"].items():
         for k, v in st.items():
             assert torch.equal(after["state"][i][k], v)
+
+
+# ------------------------------------------------------------- parameters that never stepped --
+@pytest.mark.parametrize("dampening, nesterov", [(0.0, False), (0.3, False), (0.0, True)])
+def test_sgd_checkpoint_of_an_unstepped_parameter_continues_in_torch(dampening, nesterov):
+    """A parameter without a gradient so far: torch.optim.SGD continuing ek's checkpoint (and
+    ek continuing torch's) takes exactly the step an uninterrupted torch run takes."""
+    torch.manual_seed(0)
+    init = [torch.randn(3, 4), torch.randn(5)]
+    kw = dict(lr=0.1, momentum=0.9, dampening=dampening, nesterov=nesterov)
+    g1 = [torch.randn(3, 4), None]              # p1 steps, p2 has no gradient yet
+    g2 = [torch.randn(3, 4), torch.randn(5)]    # then both do
+
+    def run(first, second):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = first(ps, **kw)
+        for p, g in zip(ps, g1):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        sd = _round_trip(opt.state_dict())
+        opt2 = second(ps, **kw)
+        opt2.load_state_dict(sd)
+        for p, g in zip(ps, g2):
+            p.grad = g.clone()
+        opt2.step()
+        return [p.detach() for p in ps], sd
+
+    want, torch_sd = run(torch.optim.SGD, torch.optim.SGD)
+    assert 1 not in torch_sd["state"]  # torch holds nothing for p2
+    ek_sgd = lambda ps, **k: ek.SGD(ps, backend="reference", **k)  # noqa: E731
+    for first, second in ((ek_sgd, torch.optim.SGD), (torch.optim.SGD, ek_sgd),
+                          (ek_sgd, ek_sgd)):
+        got, sd = run(first, second)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=0, atol=1e-7), (first, second)
+        if first is ek_sgd and dampening:
+            # no moment torch would read as initialised: p2 holds its EMA and step 0 only
+            assert "momentum_buffer" not in sd["state"][1]
+            assert "momentum_buffer" in sd["state"][0]
+
+
+def test_adam_checkpoint_of_an_unstepped_parameter_continues_in_torch():
+    """Adam's zero moments with step 0 are torch.optim.Adam's fresh state: saved as they are
+    (torch reads a state with an entry as initialised, so leaving them out would break it)."""
+    torch.manual_seed(0)
+    init = [torch.randn(3, 4), torch.randn(5)]
+    grads = [[torch.randn(3, 4), None], [torch.randn(3, 4), torch.randn(5)]]
+    out = {}
+    for name, first in (("torch", torch.optim.AdamW),
+                        ("ek", lambda ps, **k: ek.AdamW(ps, backend="reference", **k))):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = first(ps, lr=0.1)
+        for p, g in zip(ps, grads[0]):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        opt2 = torch.optim.AdamW(ps, lr=0.1)
+        opt2.load_state_dict(_round_trip(opt.state_dict()))
+        for p, g in zip(ps, grads[1]):
+            p.grad = g.clone()
+        opt2.step()
+        out[name] = [p.detach() for p in ps]
+    for a, b in zip(out["ek"], out["torch"]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------- non-parameter entries ---------
+def _opts():
+    return [lambda ps: ek.AdamW(ps, lr=1e-3), lambda ps: ek.Adam(ps, lr=1e-3),
+            lambda ps: ek.SGD(ps, lr=1e-3, momentum=0.9)]
+
+
+@pytest.mark.parametrize("make", _opts(), ids=["AdamW", "Adam", "SGD"])
+def test_state_dict_hooks_with_non_parameter_state(make):
+    """torch's test_state_dict_pre_hook and test_state_dict_pre_post_hook, and the load
+    hooks writing into opt.state: entries that are not a parameter's pass through."""
+    param = torch.rand(2, 3, requires_grad=True)
+    opt = make([param])
+
+    def pre(optimizer):
+        optimizer.state["test"] = 1
+
+    def post(optimizer, state_dict):
+        if "test" in state_dict["state"]:
+            state_dict["state"].pop("test")
+            state_dict["ran_state_dict_pre_hook"] = True
+        else:
+            state_dict["ran_state_dict_pre_hook"] = False
+        return state_dict
+
+    h = opt.register_state_dict_pre_hook(pre)
+    sd = opt.state_dict()
+    assert sd["state"]["test"] == 1  # torch's test_state_dict_pre_hook
+    h2 = opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert "test" not in sd["state"] and sd["ran_state_dict_pre_hook"]  # ..._pre_post_hook
+    h.remove(), h2.remove()
+
+    # load: the checkpoint's non-parameter entries replace ours (torch builds a new state)
+    opt.state["mine"] = {"k": 2}
+    sd = opt.state_dict()
+    assert sd["state"]["mine"] == {"k": 2} and sd["state"]["test"] == 1
+    other = make([torch.rand(2, 3, requires_grad=True)])
+    other.state["stale"] = 3
+    other.load_state_dict(_round_trip(sd))
+    assert other.state["mine"] == {"k": 2} and other.state["test"] == 1
+    assert "stale" not in other.state
+
+    def load_post(optimizer):
+        optimizer.state["ran_load_state_dict_post_hook"] = True
+
+    other.register_load_state_dict_post_hook(load_post)
+    other.load_state_dict(other.state_dict())
+    assert other.state["ran_load_state_dict_post_hook"] is True
+    assert other.state_dict()["state"]["ran_load_state_dict_post_hook"] is True
+    # and training goes on with them in place
+    param.grad = torch.ones_like(param)
+    before = param.detach().clone()
+    opt.step()
+    assert not torch.equal(param, before) and opt.state["test"] == 1

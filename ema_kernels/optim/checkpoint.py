@@ -117,22 +117,37 @@ class CheckpointMixin:
             groups.append(packed)
         state = {}
         for g in self.param_groups:
+            # moments torch would read as initialised, where the parameter never stepped
+            unsaved = self._unsaved_before_first_step(g)
             for p in g["params"]:
                 st = self.state.get(p)
                 if not st:
                     continue
                 out = {}
+                skip = unsaved if unsaved and _never_stepped(st) else ()
                 for k, v in st.items():
+                    if k in skip:
+                        continue
                     if isinstance(v, torch.Tensor) and (k == "step" or self.flatten):
                         v = v.clone()
                     out[k] = v
                 state[mappings[id(p)]] = out
+        for k, v in self.state.items():
+            if not isinstance(k, torch.Tensor):
+                state[k] = v  # not a parameter's: passed through unchanged, as torch does
         sd = {"state": state, "param_groups": groups}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
                 sd = result
         return sd
+
+    def _unsaved_before_first_step(self, group) -> tuple:
+        """State keys a parameter of ``group`` that never stepped leaves out of the state dict:
+        the moments torch.optim reads as initialised when present (see :class:`~.sgd.SGD`).
+        Ours are zeros that the update treats exactly as torch's fresh state, except where it
+        says otherwise."""
+        return ()
 
     @torch._disable_dynamo
     @torch.no_grad()
@@ -227,6 +242,14 @@ class CheckpointMixin:
                     self.state[p] = new
                 else:
                     self.state.pop(p, None)
+        # Entries that are not a parameter's: the checkpoint's replace ours, as in torch
+        # (whose load_state_dict builds a new state from the checkpoint).
+        indices = {i for theirs in groups for i in theirs["params"]}
+        for k in [k for k in self.state if not isinstance(k, torch.Tensor)]:
+            del self.state[k]
+        for k, v in saved_state.items():
+            if k not in indices:
+                self.state[k] = v
         self._sets = None
         self._build_sets()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -261,3 +284,10 @@ class CheckpointMixin:
                     "the checkpoint's parameters took different numbers of steps (some had "
                     "no gradient on some step), but capturable=True keeps one device step "
                     "count per parameter set; load it with capturable=False")
+
+
+def _never_stepped(st) -> bool:
+    """Has the parameter with state ``st`` taken no step? (Its host step count: a CPU tensor
+    viewing the set's step array, so no device read.)"""
+    step = st.get("step")
+    return step is None or float(step) == 0.0

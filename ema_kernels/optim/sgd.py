@@ -53,6 +53,15 @@ class SGD(EMAOptimizer):
     def _roles(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
+    def _unsaved_before_first_step(self, group):
+        # torch.optim.SGD treats any saved momentum_buffer as initialised, and its first step
+        # sets it to g. Our zero buffer of a parameter that never stepped gives the same g
+        # after momentum·0 + (1 − dampening)·g only when dampening is 0; otherwise it is left
+        # out of the state dict (as torch's holds none), so torch continues it exactly.
+        if group["momentum"] != 0 and group["dampening"] != 0:
+            return ("momentum_buffer",)
+        return ()
+
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale, found_inf, sr=None):
         backend.sgd_ema(
