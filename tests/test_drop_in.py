@@ -81,3 +81,39 @@ def test_none_and_schedule_given_together_is_refused(where):
         else:
             ek.AdamW([{"params": [p]}, {"params": [q], "ema_decay": None,
                                         "ema_schedule": sched}])
+
+
+# ------------------------------------------------------------ torch's validation messages -----
+PAIRS = {"AdamW": (torch.optim.AdamW, ek.AdamW), "Adam": (torch.optim.Adam, ek.Adam),
+         "SGD": (torch.optim.SGD, ek.SGD)}
+BAD = {
+    "AdamW": [dict(lr=-1e-2), dict(eps=-1), dict(betas=(1.0, 0.0)), dict(betas=(0.9, -0.5)),
+              dict(weight_decay=-1), dict(lr=torch.tensor([0.001, 0.001]))],
+    "Adam": [dict(lr=-1), dict(eps=-1e-8), dict(betas=(0.0, 1.0)), dict(weight_decay=-0.5),
+             dict(lr=torch.tensor([0.001, 0.001]))],
+    "SGD": [dict(lr=-0.5), dict(momentum=-0.5), dict(weight_decay=-1),
+            dict(nesterov=True, momentum=0.0), dict(nesterov=True, momentum=0.9, dampening=0.1),
+            dict(lr=torch.tensor([0.001, 0.001]))],
+}
+
+
+@pytest.mark.parametrize("name, kw", [(n, kw) for n, kws in BAD.items() for kw in kws],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(v))
+def test_validation_messages_start_with_torchs(name, kw):
+    """Same exception type and torch's exact text first (``Invalid weight_decay value: -1``),
+    then ours; at construction and for a param group added later."""
+    theirs, ours = PAIRS[name]
+    kw = dict(kw)
+    if name == "SGD":
+        kw.setdefault("lr", 0.1)
+    with pytest.raises(Exception) as t:
+        theirs([torch.nn.Parameter(torch.zeros(2))], **kw)
+    torch_msg = str(t.value)
+    with pytest.raises(type(t.value)) as e:
+        ours([torch.nn.Parameter(torch.zeros(2))], **kw)
+    assert str(e.value).startswith(torch_msg), (str(e.value), torch_msg)
+    assert len(str(e.value)) > len(torch_msg)  # and ours says which value and what to do
+    opt = ours([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(type(t.value)) as e:
+        opt.add_param_group(dict(kw, params=[torch.nn.Parameter(torch.zeros(2))]))
+    assert str(e.value).startswith(torch_msg), (str(e.value), torch_msg)

@@ -32,12 +32,14 @@ class _AdamBase(EMAOptimizer):
                          fused=fused, capturable=capturable, differentiable=differentiable)
 
     def _check_update_hparams(self, group, where):
-        checks.finite_number(f"eps ({where})", group["eps"], low=0.0)
+        checks.finite_number(f"eps ({where})", group["eps"], low=0.0,
+                             torch_text="Invalid epsilon value")
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas={betas!r} ({where}) must be a pair (beta1, beta2)")
         for i, b in enumerate(betas):
-            checks.finite_number(f"betas[{i}] ({where})", b, low=0.0, high=1.0)
+            checks.finite_number(f"betas[{i}] ({where})", b, low=0.0, high=1.0,
+                                 torch_text=f"Invalid beta parameter at index {i}")
 
     def _scaled(self, group, kappa):
         if group["scale_optimizer"]:

@@ -95,11 +95,14 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
-                raise ValueError(f"lr ({where}) must be a number or a one-element tensor, got "
-                                 f"a tensor of shape {tuple(lr.shape)}")
+                raise ValueError(f"Tensor lr must be 1-element — lr ({where}) must be a number "
+                                 f"or a one-element tensor, got a tensor of shape "
+                                 f"{tuple(lr.shape)}")
         else:
-            checks.finite_number(f"lr ({where})", lr, low=0.0)
-        checks.finite_number(f"weight_decay ({where})", group["weight_decay"], low=0.0)
+            checks.finite_number(f"lr ({where})", lr, low=0.0,
+                                 torch_text="Invalid learning rate")
+        checks.finite_number(f"weight_decay ({where})", group["weight_decay"], low=0.0,
+                             torch_text="Invalid weight_decay value")
         from .. import scaling
         kappa = scaling.check_kappa(group["kappa"])
         checks.check_ema_settings(group, where)

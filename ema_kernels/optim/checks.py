@@ -18,11 +18,22 @@ from .. import scaling
 
 
 def finite_number(name, value, *, low=None, low_inclusive=True, high=None,
-                  high_inclusive=False) -> float:
+                  high_inclusive=False, torch_text=None) -> float:
     """``float(value)`` after checking it is a finite real in the given range.
+
+    ``torch_text``: torch.optim's message for this value (``"Invalid learning rate"``); a
+    ``ValueError`` then starts with torch's exact text (``"Invalid learning rate: -1"``), so
+    code and tests that match torch's messages match ours, and goes on with ours.
 
     A one-element tensor is accepted (a tensor ``lr``); reading it is a host read, so the step
     only calls this on host numbers (see ``host_lr``)."""
+    raw = value
+
+    def invalid(must):
+        if torch_text is not None:
+            return ValueError(f"{torch_text}: {raw} — {name} must be {must}")
+        return ValueError(f"{name}={value!r} is invalid: it must be {must}")
+
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
@@ -31,13 +42,13 @@ def finite_number(name, value, *, low=None, low_inclusive=True, high=None,
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name}={value!r} is invalid: it must be finite")
+        raise invalid("finite")
     if low is not None and (v < low or (v == low and not low_inclusive)):
         op = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name}={value!r} is invalid: it must be {op} {low}")
+        raise invalid(f"{op} {low}")
     if high is not None and (v > high or (v == high and not high_inclusive)):
         op = "<=" if high_inclusive else "<"
-        raise ValueError(f"{name}={value!r} is invalid: it must be {op} {high}")
+        raise invalid(f"{op} {high}")
     return v
 
 
