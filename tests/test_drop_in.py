@@ -117,3 +117,32 @@ def test_validation_messages_start_with_torchs(name, kw):
     with pytest.raises(type(t.value)) as e:
         opt.add_param_group(dict(kw, params=[torch.nn.Parameter(torch.zeros(2))]))
     assert str(e.value).startswith(torch_msg), (str(e.value), torch_msg)
+
+
+# ------------------------------------------------------------ torch.compile -------------------
+def test_compile_fullgraph_step_names_the_deliberate_graph_break():
+    """Under dynamo the first thing step() does is the documented graph break: fullgraph=True
+    fails with its reason (not with whatever dynamo first trips on), and without fullgraph the
+    step runs eagerly, hooks included, with the eager numbers."""
+    from ema_kernels.optim.step_hooks import GRAPH_BREAK_REASON
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = ek.AdamW([p], lr=0.1, ema_decay=0.5)
+    p.grad = torch.randn(5)
+    before = p.detach().clone()
+    with pytest.raises(torch._dynamo.exc.Unsupported) as e:
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    assert "ema_kernels: optimizer.step() is a deliberate graph break" in str(e.value)
+    assert GRAPH_BREAK_REASON in str(e.value)
+    assert torch.equal(p, before)  # nothing moved
+
+    q = torch.nn.Parameter(before.clone())
+    ref = ek.AdamW([q], lr=0.1, ema_decay=0.5)
+    q.grad = p.grad.clone()
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    torch.compile(opt.step, backend="eager")()
+    ref.step()
+    assert calls == [1]
+    assert torch.equal(p, q) and torch.equal(opt.ema_parameters()[0], ref.ema_parameters()[0])
