@@ -146,3 +146,21 @@ def test_compile_fullgraph_step_names_the_deliberate_graph_break():
     ref.step()
     assert calls == [1]
     assert torch.equal(p, q) and torch.equal(opt.ema_parameters()[0], ref.ema_parameters()[0])
+
+
+# ------------------------------------------------------------ zero_grad's profiler range -------
+@pytest.mark.parametrize("cls, torch_cls", [(ek.AdamW, torch.optim.AdamW),
+                                            (ek.SGD, torch.optim.SGD)])
+def test_zero_grad_profiler_range_like_torchs(cls, torch_cls):
+    names = {}
+    for c in (cls, torch_cls):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = c([p], lr=0.1)
+        p.grad = torch.ones(3)
+        with torch.profiler.profile() as prof:
+            opt.zero_grad()
+        names[c] = {e.name for e in prof.events() if e.name.startswith("Optimizer.")}
+        assert p.grad is None
+    want = f"Optimizer.zero_grad#{cls.__name__}.zero_grad"
+    assert want in names[torch_cls]  # torch's name ...
+    assert want in names[cls]        # ... and ours

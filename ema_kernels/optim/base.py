@@ -314,7 +314,6 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         return EMA_KEYS[:checks.num_emas(group)]
 
     # ---------------------------------------------------------------- gradients --------------
-    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients, as torch.optim does (default ``set_to_none=True``).
 
@@ -323,7 +322,19 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         buffer is zeroed in one op and every parameter that requires grad gets a view of it as
         ``.grad`` (so each is stepped, with a zero gradient if backward gives it none), which
         makes the next step one launch over whole buffers.
+
+        Inside torch's profiler range ``Optimizer.zero_grad#<Class>.zero_grad``, as torch's, opened
+        only while a profiler records (as the step's: see :mod:`.step_hooks`).
         """
+        if torch.autograd._profiler_enabled():
+            if not hasattr(self, "_zero_grad_profile_name"):
+                self._patch_step_function()  # as torch's zero_grad
+            with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+                return self._zero_grad(set_to_none)
+        return self._zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def _zero_grad(self, set_to_none: bool) -> None:
         if self._swapped:
             raise RuntimeError("zero_grad() inside `with opt.swap_ema():`; call it outside")
         self._clip_pending = None  # the gradients it measured are gone (see clipping.py)
