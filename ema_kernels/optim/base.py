@@ -12,12 +12,13 @@ those, so ``deepcopy``, pickling and ``torch.save(opt)`` give an optimizer that 
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .. import _ops
-from . import checks, layout, step_hooks
+from . import checks, layout, step_hooks, teachers
 from .checkpoint import CheckpointMixin
 from .clipping import ClipMixin
 from .ema_api import EMAMixin
@@ -374,6 +375,17 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         for k in self._CONFIG:
             state[k] = getattr(self, k)
         return state
+
+    def __deepcopy__(self, memo):
+        """As the default deepcopy (``__getstate__``, copied with ``memo``, ``__setstate__``),
+        and the copies of this optimizer's teachers made in the same deepcopy follow the copy
+        (see :mod:`.teachers`)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        teachers.copy_records(self, new, memo)
+        return new
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
