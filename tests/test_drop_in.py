@@ -88,9 +88,13 @@ PAIRS = {"AdamW": (torch.optim.AdamW, ek.AdamW), "Adam": (torch.optim.Adam, ek.A
          "SGD": (torch.optim.SGD, ek.SGD)}
 BAD = {
     "AdamW": [dict(lr=-1e-2), dict(eps=-1), dict(betas=(1.0, 0.0)), dict(betas=(0.9, -0.5)),
-              dict(weight_decay=-1), dict(lr=torch.tensor([0.001, 0.001]))],
+              dict(weight_decay=-1), dict(lr=torch.tensor([0.001, 0.001])),
+              dict(lr=torch.tensor(0.001), foreach=True),
+              dict(betas=(0.9, torch.tensor(0.99))),
+              dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True)],
     "Adam": [dict(lr=-1), dict(eps=-1e-8), dict(betas=(0.0, 1.0)), dict(weight_decay=-0.5),
-             dict(lr=torch.tensor([0.001, 0.001]))],
+             dict(lr=torch.tensor([0.001, 0.001])), dict(lr=torch.tensor(0.001), foreach=True),
+             dict(betas=(torch.tensor(0.9), 0.999))],
     "SGD": [dict(lr=-0.5), dict(momentum=-0.5), dict(weight_decay=-1),
             dict(nesterov=True, momentum=0.0), dict(nesterov=True, momentum=0.9, dampening=0.1),
             dict(lr=torch.tensor([0.001, 0.001]))],
