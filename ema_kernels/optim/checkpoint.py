@@ -109,7 +109,8 @@ class CheckpointMixin:
         for g in self.param_groups:
             packed = {k: v for k, v in g.items() if k != "params"}
             # data only (torch.load(weights_only=True)): built-in schedules as kind + arguments
-            packed["ema_schedule"] = _schedules_as_data(g["ema_schedule"])
+            if "ema_schedule" in packed:
+                packed["ema_schedule"] = _schedules_as_data(packed["ema_schedule"])
             mappings.update({id(p): i for i, p in enumerate(g["params"], start)
                              if id(p) not in mappings})
             packed["params"] = [mappings[id(p)] for p in g["params"]]
