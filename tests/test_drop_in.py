@@ -168,3 +168,13 @@ def test_zero_grad_profiler_range_like_torchs(cls, torch_cls):
     want = f"Optimizer.zero_grad#{cls.__name__}.zero_grad"
     assert want in names[torch_cls]  # torch's name ...
     assert want in names[cls]        # ... and ours
+
+
+def test_zero_grad_still_compiles_with_fullgraph():
+    """The range is opened in eager mode only: zero_grad stays traceable (fullgraph=True)."""
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = ek.AdamW([p], lr=0.1)
+    p.grad = torch.ones(4)
+    torch.compile(lambda: opt.zero_grad(), fullgraph=True, backend="eager")()
+    assert p.grad is None

@@ -327,7 +327,8 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         Inside torch's profiler range ``Optimizer.zero_grad#<Class>.zero_grad``, as torch's, opened
         only while a profiler records (as the step's: see :mod:`.step_hooks`).
         """
-        if torch.autograd._profiler_enabled():
+        # (under dynamo: no range, as before; _profiler_enabled() is not traceable)
+        if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
             if not hasattr(self, "_zero_grad_profile_name"):
                 self._patch_step_function()  # as torch's zero_grad
             with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
