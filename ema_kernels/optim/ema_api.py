@@ -119,7 +119,9 @@ class EMAMixin:
         follow the same EMA (on EMA steps, with the decay of EMA ``index`` of the first group
         that updated it in that step, like timm's ModelEmaV3); integer buffers are copied. For 16-bit models the teacher's
         parameters are the fp32 EMA (run it under autocast). The optimizer holds the teacher
-        weakly: dropping it frees it."""
+        weakly: dropping it frees it. A deepcopy of ``(model, teacher, optimizer)`` gives a
+        teacher that follows the copied optimizer (see :mod:`.teachers`); ``swap_ema(model=)``
+        swaps this teacher's buffers into ``model``."""
         key = self._check_index(index)
         if any(layout.is_dtensor(p) for p in model.parameters()):
             raise NotImplementedError(
