@@ -119,6 +119,8 @@ def _schedule_at(group: Dict, i: int):
             return v[i] if i < len(v) else None
         return v if i == 0 else None
 
+    if group.get("ema_decay") is None:
+        return None  # ema_decay=None: no EMA, whatever the (optimizer-wide) schedule
     sched, decay = pick(group.get("ema_schedule")), pick(group.get("ema_decay"))
     if sched is not None:
         return sched

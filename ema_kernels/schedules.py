@@ -36,7 +36,7 @@ import numbers
 from .scaling import check_rho
 
 __all__ = ["Schedule", "constant", "warmup", "cosine", "polyak", "power", "interval_decay",
-           "sigma_rel_to_gamma", "gamma_to_sigma_rel"]
+           "sigma_rel_to_gamma", "gamma_to_sigma_rel", "to_data", "from_data"]
 
 
 def _real(name, value, what):
@@ -299,6 +299,46 @@ class power(Schedule):
     def decay(self, s_from: float, s_to: float) -> float:
         a, b = _interval(s_from, s_to)
         return 1.0 if b == a else (a / b) ** (self.gamma + 1.0)
+
+
+# ---------------------------------------------------------------------- as plain data --------
+# What a state dict holds for a schedule (checkpoints hold data only: torch.load(...,
+# weights_only=True) loads them). The built-ins by name; anything else is "custom".
+_BUILTINS = {cls.__name__: cls for cls in (constant, warmup, cosine, polyak, power)}
+CUSTOM = "custom"
+
+
+def to_data(schedule) -> dict:
+    """A schedule as plain data: ``{"kind": "warmup", "rho": 0.9999, "gamma": 1.0, ...}`` for
+    the built-ins (their kind and constructor arguments; :func:`from_data` rebuilds an equal
+    schedule). Any other callable (a plain function, your own class) cannot be rebuilt from
+    data: ``{"kind": "custom", "repr": repr(schedule)}``, and loading such a checkpoint keeps
+    the schedule the optimizer was built with at that index (see the optimizers'
+    ``load_state_dict``)."""
+    cls = type(schedule)
+    if _BUILTINS.get(cls.__name__) is cls:
+        return {"kind": cls.__name__, **dict(schedule._params())}
+    return {"kind": CUSTOM, "repr": repr(schedule)[:200]}
+
+
+def from_data(data: dict):
+    """The built-in schedule that :func:`to_data` described; ``None`` for a custom one (it has
+    no data to rebuild it from). A ``ValueError`` names anything else."""
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise ValueError(f"{data!r} is not a saved schedule: expected a dict with a 'kind' "
+                         f"(one of {sorted(_BUILTINS)} or {CUSTOM!r}) and its arguments")
+    kind = data["kind"]
+    if kind == CUSTOM:
+        return None
+    cls = _BUILTINS.get(kind)
+    if cls is None:
+        raise ValueError(f"saved schedule kind {kind!r} is unknown: the built-ins are "
+                         f"{sorted(_BUILTINS)} (a checkpoint from a newer ema_kernels?)")
+    args = {k: v for k, v in data.items() if k != "kind"}
+    if set(args) != set(cls._fields):
+        raise ValueError(f"saved schedule {data!r}: {kind} takes the arguments "
+                         f"{list(cls._fields)}, got {sorted(args)}")
+    return cls(**args)
 
 
 def interval_decay(schedule, s_from: float, s_to: float) -> float:

@@ -5,6 +5,8 @@ in ``ema_kernels.backends`` (the reference is the readable one).
 """
 from __future__ import annotations
 
+import torch
+
 from .. import scaling
 from . import checks
 from .base import EMAOptimizer
@@ -32,12 +34,30 @@ class _AdamBase(EMAOptimizer):
                          fused=fused, capturable=capturable, differentiable=differentiable)
 
     def _check_update_hparams(self, group, where):
-        checks.finite_number(f"eps ({where})", group["eps"], low=0.0)
+        foreach = group.get("foreach") and not self.capturable
+        if foreach and isinstance(group["lr"], torch.Tensor):
+            # torch.optim.Adam's refusal, kept so that code written against torch sees it; ours
+            # would run it (foreach= changes nothing here)
+            raise ValueError(f"lr as a Tensor is not supported for capturable=False and "
+                             f"foreach=True — as in torch.optim.{type(self).__name__}; "
+                             f"leave foreach unset ({where})")
+        checks.finite_number(f"eps ({where})", group["eps"], low=0.0,
+                             torch_text="Invalid epsilon value")
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas={betas!r} ({where}) must be a pair (beta1, beta2)")
+        tensors = [isinstance(b, torch.Tensor) for b in betas]
+        if any(tensors) and not all(tensors):
+            raise ValueError(f"betas must be either both floats or both Tensors — got "
+                             f"betas={betas!r} ({where}), as torch.optim refuses")
         for i, b in enumerate(betas):
-            checks.finite_number(f"betas[{i}] ({where})", b, low=0.0, high=1.0)
+            if foreach and tensors[i]:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                                 f"capturable=False and foreach=True — as in torch.optim."
+                                 f"{type(self).__name__}; leave foreach unset ({where})")
+        for i, b in enumerate(betas):
+            checks.finite_number(f"betas[{i}] ({where})", b, low=0.0, high=1.0,
+                                 torch_text=f"Invalid beta parameter at index {i}")
 
     def _scaled(self, group, kappa):
         if group["scale_optimizer"]:

@@ -12,12 +12,13 @@ those, so ``deepcopy``, pickling and ``torch.save(opt)`` give an optimizer that 
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .. import _ops
-from . import checks, layout, step_hooks
+from . import checks, layout, step_hooks, teachers
 from .checkpoint import CheckpointMixin
 from .clipping import ClipMixin
 from .ema_api import EMAMixin
@@ -55,6 +56,7 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         self._init_derived()
         defaults = dict(defaults, foreach=foreach, fused=fused, capturable=self.capturable,
                         differentiable=False)
+        checks.check_no_ema_with_schedule(defaults, where="defaults")
         self._check_hparams(defaults, where="defaults")
         # Validate every group before adopting any (flatten=True moves storage): a failed
         # construction leaves the parameters as they were.
@@ -94,15 +96,19 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
-                raise ValueError(f"lr ({where}) must be a number or a one-element tensor, got "
-                                 f"a tensor of shape {tuple(lr.shape)}")
+                raise ValueError(f"Tensor lr must be 1-element — lr ({where}) must be a number "
+                                 f"or a one-element tensor, got a tensor of shape "
+                                 f"{tuple(lr.shape)}")
         else:
-            checks.finite_number(f"lr ({where})", lr, low=0.0)
-        checks.finite_number(f"weight_decay ({where})", group["weight_decay"], low=0.0)
+            checks.finite_number(f"lr ({where})", lr, low=0.0,
+                                 torch_text="Invalid learning rate")
+        checks.finite_number(f"weight_decay ({where})", group["weight_decay"], low=0.0,
+                             torch_text="Invalid weight_decay value")
         from .. import scaling
         kappa = scaling.check_kappa(group["kappa"])
         checks.check_ema_settings(group, where)
-        if self.capturable and (group["ema_schedule"] is not None or group["ema_every"] != 1):
+        if self.capturable and checks.num_emas(group) and (
+                group["ema_schedule"] is not None or group["ema_every"] != 1):
             raise ValueError(
                 f"capturable=True ({where}) needs ema_every=1 and no ema_schedule (got "
                 f"ema_every={group['ema_every']!r}, ema_schedule={group['ema_schedule']!r}): a "
@@ -133,6 +139,7 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
     # ---------------------------------------------------------------- param groups -----------
     def _checked_group(self, param_group, defaults, existing, index) -> Dict[str, Any]:
         group = checks.normalise_group(param_group, existing)
+        checks.check_no_ema_with_schedule(group, where=f"param group {index}")
         for k, v in defaults.items():
             group.setdefault(k, v)
         self._check_hparams(group, where=f"param group {index}")
@@ -308,7 +315,6 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         return EMA_KEYS[:checks.num_emas(group)]
 
     # ---------------------------------------------------------------- gradients --------------
-    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients, as torch.optim does (default ``set_to_none=True``).
 
@@ -317,7 +323,20 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         buffer is zeroed in one op and every parameter that requires grad gets a view of it as
         ``.grad`` (so each is stepped, with a zero gradient if backward gives it none), which
         makes the next step one launch over whole buffers.
+
+        Inside torch's profiler range ``Optimizer.zero_grad#<Class>.zero_grad``, as torch's, opened
+        only while a profiler records (as the step's: see :mod:`.step_hooks`).
         """
+        # (under dynamo: no range, as before; _profiler_enabled() is not traceable)
+        if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
+            if not hasattr(self, "_zero_grad_profile_name"):
+                self._patch_step_function()  # as torch's zero_grad
+            with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+                return self._zero_grad(set_to_none)
+        return self._zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def _zero_grad(self, set_to_none: bool) -> None:
         if self._swapped:
             raise RuntimeError("zero_grad() inside `with opt.swap_ema():`; call it outside")
         self._clip_pending = None  # the gradients it measured are gone (see clipping.py)
@@ -357,6 +376,17 @@ class EMAOptimizer(StepMixin, ClipMixin, EMAMixin, CheckpointMixin, torch.optim.
         for k in self._CONFIG:
             state[k] = getattr(self, k)
         return state
+
+    def __deepcopy__(self, memo):
+        """As the default deepcopy (``__getstate__``, copied with ``memo``, ``__setstate__``),
+        and the copies of this optimizer's teachers made in the same deepcopy follow the copy
+        (see :mod:`.teachers`)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        teachers.copy_records(self, new, memo)
+        return new
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -18,11 +18,22 @@ from .. import scaling
 
 
 def finite_number(name, value, *, low=None, low_inclusive=True, high=None,
-                  high_inclusive=False) -> float:
+                  high_inclusive=False, torch_text=None) -> float:
     """``float(value)`` after checking it is a finite real in the given range.
+
+    ``torch_text``: torch.optim's message for this value (``"Invalid learning rate"``); a
+    ``ValueError`` then starts with torch's exact text (``"Invalid learning rate: -1"``), so
+    code and tests that match torch's messages match ours, and goes on with ours.
 
     A one-element tensor is accepted (a tensor ``lr``); reading it is a host read, so the step
     only calls this on host numbers (see ``host_lr``)."""
+    raw = value
+
+    def invalid(must):
+        if torch_text is not None:
+            return ValueError(f"{torch_text}: {raw} — {name} must be {must}")
+        return ValueError(f"{name}={value!r} is invalid: it must be {must}")
+
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
@@ -31,13 +42,13 @@ def finite_number(name, value, *, low=None, low_inclusive=True, high=None,
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name}={value!r} is invalid: it must be finite")
+        raise invalid("finite")
     if low is not None and (v < low or (v == low and not low_inclusive)):
         op = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name}={value!r} is invalid: it must be {op} {low}")
+        raise invalid(f"{op} {low}")
     if high is not None and (v > high or (v == high and not high_inclusive)):
         op = "<=" if high_inclusive else "<"
-        raise ValueError(f"{name}={value!r} is invalid: it must be {op} {high}")
+        raise invalid(f"{op} {high}")
     return v
 
 
@@ -68,7 +79,10 @@ def ema_sources(group: Dict[str, Any]) -> tuple:
     """What drives each EMA of a group, by index: its schedule where ``ema_schedule`` gives one
     (element by element: the schedule overrides the decay), else its constant ``ema_decay``.
 
-    ``()``: the group keeps no EMA. Assumes :func:`check_ema_settings` passed."""
+    ``()``: the group keeps no EMA (``ema_decay=None`` wins over any ``ema_schedule``: see
+    :func:`num_emas`). Assumes :func:`check_ema_settings` passed."""
+    if group["ema_decay"] is None:
+        return ()
     decays, scheds = _as_tuple(group["ema_decay"]), _as_tuple(group["ema_schedule"])
     out = []
     for i in range(max(len(decays), len(scheds))):
@@ -78,8 +92,30 @@ def ema_sources(group: Dict[str, Any]) -> tuple:
 
 
 def num_emas(group: Dict[str, Any]) -> int:
-    """How many EMAs the group keeps (0: none)."""
+    """How many EMAs the group keeps (0: none).
+
+    A group whose ``ema_decay`` is None keeps none, whatever its ``ema_schedule``: the
+    optimizer-wide schedule is copied into every group (torch's defaults), and a group's None
+    (a BYOL predictor) must win over it. Giving both in one place is refused
+    (:func:`check_no_ema_with_schedule`)."""
+    if group["ema_decay"] is None:
+        return 0
     return max(len(_as_tuple(group["ema_decay"])), len(_as_tuple(group["ema_schedule"])))
+
+
+_UNSET = object()
+
+
+def check_no_ema_with_schedule(given: Dict[str, Any], where: str) -> None:
+    """Refuse ``ema_decay=None`` and an ``ema_schedule`` given together (in the constructor's
+    keywords or in one param group's dict): None means no EMA, so the schedule would be
+    ignored."""
+    if given.get("ema_decay", _UNSET) is None and given.get("ema_schedule") is not None:
+        raise ValueError(
+            f"ema_decay=None and ema_schedule={given['ema_schedule']!r} ({where}): "
+            f"ema_decay=None means this group keeps no EMA, so the schedule would be ignored. "
+            f"For an EMA that follows the schedule leave ema_decay out (the schedule overrides "
+            f"it); for no EMA leave ema_schedule out")
 
 
 def check_ema_settings(group: Dict[str, Any], where: str) -> None:
@@ -106,7 +142,7 @@ def check_ema_settings(group: Dict[str, Any], where: str) -> None:
         if s is not None and not callable(s):
             raise TypeError(f"{name}={s!r} ({where}) must be a schedule (a callable "
                             f"s -> rho(s)), e.g. ema_kernels.schedules.warmup(0.9999)")
-        if s is None and i >= len(decays):
+        if s is None and i >= len(decays) and decay is not None:
             raise ValueError(f"{name} is None ({where}) and ema_decay={decay!r} has no element "
                              f"{i}: EMA {i} needs a schedule or a decay (ema_decay=(..., rho))")
     n = max(len(decays), len(scheds))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import weakref
 from typing import Dict, List, Optional
 
 import torch
 
-from . import checks, layout
+from . import checks, layout, teachers
 
 
 def _ema_key(index: int) -> str:
@@ -56,14 +55,32 @@ class EMAMixin:
         return out
 
     @contextlib.contextmanager
-    def swap_ema(self, index: int = 0):
+    def swap_ema(self, index: int = 0, model: Optional[torch.nn.Module] = None):
         """Inside the block the parameters hold their EMA ``index``; after it, bit for bit their
         own values.
 
-        Parameters of groups without that EMA are left alone. ``step()`` inside raises."""
+        Parameters of groups without that EMA are left alone. ``step()`` inside raises.
+
+        ``model``: also swap in the EMA of ``model``'s buffers (BatchNorm statistics), the ones
+        the teacher ``ema_module(model, index)`` keeps (they follow the EMA on EMA steps, as in
+        timm's ModelEmaV3), so that ``model`` computes inside the block what that teacher
+        computes. Needs such a teacher alive (the optimizer holds teachers weakly): make it
+        before training, ``teacher = opt.ema_module(model)``, and keep it. Without ``model``
+        the buffers stay the model's own (its running statistics, not their EMA)."""
         key = self._check_index(index)
         if self._swapped:
             raise RuntimeError("swap_ema() is already active: the blocks cannot be nested")
+        teacher = None
+        if model is not None:
+            teacher = teachers.find(self, model, index)
+            if teacher is None:
+                raise RuntimeError(
+                    f"swap_ema(model=...) swaps in the EMA of the model's buffers, which the "
+                    f"optimizer keeps only in a teacher of that model: none is alive for this "
+                    f"model and index={index}. Make one before training and keep it, "
+                    f"`teacher = opt.ema_module(model, index={index})` (its buffers follow the "
+                    f"EMA from then on; the optimizer holds it weakly), or call swap_ema() "
+                    f"without model= to swap the parameters only")
         self._plan_checks()  # a parameter moved or cast after stepping: raise, move nothing
         dst, src = [], []
         for g in self.param_groups:
@@ -72,6 +89,13 @@ class EMAMixin:
             for p in dict.fromkeys(g["params"]):
                 dst.append(layout.local(p))
                 src.append(layout.local(self.state[p][key]))
+        if teacher is not None:
+            theirs = dict(teacher.named_buffers())
+            for name, b in model.named_buffers():
+                t = theirs.get(name)
+                if t is not None and t.shape == b.shape:
+                    dst.append(b)
+                    src.append(t)
         with torch.no_grad():
             saved = [t.clone() for t in dst]
         if dst:
@@ -95,7 +119,9 @@ class EMAMixin:
         follow the same EMA (on EMA steps, with the decay of EMA ``index`` of the first group
         that updated it in that step, like timm's ModelEmaV3); integer buffers are copied. For 16-bit models the teacher's
         parameters are the fp32 EMA (run it under autocast). The optimizer holds the teacher
-        weakly: dropping it frees it."""
+        weakly: dropping it frees it. A deepcopy of ``(model, teacher, optimizer)`` gives a
+        teacher that follows the copied optimizer (see :mod:`.teachers`); ``swap_ema(model=)``
+        swaps this teacher's buffers into ``model``."""
         key = self._check_index(index)
         if any(layout.is_dtensor(p) for p in model.parameters()):
             raise NotImplementedError(
@@ -115,12 +141,14 @@ class EMAMixin:
             st = self.state.get(p)
             if has.get(p) and st is not None and key in st:
                 src = st[key]
-            else:
-                src = p.detach()
-            memo[id(p)] = torch.nn.Parameter(src, requires_grad=False)
+                memo[id(p)] = teachers.TeacherParameter(src, requires_grad=False)
+            else:  # no EMA: a view of the student's parameter
+                memo[id(p)] = teachers.TeacherParameter(p.detach(), requires_grad=False,
+                                                        student=p)
         teacher = copy.deepcopy(model, memo)
         teacher.requires_grad_(False)
-        self._teachers.append((weakref.ref(teacher), weakref.ref(model), index))
+        # kept weakly; a deepcopy of (model, teacher, optimizer) records the copies alike
+        teachers.record(self, teacher, model, index)
         return teacher
 
     @torch.no_grad()

@@ -30,7 +30,8 @@ class SGD(EMAOptimizer):
                          fused=fused, capturable=capturable, differentiable=differentiable)
 
     def _check_update_hparams(self, group, where):
-        momentum = checks.finite_number(f"momentum ({where})", group["momentum"], low=0.0)
+        momentum = checks.finite_number(f"momentum ({where})", group["momentum"], low=0.0,
+                                        torch_text="Invalid momentum value")
         dampening = checks.finite_number(f"dampening ({where})", group["dampening"])
         if self.capturable and momentum != 0 and dampening != 0:
             raise ValueError(
@@ -39,7 +40,8 @@ class SGD(EMAOptimizer):
                 f"and under capturable=True which step that is (found_inf) is known only on "
                 f"the device. Use dampening=0 or capturable=False")
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
-            raise ValueError(f"nesterov=True ({where}) requires momentum > 0 and dampening = 0 "
+            raise ValueError(f"Nesterov momentum requires a momentum and zero dampening — "
+                             f"nesterov=True ({where}) requires momentum > 0 and dampening = 0 "
                              f"(got momentum={group['momentum']!r}, "
                              f"dampening={group['dampening']!r})")
 
@@ -52,6 +54,15 @@ class SGD(EMAOptimizer):
 
     def _roles(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _unsaved_before_first_step(self, group):
+        # torch.optim.SGD treats any saved momentum_buffer as initialised, and its first step
+        # sets it to g. Our zero buffer of a parameter that never stepped gives the same g
+        # after momentum·0 + (1 − dampening)·g only when dampening is 0; otherwise it is left
+        # out of the state dict (as torch's holds none), so torch continues it exactly.
+        if group["momentum"] != 0 and group["dampening"] != 0:
+            return ("momentum_buffer",)
+        return ()
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale, found_inf, sr=None):

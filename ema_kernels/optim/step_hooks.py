@@ -11,6 +11,10 @@ pushes the step's per-parameter metadata out of the core's caches just before
 does the same things in the same order, but opens the range only while a profiler is
 recording (``torch.autograd._profiler_enabled()``): profiles look exactly as torch's, and an
 unprofiled step skips the cost.
+
+Under dynamo (``torch.compile``) the wrapper's first act is a deliberate graph break: the whole
+step, hooks included, runs eagerly in :func:`_eager_step`, and ``fullgraph=True`` fails with
+:data:`GRAPH_BREAK_REASON` rather than with the first thing dynamo cannot trace.
 """
 from __future__ import annotations
 
@@ -26,15 +30,39 @@ def hook_step(func):
 
     @functools.wraps(func)
     def step(*args, **kwargs):
-        self = args[0]
-        if torch.autograd._profiler_enabled():
-            with torch.autograd.profiler.record_function(
-                    f"Optimizer.step#{type(self).__name__}.step"):
-                return _run(func, self, args, kwargs)
-        return _run(func, self, args, kwargs)
+        if torch.compiler.is_compiling():  # the first thing under dynamo: see _eager_step
+            return _eager_step(func, args, kwargs)
+        return _profiled(func, args, kwargs)
 
     step.hooked = True
     return step
+
+
+def _profiled(func, args, kwargs):
+    self = args[0]
+    if torch.autograd._profiler_enabled():
+        with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(self).__name__}.step"):
+            return _run(func, self, args, kwargs)
+    return _run(func, self, args, kwargs)
+
+
+# The message torch.compile(opt.step, fullgraph=True) raises (dynamo names the reason of a
+# disabled function it must skip). README, "torch.compile", says the same.
+GRAPH_BREAK_REASON = (
+    "ema_kernels: optimizer.step() is a deliberate graph break. It plans one fused launch per "
+    "parameter set on the host (step tables, EMA schedules, GradScaler bookkeeping) and runs "
+    "eagerly: the update is already one fused kernel per set, so tracing it would gain "
+    "nothing. Compile the model and the loss and call opt.step() outside the compiled "
+    "function, or compile without fullgraph=True (the step then runs eagerly, with the eager "
+    "numbers)")
+
+
+@torch.compiler.disable(reason=GRAPH_BREAK_REASON)
+def _eager_step(func, args, kwargs):
+    """``step`` reached while dynamo traces: run it eagerly (a graph break on purpose, before
+    anything dynamo cannot trace, so ``fullgraph=True`` fails with the reason above)."""
+    return _profiled(func, args, kwargs)
 
 
 def _run(func, self, args, kwargs):
