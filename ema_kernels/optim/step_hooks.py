@@ -11,6 +11,12 @@ pushes the step's per-parameter metadata out of the core's caches just before
 does the same things in the same order, but opens the range only while a profiler is
 recording (``torch.autograd._profiler_enabled()``): profiles look exactly as torch's, and an
 unprofiled step skips the cost.
+
+Why it is kept although it reads torch.optim's private hook registries: it pays at real sizes.
+Whole ``step()`` at 100 tensors of 4096 fp32 elements (cpp, 1 thread, fresh gradients, caches
+swept before each step, interleaved, medians of 400-600): 173 / 251 µs with this wrapper
+against 192 / 284 µs with torch's ``profile_hook_step`` (11-13 % less); at 100 x 2^16 elements
+the step's 6-8 ms hide the difference.
 """
 from __future__ import annotations
 
