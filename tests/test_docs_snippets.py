@@ -20,7 +20,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 MARKS = ("continues", "needs-gpu", "multi-process")
 SKIP = {"needs-gpu": "needs a GPU (none here or in CI)",
         "multi-process": "needs several processes (torchrun)"}
