@@ -1,6 +1,6 @@
 """End to end: one training step of a small transformer on CPU, and the EMA's share of it.
 
-    python benchmarks/e2e_transformer.py [--steps 30] [--png benchmarks/e2e_transformer.png]
+    python benchmarks/e2e_transformer.py [--steps 30] [--png benchmarks/results/e2e_transformer_1thread.png]
 
 The same model (same init, same batch) is trained by three optimizers, each step timed in phases
 with ``time.perf_counter`` (medians over 2 x ``--steps`` steps after a warm-up; the runs

@@ -21,7 +21,7 @@ Each row's sample: fresh gradients (new tensor objects, as after a backward), on
 step, fresh gradients again, then the timed call (``time.thread_time``: CPU time, so a
 descheduled process does not count). Medians over ``--repeats``.
 
-    python benchmarks/host_floor.py --tensors 16 2000 --json benchmarks/cpu_host_floor.json
+    python benchmarks/host_floor.py --tensors 16 2000 --json benchmarks/results/cpu_host_floor_1thread.json
 """
 from __future__ import annotations
 

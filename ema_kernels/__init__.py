@@ -5,7 +5,7 @@
         evaluate(model)           # the parameters hold their EMA here
     teacher = opt.ema_module(model)   # live EMA views, for EMA-teacher methods
 
-See ``../shared/DESIGN.md`` (the contract) and README.md.
+See ``../shared/DESIGN.md`` (the contract), README.md and the guides in docs/.
 """
 from . import posthoc, scaling, schedules
 from ._ops import BackendUnavailableError, available_backends

@@ -28,21 +28,12 @@ _MODULES = {
 # Preference order of ``backend="auto"`` per device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 ENV_VAR = "EMA_KERNELS_BACKEND"
-_ENV_KEY = os.fsencode(ENV_VAR)
 
 
 def env_backend() -> Optional[str]:
-    """``os.environ.get(ENV_VAR)``, read cheaply: step() reads it every step (a change takes
-    effect at the next step). ``os.environ.get`` runs four Python frames of ``os._Environ`` and,
-    while the variable is unset, raises and catches a KeyError: ~1 µs hot, ~8 µs after a
-    backward pass has flushed the caches. On POSIX CPython ``os.environ`` keeps its items in a
-    dict of encoded bytes (``_data``), which every ``os.environ`` change updates and
-    ``os.environ[...]`` itself reads: that dict is read here where it exists."""
-    data = getattr(os.environ, "_data", None)
-    if os.name != "posix" or type(data) is not dict:
-        return os.environ.get(ENV_VAR)
-    value = data.get(_ENV_KEY)
-    return None if value is None else os.fsdecode(value)
+    """The backend named by ``$EMA_KERNELS_BACKEND`` (None while unset). step() reads it every
+    step, so a change takes effect at the next step."""
+    return os.environ.get(ENV_VAR)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -26,7 +26,7 @@ batch grows κ-fold. This script builds the smallest BYOL we could make that lea
                 spread of the target's normalised projections, std·√d (1: spread over all
                 directions, 0: collapsed to a point).
 
-What it shows (see README): the rule keeps the target's lag at κ=8 where it is at κ=1, while
+What it shows (see docs/teachers.md): the rule keeps the target's lag at κ=8 where it is at κ=1, while
 without it the target lags about three times further behind the online network, and its probe
 accuracy trails during the first third of training (and to the end of the short --quick run).
 On this toy, BYOL does not fail or collapse without the rule: by the end of the full run

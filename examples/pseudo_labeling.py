@@ -196,7 +196,7 @@ def run_all(kappas=FULL["kappas"], seeds=FULL["seeds"], base_steps=FULL["base_st
 
 
 def summary(res):
-    """Rows of the README table: final accuracies (mean, std over seeds) and the paired gap
+    """Rows of the table in docs/teachers.md: final accuracies (mean, std over seeds) and the paired gap
     to κ=1 (κ=1 final teacher accuracy − this run's, per seed)."""
     ref = res[(1, "rule")]["teacher"][:, -1]
     rows = []

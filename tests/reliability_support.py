@@ -701,7 +701,7 @@ def sync_from(dst_ps, dst_opt, src_ps, src_opt) -> None:
 def check_capturable_skip(pre, post, label: str) -> None:
     """found_inf != 0 under capturable=True: θ, state (the per-parameter step is the device
     count, which skips the step) and EMA unchanged; the host group counters count calls
-    (README: a replayed graph runs no Python), the EMA clock included."""
+    (docs/layout_and_checkpoints.md: a replayed graph runs no Python), the EMA clock included."""
     assert_snapshots_equal(dict(pre, groups=post["groups"]), post, label)
     for gi, (g, h) in enumerate(zip(pre["groups"], post["groups"])):
         s_after = float(g["base_steps"]) + float(g["kappa"])

@@ -60,7 +60,7 @@ def test_compiled_backends_many_tensors(opt, data):
 def test_capturable_cpp_equals_reference(problem):
     """capturable=True (lr, step and 1 − ρ̂ from device tensors, found_inf never read on the
     host) on the cpp backend against the reference's ordinary path, step by step; on found_inf
-    steps nothing but the host call counters moves (README)."""
+    steps nothing but the host call counters moves (docs/layout_and_checkpoints.md)."""
     note(rs.describe(problem))
     rs.run_problem(problem, ["cpp"], check_f64=False, build_kw={"cpp": dict(capturable=True)})
 

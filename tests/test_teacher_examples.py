@@ -3,7 +3,7 @@
 examples/pseudo_labeling.py and examples/byol.py are imported from their files (the examples
 directory is not a package) and their ``main(["--quick", ...])`` is run: the same code path as
 the command line, shortened, seeded, single-threaded. Each asserts that the figure is written
-and one claim of the README that could fail. The thresholds were checked over seeds 0-5 of the
+and one claim of docs/teachers.md that could fail. The thresholds were checked over seeds 0-5 of the
 quick settings (numbers in the comments); the tests use seeds 0 and 1.
 """
 import importlib.util

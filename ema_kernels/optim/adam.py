@@ -123,10 +123,10 @@ class AdamW(_AdamBase):
       ``scale_optimizer=True``, lr·√κ, β → 1 − κ(1 − β), ε/√κ, weight decay·√κ,
     - ``backend``: ``"auto" | "reference" | "triton" | "cuda" | "cpp"``,
     - ``flatten``: False (default) leaves parameters in their own storage; True packs them
-      into one flat buffer per (device, dtype) (see README, "Layout"),
+      into one flat buffer per (device, dtype) (see docs/layout_and_checkpoints.md, "flatten=True"),
     - ``stochastic_rounding``: round bf16/fp16 parameters stochastically (unbiased) instead of
       to nearest, from random bits that are a pure function of (the group's ``sr_seed``, step,
-      element index); fp32 parameters ignore it (see README, "Stochastic rounding").
+      element index); fp32 parameters ignore it (see docs/rounding_and_clipping.md).
     """
     _decoupled = True
 

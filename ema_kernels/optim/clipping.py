@@ -8,7 +8,7 @@ the read nobody can avoid) and the coefficient waits, as a device scalar, for th
 folded into that scalar (``grad_scale / coef``, or ``1 / coef`` without a GradScaler).
 Gradients are never written.
 
-The rule for a pending coefficient (the README's "Gradient clipping" says the same):
+The rule for a pending coefficient (docs/rounding_and_clipping.md says the same):
 
 - the next ``step()`` applies it, once;
 - ``zero_grad()`` discards it, and so does any change of the gradients before the step (a new

@@ -15,6 +15,12 @@ unprofiled step skips the cost.
 Under dynamo (``torch.compile``) the wrapper's first act is a deliberate graph break: the whole
 step, hooks included, runs eagerly in :func:`_eager_step`, and ``fullgraph=True`` fails with
 :data:`GRAPH_BREAK_REASON` rather than with the first thing dynamo cannot trace.
+
+Why it is kept although it reads torch.optim's private hook registries: it pays at real sizes.
+Whole ``step()`` at 100 tensors of 4096 fp32 elements (cpp, 1 thread, fresh gradients, caches
+swept before each step, interleaved, medians of 400-600): 173 / 251 µs with this wrapper
+against 192 / 284 µs with torch's ``profile_hook_step`` (11-13 % less); at 100 x 2^16 elements
+the step's 6-8 ms hide the difference.
 """
 from __future__ import annotations
 

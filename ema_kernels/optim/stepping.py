@@ -38,14 +38,8 @@ class StepMixin:
         """
         if torch.compiler.is_compiling():  # dynamo tracing: a graph break, run eagerly
             return self._step_graph_break(closure, grad_scale, found_inf)
-        # Eager: grad mode set directly, not by the @torch.no_grad() decorator, whose
-        # context-manager object costs ~2 µs per call (the whole step is ~20 µs).
-        prev = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
-        try:
+        with torch.no_grad():
             return self._step_eager(closure, grad_scale, found_inf)
-        finally:
-            torch._C._set_grad_enabled(prev)
 
     @torch.compiler.disable(reason="ema_kernels' step is one fused launch per parameter set "
                                    "planned in Python; it runs eagerly (a graph break)")
