@@ -21,6 +21,8 @@ With ``--clip`` every step also clips the gradients' total norm (max_norm
 ``_foreach_lerp_`` (52 B/param, :func:`torch_clip_bytes_per_param`). In this mode every row's
 GB/s is against its own byte count (the ``B/param`` column), and only those rows (and the
 stream) run.
+- ``ek.WithEMA(torch fused)``: ``ek.WithEMA(torch.optim.X(fused=True))``: torch's fused step,
+  then ema_kernels' EMA-only launch (what any torch optimizer gets from the wrapper);
 - ``torch foreach + timm EMAv3``: ``torch.optim.X(foreach=True)`` + the update of timm's
   ``ModelEmaV3`` (walk both ``state_dict()``s, one ``_foreach_lerp_``);
 - ``torch fused + AveragedModel``: ``torch.optim.swa_utils.AveragedModel`` with
@@ -82,6 +84,7 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BASELINE = "torch fused + foreach_lerp"
 COPY = "stream a+=b"
+WITH_EMA = "ek.WithEMA(torch fused)"
 CLIP_BASELINE = "torch fused + clip_grad_norm_ + foreach_lerp"
 CLIP_MAX_NORM = 1.0  # the gradients (randn · 1e-2) have norm ≈ 1e-2·√numel: clipped from 10^4 on
 
@@ -283,6 +286,19 @@ def _row_fused_lerp(case: Case):
     return _every(case.ema_every, opt.step, ema), (opt, params, emas)
 
 
+def _row_with_ema(case: Case):
+    """``ek.WithEMA`` around ``torch.optim.X(fused=True)``: torch's fused step, then one
+    EMA-only launch over every parameter (fp32: θ read, ζ read and written, 12 B per parameter
+    per EMA; the same bytes as ``_foreach_lerp_``, in one launch and one θ read for all EMAs)."""
+    import ema_kernels as ek
+
+    params = _make_params(case)
+    decay = case.decays[0] if case.emas == 1 else case.decays
+    opt = ek.WithEMA(_torch_optimizer(case, params, fused=True), ema_decay=decay,
+                     ema_every=case.ema_every)
+    return _every(case.ema_every, opt.step, lambda: None), (opt, params)
+
+
 def _row_fused_clip_lerp(case: Case):
     """torch.nn.utils.clip_grad_norm_ + fused optimizer + _foreach_lerp_ (the ``--clip``
     baseline; the norm and the clip are two passes over the gradients, as torch runs them)."""
@@ -377,6 +393,7 @@ def _row_copy(case: Case):
 # The ek rows are generated from ema_kernels.available_backends(); a baseline is one line here.
 BASELINES: Dict[str, Callable] = {
     BASELINE: _row_fused_lerp,
+    WITH_EMA: _row_with_ema,
     "torch foreach + timm EMAv3": _row_timm_v3,
     "torch fused + AveragedModel": _row_averaged_model,
     "torch fused + loop EMA": _row_loop_ema,

@@ -544,23 +544,20 @@ class _EMASet:
     only: dense ones (channels_last, transposed) as 1-D aliases of their memory — the EMA has
     the same strides —, others through a contiguous copy (read only: θ is not written)."""
 
-    __slots__ = ("params", "emas", "backend", "device", "dtype", "plain", "zviews", "odd")
+    __slots__ = ("params", "emas", "backend", "device", "dtype", "dtensor", "zviews", "odd")
 
     def __init__(self, params, emas, backend):
         self.params, self.emas, self.backend = params, emas, backend
         lp = [layout.local(p) for p in params]
         self.device, self.dtype = lp[0].device, lp[0].dtype
         kinds = [layout.kind_of(t) for t in lp]
-        self.plain = all(k == layout.CONTIGUOUS for k in kinds) and \
-            not layout.is_dtensor(params[0])
+        self.dtensor = layout.is_dtensor(params[0])  # local shards: fetched fresh each step
         self.odd = [(i, k) for i, k in enumerate(kinds) if k != layout.CONTIGUOUS]
         self.zviews = [[layout.linear_view(layout.local(z)) if k == layout.DENSE
                         else layout.local(z) for z, k in zip(zs, kinds)] for zs in emas]
 
     def kernel_params(self) -> list:
-        if self.plain:
-            return list(self.params)
-        ps = [layout.local(p) for p in self.params]
+        ps = [layout.local(p) for p in self.params] if self.dtensor else list(self.params)
         for i, kind in self.odd:
             ps[i] = layout.linear_view(ps[i]) if kind == layout.DENSE else ps[i].contiguous()
         return ps
