@@ -537,3 +537,15 @@ def test_refusals():
     with pytest.raises(ValueError, match="ema_schedule"):
         opt.step()  # the schedule is checked before the inner step moves anything
     assert torch.equal(p, before)
+
+
+def test_docs_snippets_run():
+    """Every python block of docs/with_ema.md runs as written (fresh namespace each)."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "with_ema.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    runnable = [b for b in blocks if b.lstrip().startswith("import")]
+    assert len(runnable) >= 4, len(runnable)
+    for code in runnable:
+        exec(compile(code, "docs/with_ema.md", "exec"), {})
