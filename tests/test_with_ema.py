@@ -549,3 +549,44 @@ def test_docs_snippets_run():
     assert len(runnable) >= 4, len(runnable)
     for code in runnable:
         exec(compile(code, "docs/with_ema.md", "exec"), {})
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """A third-party-style optimizer: its own state, a step() without a closure argument."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    self.state[p]["n"] = self.state[p].get("n", 0) + 1
+                    p.add_(p.grad.sign(), alpha=-g["lr"])
+
+
+def test_any_optimizer_fp64_and_pickling():
+    import pickle
+    ps = [torch.nn.Parameter(torch.randn(9, dtype=torch.float64)),
+          torch.nn.Parameter(torch.randn(4))]
+    with pytest.raises(TypeError, match="float64"):
+        ek.WithEMA(_SignSGD(ps), backend="cpp")  # the kernels take fp32/bf16/fp16
+    opt = ek.WithEMA(_SignSGD(ps), ema_decay=0.75)  # auto: the reference for float64
+    orc = _Oracle(ps, [0.75], 1.0, 1)
+    for t in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        orc.update(ps)
+    z = opt.ema_parameters()
+    assert z[0].dtype == torch.float64 and opt.optimizer.state[ps[0]]["n"] == 3
+    torch.testing.assert_close(z[0], orc.z[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z[1].double(), orc.z[0][1], rtol=1e-5, atol=1e-6)
+    back = pickle.loads(pickle.dumps(opt))
+    assert back.param_groups is back.optimizer.param_groups
+    bps = [p for g in back.param_groups for p in g["params"]]
+    for p in bps:
+        p.grad = torch.ones_like(p)
+    back.step()
+    assert back.param_groups[0]["steps"] == 4 and opt.param_groups[0]["steps"] == 3
