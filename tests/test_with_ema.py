@@ -590,3 +590,19 @@ def test_any_optimizer_fp64_and_pickling():
         p.grad = torch.ones_like(p)
     back.step()
     assert back.param_groups[0]["steps"] == 4 and opt.param_groups[0]["steps"] == 3
+
+
+def test_step_under_torch_compile_is_a_graph_break():
+    ps, twin = _params(21, torch.float32), _params(21, torch.float32)
+    opt = ek.WithEMA(torch.optim.AdamW(ps, lr=1e-2), ema_decay=0.9)
+    ref = ek.WithEMA(torch.optim.AdamW(twin, lr=1e-2), ema_decay=0.9)
+    compiled = torch.compile(lambda: opt.step(), backend="eager")
+    gen = torch.Generator().manual_seed(22)
+    for t in range(2):
+        grads = _grads(gen, ps, t)
+        _set_grads(ps, grads)
+        _set_grads(twin, grads)
+        compiled()
+        ref.step()
+    for a, b in zip(opt.ema_parameters() + ps, ref.ema_parameters() + twin):
+        assert torch.equal(a, b)

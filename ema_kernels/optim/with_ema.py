@@ -270,6 +270,16 @@ class WithEMA(EMAMixin, torch.optim.Optimizer):
         GradScaler's ``grad_scale``/``found_inf`` (set as attributes by GradScaler when the
         inner optimizer supports them) are passed on to the inner optimizer; on a step with
         ``found_inf`` set no EMA moves (decided on the device)."""
+        if torch.compiler.is_compiling():  # dynamo tracing: a graph break, run eagerly
+            return self._step_graph_break(closure)
+        return self._step(closure)
+
+    @torch.compiler.disable(reason="WithEMA's step plans its EMA launches in Python; it runs "
+                                   "eagerly (a graph break), the inner step included")
+    def _step_graph_break(self, closure):
+        return self._step(closure)
+
+    def _step(self, closure):
         if self._swapped:
             raise RuntimeError("optimizer.step() inside `with opt.swap_ema():` — the parameters "
                                "hold the EMA there; step after the with-block")
