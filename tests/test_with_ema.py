@@ -606,3 +606,28 @@ def test_step_under_torch_compile_is_a_graph_break():
         ref.step()
     for a, b in zip(opt.ema_parameters() + ps, ref.ema_parameters() + twin):
         assert torch.equal(a, b)
+
+
+def test_inner_load_state_dict_directly_and_bad_settings_move_nothing():
+    """The inner optimizer's own load_state_dict replaces the groups: the EMA settings come back
+    (the defaults) and the clock restarts; a group switched to a bad decay refuses the step
+    before the inner step and before its EMA is made."""
+    ps = _params(23, torch.float32)
+    opt = ek.WithEMA(torch.optim.RMSprop(ps, lr=1e-2), ema_decay=0.5)
+    _train(opt, ps, torch.Generator().manual_seed(1), 2)
+    opt.optimizer.load_state_dict(torch.optim.RMSprop(ps, lr=1e-2).state_dict())
+    before = [p.detach().clone() for p in ps]
+    _train(opt, ps, torch.Generator().manual_seed(2), 1)
+    g = opt.param_groups[0]
+    assert g["ema_decay"] == 0.5 and g["steps"] == 1
+    for z, p, b in zip(opt.ema_parameters(), ps, before):
+        # restarted from θ before the step, then one EMA step: halfway between the iterates
+        torch.testing.assert_close(z, (b + p.detach()) / 2, rtol=0, atol=1e-6)
+    a = torch.nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [a], "ema_decay": None, "ema_schedule": None})
+    opt.param_groups[1]["ema_decay"] = 1.5
+    a.grad = torch.ones(3)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="ema_decay"):
+        opt.step()
+    assert torch.equal(a, before) and a not in opt.state

@@ -172,10 +172,11 @@ class WithEMA(EMAMixin, torch.optim.Optimizer):
     def _backend_key(self) -> tuple:
         return (self.backend, _ops.env_backend())
 
-    def _ensure_sets(self) -> List[List["_EMASet"]]:
+    def _ensure_sets(self, rebuilt: Optional[List[int]] = None) -> List[List["_EMASet"]]:
         """Per group, its EMA sets (one per device and dtype), rebuilt when the group, its
         parameter list, its EMA count or the backend changed (per group: no loop over
-        parameters in the steady state)."""
+        parameters in the steady state). The indices of the groups rebuilt are appended to
+        ``rebuilt``."""
         out = []
         sets = self._sets
         for gi, g in enumerate(self.param_groups):
@@ -185,6 +186,8 @@ class WithEMA(EMAMixin, torch.optim.Optimizer):
             hit = sets.get(gi)
             if hit is None or hit[0] != sig:
                 hit = sets[gi] = (sig, self._build_group(g))
+                if rebuilt is not None:
+                    rebuilt.append(gi)
             out.append(hit[1])
         for gi in [k for k in sets if k >= len(self.param_groups)]:
             del sets[gi]
@@ -293,9 +296,13 @@ class WithEMA(EMAMixin, torch.optim.Optimizer):
                 f"({type(inner).__name__}) does not take them (_step_supports_amp_scaling is "
                 f"False): let torch.amp.GradScaler.step(opt) unscale and skip for it")
         self._settle()
-        # Plan first: a bad schedule, κ or decay raises before anything has moved.
-        sets = self._ensure_sets()
+        # Plan first: a bad schedule, κ or decay raises before anything has moved (and before
+        # an EMA switched on in a group is made).
         plans = [self._ema_plan(gi, g) for gi, g in enumerate(self.param_groups)]
+        rebuilt: List[int] = []
+        sets = self._ensure_sets(rebuilt)
+        for gi in rebuilt:  # an EMA switched on starts its interval now: planned again
+            plans[gi] = self._ema_plan(gi, self.param_groups[gi])
         with torch.no_grad():
             for g, gsets, (weights, _, _) in zip(self.param_groups, sets, plans):
                 if int(g["steps"]) == 0 and gsets:
@@ -341,6 +348,8 @@ class WithEMA(EMAMixin, torch.optim.Optimizer):
         """``(EMA weights or None, s after this step, step count after it)``: on an EMA step
         one weight 1 − d per EMA, d the schedule's decay over [ema_base_steps, s after).
         Pure: checks and evaluates, mutates nothing."""
+        if "base_steps" not in group:  # the inner optimizer loaded a state dict on its own
+            self._adopt(group)
         where = f"param group {gi}"
         kappa = scaling.check_kappa(group["kappa"])
         checks.check_ema_settings(group, where)
