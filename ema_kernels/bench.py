@@ -28,6 +28,8 @@ stream) run.
   EMA``, ``torch fused + diffusers EMAModel`` (``foreach=True``), and
   ``torch.compile(foreach step + foreach_lerp)`` (inductor's generated optimizer + the lerp;
   its first call compiles, in the untimed warm-up; ``--no-compile`` leaves it out);
+- ``ek.WithEMA(torch fused)``: ``ek.WithEMA(torch.optim.X(fused=True))``: torch's fused step,
+  then ema_kernels' EMA-only launch (what any torch optimizer gets from the wrapper);
 - ``stream a+=b``: the copy bandwidth the rows are measured against: ``a.add_(b)`` over two
   contiguous fp32 buffers, in place, moving the *same number of bytes* as the step must (reads
   a and b, writes a: 12 B per element) — the device's streaming ceiling at that footprint,
@@ -84,6 +86,7 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BASELINE = "torch fused + foreach_lerp"
 COPY = "stream a+=b"
+WITH_EMA = "ek.WithEMA(torch fused)"
 CLIP_BASELINE = "torch fused + clip_grad_norm_ + foreach_lerp"
 CLIP_MAX_NORM = 1.0  # the gradients (randn · 1e-2) have norm ≈ 1e-2·√numel: clipped from 10^4 on
 
@@ -285,6 +288,19 @@ def _row_fused_lerp(case: Case):
     return _every(case.ema_every, opt.step, ema), (opt, params, emas)
 
 
+def _row_with_ema(case: Case):
+    """``ek.WithEMA`` around ``torch.optim.X(fused=True)``: torch's fused step, then one
+    EMA-only launch over every parameter (fp32: θ read, ζ read and written, 12 B per parameter
+    per EMA; the same bytes as ``_foreach_lerp_``, in one launch and one θ read for all EMAs)."""
+    import ema_kernels as ek
+
+    params = _make_params(case)
+    decay = case.decays[0] if case.emas == 1 else case.decays
+    opt = ek.WithEMA(_torch_optimizer(case, params, fused=True), ema_decay=decay,
+                     ema_every=case.ema_every)
+    return _every(case.ema_every, opt.step, lambda: None), (opt, params)
+
+
 def _row_fused_clip_lerp(case: Case):
     """torch.nn.utils.clip_grad_norm_ + fused optimizer + _foreach_lerp_ (the ``--clip``
     baseline; the norm and the clip are two passes over the gradients, as torch runs them)."""
@@ -335,6 +351,7 @@ def _row_copy(case: Case):
 # The ek rows are generated from ema_kernels.available_backends(); a baseline is one line here.
 BASELINES: Dict[str, Callable] = {
     BASELINE: _row_fused_lerp,
+    WITH_EMA: _row_with_ema,
     "torch fused + AveragedModel": _row_averaged_model,
     **bench_peers.PEERS,
     bench_peers.COMPILED: bench_peers.compiled_foreach_lerp,

@@ -9,9 +9,11 @@ Where things are:
 - :mod:`.stepping` — ``step()``: planning, then one fused launch per parameter set;
 - :mod:`.clipping` — ``clip_grad_norm_``: the norm, and its coefficient folded into the step;
 - :mod:`.ema_api` — ``ema_parameters``, ``swap_ema``, ``ema_module`` (teachers);
-- :mod:`.checkpoint` — ``state_dict``/``load_state_dict`` and their hooks.
+- :mod:`.checkpoint` — ``state_dict``/``load_state_dict`` and their hooks;
+- :mod:`.with_ema` — ``WithEMA``: the EMAs of any torch optimizer, one EMA-only launch per set.
 """
 from .adam import Adam, AdamW
 from .sgd import SGD
+from .with_ema import WithEMA
 
-__all__ = ["AdamW", "Adam", "SGD"]
+__all__ = ["AdamW", "Adam", "SGD", "WithEMA"]
