@@ -9,8 +9,8 @@ See ``../shared/DESIGN.md`` (the contract) and README.md.
 """
 from . import posthoc, scaling, schedules
 from ._ops import BackendUnavailableError, available_backends
-from .optim import SGD, Adam, AdamW
+from .optim import LAMB, LARS, SGD, Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["AdamW", "Adam", "SGD", "available_backends", "BackendUnavailableError",
+__all__ = ["AdamW", "Adam", "SGD", "LARS", "LAMB", "Lion", "available_backends", "BackendUnavailableError",
            "posthoc", "scaling", "schedules"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Tuple
 
-__all__ = ["check_kappa", "check_rho", "ema_decay", "sgd", "adam"]
+__all__ = ["check_kappa", "check_rho", "ema_decay", "sgd", "adam", "lars", "lamb", "lion"]
 
 
 def check_kappa(kappa) -> float:
@@ -66,3 +66,34 @@ def adam(lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
         scaled.append(nb)
     return {"lr": float(lr) * root, "betas": tuple(scaled), "eps": float(eps) / root,
             "weight_decay": float(weight_decay) * root if decoupled else float(weight_decay)}
+
+
+def lars(lr: float, kappa: float, **unchanged) -> Dict[str, float]:
+    """LARS takes SGD's linear rule, lr → κ·lr (the rule of large-batch LARS training: You et
+    al., "Large Batch Training of Convolutional Networks", 2017, and Goyal et al. 2017); the
+    trust coefficient, momentum and weight decay are unchanged."""
+    return sgd(lr, kappa, **unchanged)
+
+
+def lamb(lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+         weight_decay: float = 0.0, kappa: float = 1.0) -> Dict:
+    """LAMB takes Adam's square-root rule (Malladi et al. 2022) with the decoupled weight decay
+    scaled as AdamW's: lr·√κ, β_i → 1 − κ(1 − β_i), ε/√κ, λ·√κ (see :func:`adam`). LAMB's trust
+    ratio is invariant to the scale of its direction, so the rule acts through the moments' β
+    and ε and the step lr·ratio; it is first-order, as Adam's."""
+    return adam(lr, betas, eps, weight_decay, kappa, decoupled=True)
+
+
+def lion(lr: float, betas: Tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+         kappa: float = 1.0) -> Dict:
+    """Lion has no established batch-size scaling rule: κ = 1 returns the values unchanged, any
+    other κ raises ``ValueError`` (``scale_optimizer=False`` scales the EMA alone)."""
+    k = check_kappa(kappa)
+    if k != 1.0:
+        raise ValueError(
+            f"kappa={kappa!r} with scale_optimizer=True: Lion has no established batch-size "
+            f"scaling rule for its hyperparameters (lr, betas, weight_decay), so none is applied "
+            f"silently. Pass scale_optimizer=False to scale only the EMA (rho -> rho**kappa) and "
+            f"set Lion's lr/betas/weight_decay for the new batch yourself")
+    return {"lr": float(lr), "betas": tuple(float(b) for b in betas),
+            "weight_decay": float(weight_decay)}
