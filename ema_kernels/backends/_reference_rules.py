@@ -20,7 +20,7 @@ Interface (beyond the one of :mod:`ema_kernels.backends.reference`)::
              maximize, first_step, ema_weight, grad_scale, found_inf, <stochastic rounding>)
     lamb_moments(params, grads, exp_avgs, exp_avg_sqs, *, beta1, beta2, eps, weight_decay,
                  maximize, bias_correction1, bias_correction2_sqrt, grad_scale, found_inf)
-        -> sums: (n, 2) tensor, per tensor (Σθ², Σr²)
+        -> sums: (n, 2) float32 tensor, per tensor (Σθ², Σr²) (accumulated in float64)
     lamb_ema(params, exp_avgs, exp_avg_sqs, emas, *, step_sizes, eps, weight_decay,
              bias_correction1, bias_correction2_sqrt, ema_weight, found_inf, <sr>)
     lion_ema(params, grads, exp_avgs, emas, *, lr, beta1, beta2, weight_decay, maximize,
@@ -135,7 +135,9 @@ def lamb_moments(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
     w_v = beta2 if skip is None else skip.value(beta2, 1.0)
     c1 = _scalar(bias_correction1, cdt, dev)
     c2 = _scalar(bias_correction2_sqrt, cdt, dev)
-    sums = torch.zeros(n, 2, dtype=cdt, device=dev)
+    # the sums in float64: the oracle's norms are exact to float32 rounding whatever the size
+    # (a float32 running sum over 2^20 elements drifts by ~1e-5 relative)
+    sums = torch.zeros(n, 2, dtype=torch.float64, device=dev)
     for i, (p_all, g_all) in enumerate(zip(params, grads)):
         p_flat, g_flat = p_all.view(-1), g_all.view(-1)
         m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
@@ -148,10 +150,11 @@ def lamb_moments(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tenso
                 g = skip.zeroed(g, out=t_g)  # a skipped step's gradient: zeros (may be inf)
             m.lerp_(g, w_m)
             v.mul_(w_v).addcmul_(g, g, value=1 - beta2)
-            sums[i, 0].add_(torch.dot(theta, theta))
-            r = _lamb_direction(m, v, theta, t_g, t_d, c1, c2, eps, weight_decay)
+            t64 = theta.double()
+            sums[i, 0].add_(torch.dot(t64, t64))
+            r = _lamb_direction(m, v, theta, t_g, t_d, c1, c2, eps, weight_decay).double()
             sums[i, 1].add_(torch.dot(r, r))
-    return sums
+    return sums.to(cdt)
 
 
 def lamb_ema(params: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], emas, *,
