@@ -76,12 +76,26 @@ def lars(lr: float, kappa: float, **unchanged) -> Dict[str, float]:
 
 
 def lamb(lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-         weight_decay: float = 0.0, kappa: float = 1.0) -> Dict:
-    """LAMB takes Adam's square-root rule (Malladi et al. 2022) with the decoupled weight decay
-    scaled as AdamW's: lr·√κ, β_i → 1 − κ(1 − β_i), ε/√κ, λ·√κ (see :func:`adam`). LAMB's trust
-    ratio is invariant to the scale of its direction, so the rule acts through the moments' β
-    and ε and the step lr·ratio; it is first-order, as Adam's."""
-    return adam(lr, betas, eps, weight_decay, kappa, decoupled=True)
+         weight_decay: float = 0.0, kappa: float = 1.0, lr_rule: str = "sqrt") -> Dict:
+    """LAMB's rule (``scale_optimizer=True`` applies it): Adam's square-root rule (Malladi et
+    al. 2022; the square-root lr scaling of You et al. 2020's large-batch BERT runs) with the
+    decoupled weight decay scaled as AdamW's: lr·√κ, β_i → 1 − κ(1 − β_i), ε/√κ, λ·√κ (see
+    :func:`adam`).
+
+    ``lr_rule="linear"`` gives lr·κ instead (β, ε, λ as above). LAMB's trust ratio fixes each
+    tensor's step to lr·‖θ‖ whatever the size of Adam's direction, so in SDE terms it scales like
+    LARS, not like Adam: on the noisy parabola (tests/test_lars_lamb_lion.py,
+    docs/optimizers.md) the linear lr tracks the κ = 1 trajectory at κ = 8 and the square-root
+    one does not. It is offered for ``scale_optimizer=False`` users; the optimizer's own rule is
+    the documented square-root one.
+    """
+    if lr_rule not in ("sqrt", "linear"):
+        raise ValueError(f"lr_rule={lr_rule!r}: choose 'sqrt' (Adam's rule, the default) or "
+                         f"'linear' (lr·kappa)")
+    out = adam(lr, betas, eps, weight_decay, kappa, decoupled=True)
+    if lr_rule == "linear":
+        out["lr"] = float(lr) * check_kappa(kappa)
+    return out
 
 
 def lion(lr: float, betas: Tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
