@@ -5,6 +5,9 @@
 - Adam / AdamW (square-root rule of Malladi et al., "On the SDEs and Scaling Rules for Adaptive
   Gradient Algorithms", NeurIPS 2022): lr → √κ·lr, β_i → 1 − κ(1 − β_i), ε → ε/√κ; AdamW's
   decoupled weight decay λ → √κ·λ, so that the per-step shrinkage lr·λ scales by κ.
+- LARS: SGD's linear rule; LAMB: Adam's square-root rule with AdamW's weight decay (a
+  ``lr_rule="linear"`` variant, which tracks κ = 1 better: docs/optimizers.md); Lion: none
+  (κ ≠ 1 raises).
 
 All are first-order approximations: they hold while κ·lr stays small (and, for Adam, while every
 scaled β stays ≥ 0 — beyond that the rule has no meaning and we raise).

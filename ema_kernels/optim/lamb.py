@@ -10,9 +10,9 @@ The ratio applies to every tensor (the paper; apex's FusedLAMB and timm's Lamb a
 where weight_decay ≠ 0 unless ``use_nvlamb``/``always_adapt``). ‖r‖ needs the new moments, so the
 step is two passes, as apex's two-kernel FusedLAMB: pass 1 reads θ g m v, writes m v and sums
 θ² and r² per tensor (24 B per fp32 parameter); pass 2 reads θ m v ζ and writes θ ζ, r
-recomputed bit for bit (24 B with one EMA): 48 B. A foreach implementation (r in a temporary,
-foreach norms, then ``_foreach_lerp_``) moves 16+8 (moments) + 12·4 (r: m/bc, √v, +ε, ÷, +λθ in
-temporaries, about 48) + 8 (norms of θ and r) + 12 (θ update) + 12 (lerp) ≈ 104 B.
+recomputed bit for bit (24 B with one EMA): 48 B. A foreach implementation (r in temporaries,
+foreach norms, then ``_foreach_lerp_``) moves 12 + 24 (moments) + 56 (r: m/bc, √v, /bc, +ε, ÷,
++λθ) + 8 (norms of θ and r) + 20 (θ −= lr·ratio·r) + 12 (lerp) = 132 B (docs/optimizers.md).
 
 State: ``exp_avg``, ``exp_avg_sq``, ``step`` (apex/timm/torch-optimizer's LAMB keys).
 """

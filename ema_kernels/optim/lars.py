@@ -13,7 +13,8 @@ plain SGD with momentum: their launch is ``sgd_ema``, without the norm pass.
 Bytes per parameter (fp32, one EMA, weight decay ≠ 0): the norm pass reads θ and g (8, one
 ``torch._foreach_norm`` each), the fused pass reads θ g buf ζ and writes θ buf ζ (28): 36 B.
 A foreach implementation + ``_foreach_lerp_`` moves 8 (norms) + 12 (g + λθ, in a temporary) +
-8 (·ratio) + 12 (momentum) + 12 (θ update) + 12 (lerp) = 64 B.
+8 (·ratio) + 8 + 12 (momentum: mul_, add_) + 12 (θ update) + 12 (lerp) = 72 B
+(docs/optimizers.md).
 """
 from __future__ import annotations
 
