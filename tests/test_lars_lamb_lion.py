@@ -608,3 +608,48 @@ def test_parabola_lamb_tracks_kappa1_with_the_linear_lr(threads):
     assert err_linear < 0.02, (err_linear, err_sqrt)     # measured 0.008
     assert err_sqrt > 10 * err_linear, (err_linear, err_sqrt)  # measured 0.30
     assert err_unscaled > 10 * err_linear, (err_linear, err_unscaled)
+
+
+@pytest.mark.parametrize("case", ["lars", "lamb", "lion"])
+def test_maximize_equals_the_negated_gradient(case):
+    a, b = make_model(12), make_model(12)
+    oa, ob = _make(case, a, maximize=True), _make(case, b)
+    for x in XS[:3]:
+        for m, o, sign in ((a, oa, 1.0), (b, ob, -1.0)):
+            o.zero_grad()
+            (sign * loss_fn(m, x)).backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_bolts_lars_checkpoint_loads_and_resumes():
+    """A state dict as pl_bolts' LARS saves it (momentum_buffer only; its group keys) loads into
+    ek.LARS: the momentum continues (the next step equals the oracle's) and the EMA starts from
+    the parameters."""
+    m = make_model(13)
+    params = list(m.parameters())
+    kw = dict(lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coefficient=0.02)
+    state = {}
+    for x in XS[:2]:
+        m.zero_grad()
+        loss_fn(m, x).backward()
+        with torch.no_grad():
+            lars_oracle(params, [p.grad for p in params], state, **kw)
+    bolts_sd = {"state": {i: {"momentum_buffer": state[p]["momentum_buffer"].clone()}
+                          for i, p in enumerate(params)},
+                "param_groups": [dict(kw, dampening=0.0, nesterov=False, eps=1e-8,
+                                      params=list(range(len(params))))]}
+    m2 = copy.deepcopy(m)
+    opt = ek.LARS(m2.parameters(), **kw, ema_decay=0.9, backend="reference")
+    opt.load_state_dict(bolts_sd)
+    for e, p in zip(opt.ema_parameters(), m2.parameters()):
+        assert torch.equal(e, p)
+    for mdl in (m, m2):
+        mdl.zero_grad()
+        loss_fn(mdl, XS[2]).backward()
+    with torch.no_grad():
+        lars_oracle(params, [p.grad for p in params], state, **kw)
+    opt.step()
+    for p, q in zip(params, m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
