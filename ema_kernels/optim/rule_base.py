@@ -8,6 +8,8 @@
 - LARS and LAMB scale each tensor by norms of the whole tensor, so ``flatten=True``'s one-launch
   flat path (where the kernels see one buffer, not the tensors) is not taken: the flat buffers'
   per-parameter views are stepped as a list, one launch per set all the same.
+- No C++ StepTable: its launches are Adam's and SGD's, so these sets are planned in Python
+  (one list launch per set all the same; a few µs more host time per set and step).
 - Each set's reduction domain for those norms (:func:`.norms.shard_domain`: FSDP2's sharded
   mesh dimensions) is found while planning, so a set that cannot be reduced raises before
   anything moves.
@@ -17,7 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import _ops
-from . import norms
+from . import norms, tables
 from .base import EMAOptimizer
 
 
@@ -31,7 +33,9 @@ class RuleOptimizer(EMAOptimizer):
     def _backend_for(self, ts, env):
         key = (self.backend, env)
         if ts.backend_key == key:
-            return ts.backend_module
+            mod = ts.backend_module
+            ts.table, ts.table_backend = tables.UNUSABLE, mod
+            return mod
         mod = super()._backend_for(ts, env)
         if not hasattr(mod, self._BACKEND_OP):
             if self.backend == "auto" and not env:
@@ -44,6 +48,9 @@ class RuleOptimizer(EMAOptimizer):
                     f"({self._BACKEND_OP}); backends that run {type(self).__name__} on "
                     f"{ts.device.type} tensors here: {have}. Use backend='auto' or one of those")
         ts.backend_module, ts.backend_key = mod, key
+        # No StepTable (its launches are Adam's and SGD's): step() plans these sets in Python,
+        # one list launch per set. (_plan asks this right before tables.table_for.)
+        ts.table, ts.table_backend = tables.UNUSABLE, mod
         return mod
 
     def _plan_set(self, ts, gi, group):
@@ -82,13 +89,16 @@ class RuleOptimizer(EMAOptimizer):
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):
-        """lr, the step count and the EMA weights from device tensors (no host read)."""
-        from ..backends.reference import _capturable_emas
-        lists, weights = _capturable_emas(emas, ema_weight, len(params),
-                                          f"{self._BACKEND_OP}_capturable")
-        self._launch(backend, group, hp, params, grads, state, lists, weights, grad_scale,
-                     found_inf, lr.detach().reshape(()), step.detach().reshape(()),
-                     first_step=hp.get("first_step", False), sr=sr)
+        """lr, the step count and the EMA weights from device tensors (no host read). The
+        compiled kernels take the EMA weights as one float32 tensor and read the (1,)-shaped
+        ``lr`` themselves; the reference takes 0-dim device scalars."""
+        if backend.NAME == "reference":
+            from ..backends.reference import _capturable_emas
+            emas, ema_weight = _capturable_emas(emas, ema_weight, len(params),
+                                                f"{self._BACKEND_OP}_capturable")
+            lr, step = lr.detach().reshape(()), step.detach().reshape(())
+        self._launch(backend, group, hp, params, grads, state, emas, ema_weight, grad_scale,
+                     found_inf, lr, step, first_step=hp.get("first_step", False), sr=sr)
 
     def _launch(self, backend, group, hp, params, grads, state, emas, ema_weight, grad_scale,
                 found_inf, lr, step, *, first_step, sr):  # pragma: no cover - overridden
