@@ -755,9 +755,9 @@ def format_table(rows: Sequence[dict]) -> str:
         if c not in configs:
             configs.append(c)
     for device, opt, dtype, every, n_emas, clip in configs:
+        base = CLIP_BASELINE if clip else RULE_BASELINE if opt in RULES else BASELINE
         out.append(f"device={device}  optimizer={opt}  dtype={dtype}  ema_every={every}  "
-                   f"emas={n_emas}{'  clip=True' if clip else ''}  (speedup vs "
-                   f"'{CLIP_BASELINE if clip else BASELINE}')")
+                   f"emas={n_emas}{'  clip=True' if clip else ''}  (speedup vs '{base}')")
         out.append("")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|")

@@ -67,3 +67,11 @@ def test_rows_and_a_tiny_run(rule):
     for r in rows:
         assert r["gbps"] > 0 and r["pct_of_copy"] > 0, r
     assert by[bench.RULE_BASELINE]["speedup"] == pytest.approx(1.0)
+
+
+def test_table_names_the_rules_baseline():
+    rows = [dict(name=n, device="cpu", optimizer="lion", dtype="fp32", numel=10, tensors=1,
+                 ema_every=1, emas=1, ms=1.0, bytes_per_param=28, gbps=1.0, pct_of_copy=1.0,
+                 speedup=1.0, clip=False) for n in (bench.RULE_BASELINE, bench.COPY)]
+    text = bench.format_table(rows)
+    assert f"speedup vs '{bench.RULE_BASELINE}'" in text
