@@ -12,5 +12,6 @@ from ._ops import BackendUnavailableError, available_backends
 from .optim import LAMB, LARS, SGD, Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["AdamW", "Adam", "SGD", "LARS", "LAMB", "Lion", "available_backends", "BackendUnavailableError",
+__all__ = ["AdamW", "Adam", "SGD", "LARS", "LAMB", "Lion", "available_backends",
+           "BackendUnavailableError",
            "posthoc", "scaling", "schedules"]

@@ -5,8 +5,8 @@ the EMA; the glue to the backends' ``lion_ema`` launch::
 
 One pass: fp32 with one EMA reads θ g m ζ and writes θ m ζ, 28 B per parameter, against a
 foreach implementation + ``_foreach_lerp_``'s 8 (decay) + 20 (c = β1·m + (1−β1)·g in a
-temporary) + 8 (sign) + 12 (θ update) + 20 (m) + 12 (lerp) = 80 B (docs/optimizers.md). State: ``exp_avg`` (lucidrains/lion-pytorch's key),
-plus ``step``.
+temporary) + 8 (sign) + 12 (θ update) + 20 (m) + 12 (lerp) = 80 B (docs/optimizers.md).
+State: ``exp_avg`` (lucidrains/lion-pytorch's key), plus ``step``.
 """
 from __future__ import annotations
 
