@@ -518,6 +518,107 @@ void sgd_ema_capturable_cuda_impl(EK_SGD_CAPT_ARGS) {
 #endif
 
 // ------------------------------------------------------------------------------------------
+// Lion (issue 25): lion_ema_ / lion_ema_capturable_ (exp_avgs: s0 of the pointer table)
+// ------------------------------------------------------------------------------------------
+struct LionCall {
+  Checker c;
+  LionArgs a;
+  std::vector<TensorPtrs> ts;
+};
+
+LionCall lion_prepare(const char* op, at::TensorList params, at::TensorList grads,
+                      at::TensorList exp_avgs, at::TensorList emas, int64_t n_emas, double beta1,
+                      double beta2, double weight_decay, bool maximize,
+                      const c10::optional<Tensor>& grad_scale,
+                      const c10::optional<Tensor>& found_inf) {
+  LionCall call{Checker{op}, LionArgs(), {}};
+  Checker& c = call.c;
+  c.params(params);
+  c.list(grads, params, "grads", true);
+  c.list(exp_avgs, params, "exp_avgs", false);
+  c.ema_lists(emas, params, n_emas);
+  call.a.beta1 = beta1;
+  call.a.beta2 = beta2;
+  call.a.weight_decay = weight_decay;
+  call.a.maximize = maximize;
+  call.a.n_emas = int(n_emas);
+  call.a.grad_scale = c.scalar(grad_scale, "grad_scale");
+  call.a.found_inf = c.scalar(found_inf, "found_inf");
+  // the same pointer table as SGD's, with exp_avg where SGD has its momentum buffer
+  call.ts = sgd_ptrs(params, grads, exp_avgs, emas, true, int(n_emas));
+  return call;
+}
+
+#define EK_LION_PLAIN_ARGS                                                                    \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList emas,  \
+      double lr, double beta1, double beta2, double weight_decay, bool maximize,              \
+      std::vector<double> ema_weights, const c10::optional<Tensor>& grad_scale,               \
+      const c10::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t sr_seed,      \
+      int64_t sr_step, at::OptionalIntArrayRef sr_offsets
+#define EK_LION_PLAIN_FWD                                                                     \
+  params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize, ema_weights,       \
+      grad_scale, found_inf, stochastic_rounding, sr_seed, sr_step, sr_offsets
+#define EK_LION_CAPT_ARGS                                                                     \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList emas,  \
+      const Tensor& lr, double beta1, double beta2, double weight_decay, bool maximize,       \
+      const c10::optional<Tensor>& ema_weight, const c10::optional<Tensor>& grad_scale,       \
+      const c10::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t sr_seed,      \
+      int64_t sr_step, at::OptionalIntArrayRef sr_offsets
+#define EK_LION_CAPT_FWD                                                                      \
+  params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize, ema_weight,        \
+      grad_scale, found_inf, stochastic_rounding, sr_seed, sr_step, sr_offsets
+
+LionCall lion_prepare_plain(const char* op, EK_LION_PLAIN_ARGS) {
+  LionCall call = lion_prepare(op, params, grads, exp_avgs, emas, int64_t(ema_weights.size()),
+                               beta1, beta2, weight_decay, maximize, grad_scale, found_inf);
+  call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
+  call.a.lr = lr;
+  set_ema_weights(call.a.ema_w, ema_weights.data(), ema_weights.size());
+  return call;
+}
+
+LionCall lion_prepare_capturable(const char* op, EK_LION_CAPT_ARGS) {
+  const bool has_ema = ema_weight.has_value() && ema_weight->defined();
+  const int64_t n_emas = has_ema ? ema_weight->numel() : 0;
+  LionCall call = lion_prepare(op, params, grads, exp_avgs, emas, n_emas, beta1, beta2,
+                               weight_decay, maximize, grad_scale, found_inf);
+  call.a.sr = sr_prepare(call.c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
+  if (params.empty()) return call;
+  call.a.capturable = true;
+  call.a.cap.lr = call.c.scalar(lr, "lr");
+  call.a.cap.ema_w = call.c.weights(ema_weight, n_emas);
+  return call;
+}
+
+#ifndef EK_CUDA_EMULATION
+void lion_cpu_run(LionCall&& call) {
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  lion_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
+}
+void lion_ema_cpu_impl(EK_LION_PLAIN_ARGS) {
+  lion_cpu_run(lion_prepare_plain("lion_ema_", EK_LION_PLAIN_FWD));
+}
+void lion_ema_capturable_cpu_impl(EK_LION_CAPT_ARGS) {
+  lion_cpu_run(lion_prepare_capturable("lion_ema_capturable_", EK_LION_CAPT_FWD));
+}
+#endif
+#ifdef EK_CUDA_KERNELS
+void lion_cuda_run(LionCall&& call) {
+  if (call.ts.empty()) return;
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return lion_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, device, stream);
+  });
+}
+void lion_ema_cuda_impl(EK_LION_PLAIN_ARGS) {
+  lion_cuda_run(lion_prepare_plain("lion_ema_", EK_LION_PLAIN_FWD));
+}
+void lion_ema_capturable_cuda_impl(EK_LION_CAPT_ARGS) {
+  lion_cuda_run(lion_prepare_capturable("lion_ema_capturable_", EK_LION_CAPT_FWD));
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
 // EMA only
 // ------------------------------------------------------------------------------------------
 struct EmaCall {
@@ -699,6 +800,18 @@ EK_TORCH_LIBRARY(EK_OPS_NS, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None, bool stochastic_rounding=False, "
       "int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) -> ()");
   m.def("ema_only_(Tensor(a!)[] emas, Tensor[] params, *, float[] ema_weights) -> ()");
+  m.def(
+      "lion_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] emas, "
+      "*, float lr, float beta1, float beta2, float weight_decay, bool maximize, "
+      "float[] ema_weights, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool stochastic_rounding=False, int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) "
+      "-> ()");
+  m.def(
+      "lion_ema_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] emas, *, Tensor lr, float beta1, float beta2, float weight_decay, "
+      "bool maximize, Tensor? ema_weight, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool stochastic_rounding=False, int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) "
+      "-> ()");
   m.def("build_info() -> str", &ek::build_info);
   m.def("sr_round(Tensor x, bool half, int seed, int step, int base) -> Tensor",
         &ek::sr_round_op);
@@ -721,6 +834,8 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
   m.impl("sgd_ema_", &ek::sgd_ema_cuda_impl);
   m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cuda_impl);
   m.impl("ema_only_", &ek::ema_only_cuda_impl);
+  m.impl("lion_ema_", &ek::lion_ema_cuda_impl);
+  m.impl("lion_ema_capturable_", &ek::lion_ema_capturable_cuda_impl);
 }
 #else
 EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
@@ -729,6 +844,8 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
   m.impl("sgd_ema_", &ek::sgd_ema_cpu_impl);
   m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cpu_impl);
   m.impl("ema_only_", &ek::ema_only_cpu_impl);
+  m.impl("lion_ema_", &ek::lion_ema_cpu_impl);
+  m.impl("lion_ema_capturable_", &ek::lion_ema_capturable_cpu_impl);
 }
 #endif
 
@@ -739,6 +856,8 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CUDA, m) {
   m.impl("sgd_ema_", &ek::sgd_ema_cuda_impl);
   m.impl("sgd_ema_capturable_", &ek::sgd_ema_capturable_cuda_impl);
   m.impl("ema_only_", &ek::ema_only_cuda_impl);
+  m.impl("lion_ema_", &ek::lion_ema_cuda_impl);
+  m.impl("lion_ema_capturable_", &ek::lion_ema_capturable_cuda_impl);
 }
 #endif
 

@@ -23,6 +23,7 @@ namespace ek {
 using AdamRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const AdamScalars&, float);
 using SgdRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const SgdScalars&, float);
 using EmaRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const EmaWeights&);
+using LionRangeFn = void (*)(const TensorPtrs&, int64_t, int64_t, const LionScalars&, float);
 
 namespace base {
 #include "fused_cpu_impl.h"
@@ -169,6 +170,30 @@ void ema_only_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const double* 
 #endif
   if (fn == nullptr) return;
   for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, w); });
+}
+
+// Lion (issue 25).
+void lion_ema_cpu(const std::vector<TensorPtrs>& ts, DType dtype, const LionArgs& a) {
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
+  double lr = a.lr;
+  EmaWeights ema = make_ema_weights(a.ema_w, a.n_emas);
+  if (a.capturable) {
+    lr = double(*a.cap.lr);
+    ema = make_ema_weights(a.cap.ema_w, a.n_emas);
+  }
+  LionScalars s = make_lion_scalars(lr, a.beta1, a.beta2, a.weight_decay, a.maximize, ema);
+  set_sr_key(s, a.sr);
+  const bool wd = a.weight_decay != 0.0;
+  const bool scale = a.grad_scale != nullptr;
+  const float gs = scale ? *a.grad_scale : 1.0f;
+#ifdef EK_HAVE_AVX2_VARIANT
+  const LionRangeFn fn = use_avx2() ? avx2::lion_fn(dtype, a.n_emas, wd, scale, a.sr.on)
+                                    : base::lion_fn(dtype, a.n_emas, wd, scale, a.sr.on);
+#else
+  const LionRangeFn fn = base::lion_fn(dtype, a.n_emas, wd, scale, a.sr.on);
+#endif
+  if (fn == nullptr) return;
+  for_each_chunk(ts, [&](const TensorPtrs& t, int64_t lo, int64_t hi) { fn(t, lo, hi, s, gs); });
 }
 
 }  // namespace ek

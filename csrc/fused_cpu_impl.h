@@ -245,3 +245,81 @@ inline EmaRangeFn ema_fn(DType dt, int nz) {
   }
   return nullptr;
 }
+
+// ---- Lion (issue 25) ----
+template <bool WD, bool SCALE>
+struct StaticLionCfg {
+  static constexpr bool wd = WD;
+  static constexpr bool has_scale = SCALE;
+};
+
+template <class S, int NZ, bool WD, bool SCALE>
+void lion_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g,
+               float* __restrict m, float* __restrict z0, float* __restrict z1,
+               float* __restrict z2, float* __restrict z3, int64_t n, const LionScalars s,
+               const float scale, const uint64_t idx0) {
+  using R = typename S::raw;
+  const StaticLionCfg<WD, SCALE> cfg;
+  const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
+  for (int64_t i = 0; i < n; ++i) {
+    R pi = p[i];
+    float mi = m[i];
+    float zi[kMaxEmas];
+    if (NZ > 0) zi[0] = z0[i];
+    if (NZ > 1) zi[1] = z1[i];
+    if (NZ > 2) zi[2] = z2[i];
+    if (NZ > 3) zi[3] = z3[i];
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
+    lion_ema_element<S, NZ>(pi, g[i], mi, zi, s, scale, cfg, rb);
+    p[i] = pi;
+    m[i] = mi;
+    if (NZ > 0) z0[i] = zi[0];
+    if (NZ > 1) z1[i] = zi[1];
+    if (NZ > 2) z2[i] = zi[2];
+    if (NZ > 3) z3[i] = zi[3];
+  }
+}
+
+template <class S, int NZ, bool WD, bool SCALE>
+void lion_range(const TensorPtrs& t, int64_t a, int64_t b, const LionScalars& s, float scale) {
+  using R = typename S::raw;
+  lion_loop<S, NZ, WD, SCALE>(static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a,
+                              t.s0 + a, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
+                              ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, scale,
+                              uint64_t(t.sr_base + a));
+}
+
+template <class S, int NZ>
+LionRangeFn lion_pick_nz(bool wd, bool scale) {
+  switch ((wd << 1) | int(scale)) {
+#define EK_CASE(W, C) \
+  case (W << 1) | C: return &lion_range<S, NZ, W, C>;
+    EK_CASE(0, 0) EK_CASE(0, 1) EK_CASE(1, 0) EK_CASE(1, 1)
+#undef EK_CASE
+  }
+  return nullptr;
+}
+
+template <class S>
+LionRangeFn lion_pick(int nz, bool wd, bool scale) {
+  switch (nz) {
+    case 0: return lion_pick_nz<S, 0>(wd, scale);
+    case 1: return lion_pick_nz<S, 1>(wd, scale);
+    case 2: return lion_pick_nz<S, 2>(wd, scale);
+    case 3: return lion_pick_nz<S, 3>(wd, scale);
+    case 4: return lion_pick_nz<S, 4>(wd, scale);
+  }
+  return nullptr;
+}
+
+inline LionRangeFn lion_fn(DType dt, int nz, bool wd, bool scale, bool sr) {
+  switch (dt) {
+    case DType::kF32: return lion_pick<F32>(nz, wd, scale);
+    case DType::kBF16:
+      return sr ? lion_pick<BF16SR>(nz, wd, scale) : lion_pick<BF16>(nz, wd, scale);
+    case DType::kF16:
+      return sr ? lion_pick<F16SR>(nz, wd, scale) : lion_pick<F16>(nz, wd, scale);
+  }
+  return nullptr;
+}

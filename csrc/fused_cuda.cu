@@ -907,4 +907,148 @@ const char* cuda_arch_list() {
 int cuda_compiled_version() { return CUDART_VERSION; }
 #endif
 
+// ==========================================================================================
+// Lion (issue 25): one pass, read theta g m z, write theta m z (s0 of the pointer table: m).
+// The math is fused_math.h's lion_ema_element, shared with the CPU twin.
+// ==========================================================================================
+namespace {
+
+struct LionKArgs {
+  LionScalars s;
+  LionConfig cfg;
+  const float* grad_scale;
+  const float* found_inf;
+  CapturablePtrs cap;
+  double beta1, beta2, wd;
+  bool maximize;
+};
+
+static_assert(sizeof(LionKArgs) <= sizeof(AdamKArgs), "the Adam launch has the largest arguments");
+
+struct LionLaunch {
+  LionScalars s;
+  float gs;
+};
+
+template <class S, int NZ>
+struct LionOp {
+  using Args = LionKArgs;
+  using Scalars = LionLaunch;
+  using R = typename S::raw;
+  static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = NZ;
+  static constexpr bool kSR = S::kStochastic;
+
+  __device__ static __forceinline__ bool prologue(const LionKArgs& a, LionLaunch& l) {
+    if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
+    l.s = a.s;
+    if (a.cap.lr != nullptr) {
+      l.s = make_lion_scalars(double(*a.cap.lr), a.beta1, a.beta2, a.wd, a.maximize,
+                              make_ema_weights(a.cap.ema_w, NZ));
+      l.s.sr_k0 = a.s.sr_k0;
+      l.s.sr_k1 = a.s.sr_k1;
+    }
+    l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+    return true;
+  }
+
+  __device__ static __forceinline__ void span(const Span& sp, const LionLaunch& l,
+                                              const LionKArgs& a) {
+    constexpr int N = kVec;
+    R* __restrict__ p = static_cast<R*>(sp.t.p);
+    const R* __restrict__ g = static_cast<const R*>(sp.t.g);
+    float* __restrict__ m = sp.t.s0;
+    float* const* z = sp.t.z;
+    const int64_t lo = sp.lo;
+    const bool vec = aligned16(p + lo) && aligned16(g + lo) && aligned16(m + lo) &&
+                     emas_aligned16<NZ>(sp.t, lo);
+    const LionScalars& s = l.s;
+    const float gs = l.gs;
+    const LionConfig& cfg = a.cfg;
+    const SrKey key = sr_key_of(s);
+    const uint64_t base = uint64_t(sp.t.sr_base);
+    walk<N>(
+        sp, vec,
+        [&](int64_t i) {
+          R rp[N], rg[N];
+          float rm[N], rz[kMaxEmas][N];
+          load_vec(rp, p + i);
+          load_vec(rg, g + i);
+          load_vec(rm, m + i);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) load_vec(rz[e], z[e] + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            float ze[kMaxEmas];
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
+            const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i + k)) : 0u;
+            lion_ema_element<S, NZ>(rp[k], rg[k], rm[k], ze, s, gs, cfg, rr);
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
+          }
+          store_vec(p + i, rp);
+          store_vec(m + i, rm);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
+        },
+        [&](int64_t i) {
+          R rp = p[i];
+          float rm = m[i], ze[kMaxEmas];
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
+          lion_ema_element<S, NZ>(rp, g[i], rm, ze, s, gs, cfg, rr);
+          p[i] = rp;
+          m[i] = rm;
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
+        });
+  }
+};
+
+template <class S>
+const char* lion_dispatch(const std::vector<TensorPtrs>& ts, const LionKArgs& k, int nz,
+                          int device, cudaStream_t st) {
+  switch (nz) {
+    case 0: return run<LionOp<S, 0>>(ts, k, device, st);
+    case 1: return run<LionOp<S, 1>>(ts, k, device, st);
+    case 2: return run<LionOp<S, 2>>(ts, k, device, st);
+    case 3: return run<LionOp<S, 3>>(ts, k, device, st);
+    case 4: return run<LionOp<S, 4>>(ts, k, device, st);
+  }
+  return "more EMAs than the kernels update in one pass (kMaxEmas)";
+}
+
+}  // namespace
+
+const char* lion_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const LionArgs& a,
+                          int device, void* stream) {
+  LionKArgs k;
+  k.s = make_lion_scalars(a.lr, a.beta1, a.beta2, a.weight_decay, a.maximize,
+                          make_ema_weights(a.ema_w, a.n_emas));
+  k.cfg.wd = a.weight_decay != 0.0;
+  k.cfg.has_scale = a.grad_scale != nullptr;
+  k.grad_scale = a.grad_scale;
+  k.found_inf = a.found_inf;
+  k.cap = a.capturable ? a.cap : CapturablePtrs();
+  k.beta1 = a.beta1;
+  k.beta2 = a.beta2;
+  k.wd = a.weight_decay;
+  k.maximize = a.maximize;
+  set_sr_key(k.s, a.sr);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool sr = a.sr.on;
+  switch (dtype) {
+    case DType::kF32: return lion_dispatch<F32>(ts, k, a.n_emas, device, st);
+    case DType::kBF16:
+      return sr ? lion_dispatch<BF16SR>(ts, k, a.n_emas, device, st)
+                : lion_dispatch<BF16>(ts, k, a.n_emas, device, st);
+    case DType::kF16:
+      return sr ? lion_dispatch<F16SR>(ts, k, a.n_emas, device, st)
+                : lion_dispatch<F16>(ts, k, a.n_emas, device, st);
+  }
+  return "unsupported dtype";
+}
+
 }  // namespace ek

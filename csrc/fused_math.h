@@ -532,6 +532,65 @@ struct F16SR : F16 {
   static constexpr bool kStochastic = true;
 };
 
+// ------------------------------------------------------------------------------------------
+// Lion (issue 25; Chen et al. 2023, lucidrains/lion-pytorch's order of operations).  Operation
+// order = ema_kernels/backends/_reference_rules.py lion_ema.
+// ------------------------------------------------------------------------------------------
+struct LionScalars {
+  float beta1, one_minus_beta1;  // float(beta1), float(1 - beta1)
+  float beta2, one_minus_beta2;  // float(beta2), float(1 - beta2)
+  float decay;                   // float(1 - lr * wd)
+  float neg_lr;                  // float(-lr)
+  float gsign;                   // -1 if maximize else 1
+  EmaWeights ema;
+  uint32_t sr_k0, sr_k1;
+};
+
+struct LionConfig {
+  bool wd;         // weight_decay != 0
+  bool has_scale;  // grad_scale given
+};
+
+EK_HD LionScalars make_lion_scalars(double lr, double beta1, double beta2, double wd,
+                                    bool maximize, const EmaWeights& ema) {
+  LionScalars s;
+  s.beta1 = float(beta1);
+  s.one_minus_beta1 = float(1.0 - beta1);
+  s.beta2 = float(beta2);
+  s.one_minus_beta2 = float(1.0 - beta2);
+  s.decay = float(1.0 - lr * wd);
+  s.neg_lr = float(-lr);
+  s.gsign = maximize ? -1.0f : 1.0f;
+  s.ema = ema;
+  s.sr_k0 = s.sr_k1 = 0;
+  return s;
+}
+
+// torch.sign: 1, -1, or 0 (for ±0 and NaN).
+EK_HD float sign_of(float c) { return c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f); }
+
+// Lion on one element; returns the new theta (before rounding to the storage dtype).
+template <class Cfg>
+EK_HD float lion_update(float theta, float g, float& m, const LionScalars& s, float grad_scale,
+                        const Cfg& cfg) {
+  if (cfg.has_scale) g = fdiv(g, grad_scale);
+  g = fmul(g, s.gsign);
+  if (cfg.wd) theta = fmul(theta, s.decay);                        // theta.mul_(1 - lr*wd)
+  const float c = ffma(g, s.one_minus_beta1, fmul(m, s.beta1));    // mul(m, b1).add_(g, alpha)
+  theta = ffma(sign_of(c), s.neg_lr, theta);                       // theta.add_(sign, alpha=-lr)
+  m = ffma(g, s.one_minus_beta2, fmul(m, s.beta2));                // m.mul_(b2).add_(g, alpha)
+  return theta;
+}
+
+template <class S, int NZ, class Cfg>
+EK_HD void lion_ema_element(typename S::raw& p, typename S::raw g, float& m, float* z,
+                            const LionScalars& s, float grad_scale, const Cfg& cfg,
+                            uint32_t rbits = 0) {
+  const float th = lion_update(S::load(p), S::load(g), m, s, grad_scale, cfg);
+  p = S::store_r(th, rbits);
+  ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
+}
+
 #if defined(EK_EMULATE_DEVICE)
 }  // inline namespace emulated_device
 #endif

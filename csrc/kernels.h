@@ -112,12 +112,27 @@ inline void set_ema_weights(double* out, const double* w, size_t n) {
   for (size_t k = 0; k < n && k < size_t(kMaxEmas); ++k) out[k] = w[k];
 }
 
+// Lion (issue 25): s0 of TensorPtrs is exp_avg.
+struct LionArgs {
+  double lr = 0;
+  double ema_w[kMaxEmas] = {};
+  int n_emas = 0;
+  double beta1 = 0.9, beta2 = 0.99, weight_decay = 0;
+  bool maximize = false;
+  bool capturable = false;
+  CapturablePtrs cap;
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+  SrArgs sr;
+};
+
 // CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.
 void adam_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a);
 void sgd_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a);
 void ema_only_cpu(const std::vector<TensorPtrs>& t, DType dtype, const double* ema_w,
                   int n_emas);
 const char* cpu_isa();  // which instruction-set variant of the CPU kernels runs here
+void lion_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const LionArgs& a);
 
 #if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
 // CUDA (fused_cuda.cu).  `stream` is a cudaStream_t.  Return nullptr on success, else the CUDA
@@ -129,6 +144,8 @@ const char* sgd_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const Sg
                          int device, void* stream);
 const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, const double* ema_w,
                           int n_emas, int device, void* stream);
+const char* lion_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const LionArgs& a,
+                          int device, void* stream);
 #endif
 
 #ifdef EK_WITH_CUDA

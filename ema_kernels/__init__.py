@@ -9,8 +9,9 @@ See ``../shared/DESIGN.md`` (the contract), README.md and the guides in docs/.
 """
 from . import posthoc, scaling, schedules
 from ._ops import BackendUnavailableError, available_backends
-from .optim import SGD, Adam, AdamW, WithEMA
+from .optim import LAMB, LARS, SGD, Adam, AdamW, Lion, WithEMA
 
 __version__ = "0.1.0"
-__all__ = ["AdamW", "Adam", "SGD", "WithEMA", "available_backends", "BackendUnavailableError",
+__all__ = ["AdamW", "Adam", "SGD", "LARS", "LAMB", "Lion", "WithEMA", "available_backends",
+           "BackendUnavailableError",
            "posthoc", "scaling", "schedules"]

@@ -5,7 +5,10 @@ Every backend is a module of ``ema_kernels.backends`` exposing ``NAME``,
 ``ema_only(...)`` and the device-scalar variants ``adam_ema_capturable(...)`` /
 ``sgd_ema_capturable(...)`` (lr, the step count and the EMA weights read from device tensors,
 never on the host: capturable=True and every step with a tensor lr take them) with the
-interface documented in :mod:`ema_kernels.backends.reference`.  Modules are imported lazily, so
+interface documented in :mod:`ema_kernels.backends.reference`; LARS, LAMB and Lion's updates
+(``lars_ema``, ``lamb_moments``/``lamb_ema``, ``lion_ema``: see
+:mod:`ema_kernels.backends._reference_rules`) are optional, and those optimizers run on the
+backends that have theirs (:mod:`ema_kernels.optim.rule_base`).  Modules are imported lazily, so
 importing ema_kernels never touches triton, the compiled extension or a GPU.
 """
 from __future__ import annotations

@@ -83,8 +83,10 @@ KEYS = ("name", "device", "optimizer", "dtype", "numel", "tensors", "ema_every",
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lars", "lamb", "lion")
+RULES = ("lars", "lamb", "lion")  # torch has none: their baseline is a foreach implementation
 BASELINE = "torch fused + foreach_lerp"
+RULE_BASELINE = "foreach + foreach_lerp"  # bench_foreach.py's LARS/LAMB/Lion + _foreach_lerp_
 COPY = "stream a+=b"
 WITH_EMA = "ek.WithEMA(torch fused)"
 CLIP_BASELINE = "torch fused + clip_grad_norm_ + foreach_lerp"
@@ -123,6 +125,10 @@ def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad
     (read θ g m v ζ, write θ m v ζ), with N EMAs 36 + 8·(N − 1); SGD-momentum+EMA 28; bf16
     parameters, fp32 state and EMA, AdamW+EMA 30. ``clip=True``: the norm reads g once more
     (the coefficient is applied inside the pass): fp32 AdamW+EMA 40.
+
+    LARS (weight decay ≠ 0): the norm pass reads θ and g, then SGD-momentum's pass: fp32 + EMA
+    36. LAMB: pass 1 reads θ g m v and writes m v, pass 2 reads θ m v ζ and writes θ ζ: 48.
+    Lion: one pass, read θ g m ζ, write θ m ζ: 28 (docs/optimizers.md).
     """
     opt = optimizer.lower()
     if opt not in OPTIMIZERS:
@@ -132,6 +138,13 @@ def bytes_per_param(optimizer: str, dtype="fp32", ema_every: int = 1, *, amsgrad
     if isinstance(emas, bool) or int(emas) != emas or emas < 1:
         raise ValueError(f"emas={emas!r} must be an integer >= 1 (EMAs per parameter)")
     p, s, z = _itemsize(dtype), _itemsize(state_dtype), _itemsize(ema_dtype)
+    ema_bytes = 2 * z * emas if ema else 0
+    if opt == "lars":
+        return 2 * p + 3 * p + 2 * s + ema_bytes / ema_every
+    if opt == "lamb":
+        return (2 * p + 4 * s) + (2 * p + 2 * s) + ema_bytes / ema_every
+    if opt == "lion":
+        return 3 * p + 2 * s + ema_bytes / ema_every
     if opt == "sgd":
         n_state = 1 if momentum else 0
     else:
@@ -223,6 +236,11 @@ class _Model(torch.nn.Module):
 def _torch_hparams(case: Case) -> dict:
     if case.optimizer == "sgd":
         return dict(lr=LR, momentum=SGD_MOMENTUM)
+    if case.optimizer == "lars":  # weight decay ≠ 0: the trust-ratio path (its norm pass)
+        return dict(lr=LR, momentum=SGD_MOMENTUM, weight_decay=1e-4, trust_coefficient=1e-3,
+                    eps=1e-8)
+    if case.optimizer in ("lamb", "lion"):
+        return dict(lr=LR, weight_decay=1e-2)
     return dict(lr=LR)
 
 
@@ -234,7 +252,8 @@ def _torch_optimizer(case: Case, params, **mode):
 def _ek_optimizer(case: Case, params, backend: str, flatten: bool = False, sr: bool = False):
     import ema_kernels as ek
 
-    cls = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD}[case.optimizer]
+    cls = {"adamw": ek.AdamW, "adam": ek.Adam, "sgd": ek.SGD, "lars": ek.LARS, "lamb": ek.LAMB,
+           "lion": ek.Lion}[case.optimizer]
     grads = [p.grad for p in params]
     decay = case.decays[0] if case.emas == 1 else case.decays
     opt = cls(params, **_torch_hparams(case), ema_decay=decay, ema_every=case.ema_every,
@@ -321,6 +340,43 @@ def _row_fused_clip_lerp(case: Case):
     return _every(case.ema_every, step, ema), (opt, params, emas)
 
 
+def _row_foreach_rule(case: Case):
+    """LARS/LAMB/Lion written in torch's foreach ops (:mod:`ema_kernels.bench_foreach`) +
+    ``_foreach_lerp_`` per EMA: the baseline of those optimizers (torch ships none of them)."""
+    from . import bench_foreach as bf
+
+    params = _make_params(case)
+    grads = [p.grad for p in params]
+    hp = _torch_hparams(case)
+    zs_all = [[p.detach().float().clone() for p in params] for _ in case.decays]
+    state = [[torch.zeros_like(p, dtype=torch.float32) for p in params]
+             for _ in range(2 if case.optimizer == "lamb" else 1)]
+    ps = [p.detach() for p in params]
+    if case.torch_dtype != torch.float32:
+        raise ValueError(f"row {RULE_BASELINE!r} runs fp32 parameters (its state is kept in "
+                         f"the parameters' dtype by torch's foreach ops)")
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        if case.optimizer == "lars":
+            bf.lars_step(ps, grads, state[0], lr=hp["lr"], momentum=hp["momentum"],
+                         weight_decay=hp["weight_decay"],
+                         trust_coefficient=hp["trust_coefficient"], eps=hp["eps"])
+        elif case.optimizer == "lamb":
+            bf.lamb_step(ps, grads, state[0], state[1], lr=hp["lr"], beta1=0.9, beta2=0.999,
+                         eps=1e-6, weight_decay=hp["weight_decay"], step=counter[0])
+        else:
+            bf.lion_step(ps, grads, state[0], lr=hp["lr"], beta1=0.9, beta2=0.99,
+                         weight_decay=hp["weight_decay"])
+
+    def ema():
+        for zs, d in zip(zs_all, case.decays):
+            torch._foreach_lerp_(zs, ps, 1.0 - d)
+
+    return _every(case.ema_every, step, ema), (params, zs_all, state)
+
+
 def _row_averaged_model(case: Case):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -371,20 +427,31 @@ def ek_backends(device: str) -> List[str]:
 
 
 def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False,
-              compile: bool = True) -> List[str]:
+              compile: bool = True, optimizer: str = "adamw") -> List[str]:
     """Every row of a run on ``device``, in table order (``clip``: the ``--clip`` rows;
     ``compile=False``: without the torch.compile row, whose first call compiles for seconds).
     ``stochastic_rounding``: each ek row also with ``stochastic_rounding=True`` (``ek[b,sr]``,
     ``ek[b,flat,sr]``) next to it; it changes nothing for fp32 parameters, so it is meant for
-    ``--dtype bf16/fp16``."""
+    ``--dtype bf16/fp16``. LARS/LAMB/Lion (``optimizer``): the ek rows of the backends that
+    have their kernels, then :data:`RULE_BASELINE` and the stream."""
     names = []
-    for b in ek_backends(device):
+    backends = ek_backends(device)
+    if optimizer in RULES:
+        if clip:
+            raise ValueError(f"--clip has baselines for {OPTIMIZERS[:3]} only (torch's fused "
+                             f"optimizers), not {optimizer!r}")
+        from . import _ops
+        op = f"{optimizer}_ema"
+        backends = [b for b in backends if hasattr(_ops.resolve(b, device), op)]
+    for b in backends:
         for row in (f"ek[{b}]", f"ek[{b},flat]"):  # default layout, then flatten=True
             names.append(row)
             if stochastic_rounding:
                 names.append(row[:-1] + ",sr]")
     if clip:
         return names + [CLIP_BASELINE, COPY]
+    if optimizer in RULES:
+        return names + [RULE_BASELINE, COPY]
     return names + [b for b in BASELINES if compile or b != COMPILED] + [COPY]
 
 
@@ -397,6 +464,8 @@ def build_row(name: str, case: Case):
     if name == COPY:
         fn, keep = _row_copy(case)
         return fn, keep
+    if name == RULE_BASELINE:
+        return _row_foreach_rule(case)
     if name == CLIP_BASELINE:
         if not case.clip:
             raise ValueError(f"row {CLIP_BASELINE!r} needs a Case with clip=True (--clip)")
@@ -575,7 +644,8 @@ def run(cases: Sequence[Case], *, names: Optional[Sequence[str]] = None, warmup:
     for i, case in enumerate(cases, 1):
         case_names = list(names or row_names(case.device, clip=case.clip,
                                              stochastic_rounding=stochastic_rounding,
-                                             compile=compile))
+                                             compile=compile,
+                                             optimizer=case.optimizer))
         if progress:
             progress(f"[{i}/{len(cases)}] {case.device} {case.optimizer} {case.dtype} "
                      f"numel={_fmt_numel(case.numel)} in {min(case.tensors, case.numel)} tensors, "
@@ -613,7 +683,8 @@ def _relative_columns(rows: List[dict]) -> None:
         ref.setdefault(key(r), {})[r["name"]] = r
     for r in rows:
         same = ref[key(r)]
-        cp, base = same.get(COPY), same.get(BASELINE, same.get(CLIP_BASELINE))
+        cp = same.get(COPY)
+        base = same.get(BASELINE, same.get(CLIP_BASELINE, same.get(RULE_BASELINE)))
         if cp is not None and cp["gbps"] == cp["gbps"] and cp["gbps"] > 0:
             r["pct_of_copy"] = 100.0 * r["gbps"] / cp["gbps"]
         if base is not None and base["ms"] == base["ms"] and r["ms"] == r["ms"] and r["ms"] > 0:
@@ -667,9 +738,9 @@ def format_table(rows: Sequence[dict]) -> str:
         if c not in configs:
             configs.append(c)
     for device, opt, dtype, every, n_emas, clip in configs:
+        base = CLIP_BASELINE if clip else RULE_BASELINE if opt in RULES else BASELINE
         out.append(f"device={device}  optimizer={opt}  dtype={dtype}  ema_every={every}  "
-                   f"emas={n_emas}{'  clip=True' if clip else ''}  (speedup vs "
-                   f"'{CLIP_BASELINE if clip else BASELINE}')")
+                   f"emas={n_emas}{'  clip=True' if clip else ''}  (speedup vs '{base}')")
         out.append("")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|")
@@ -1073,7 +1144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   clip=args.clip)
              for n in sizes]
     if args.rows:
-        known = row_names(device, clip=args.clip)
+        known = row_names(device, clip=args.clip, optimizer=args.optimizer)
         bad = [r for r in args.rows if r not in known]
         if bad:
             print(f"error: --rows {bad} are not rows of this run; choose from {known}",
@@ -1126,6 +1197,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main_host(args, device: str) -> int:
     """``bench --host``: the host-time sweep (options that only shape the GB/s bench refused,
     so that a run never silently ignores what was asked)."""
+    if args.optimizer in RULES:
+        print(f"error: --host times {OPTIMIZERS[:3]} (against torch's own); "
+              f"--optimizer {args.optimizer} has no torch twin there", file=sys.stderr)
+        return 2
     ignored = [flag for flag, on in (("--numel", args.numel), ("--clip", args.clip),
                                      ("--emas", args.emas != 1),
                                      ("--ema-every", args.ema_every != 1)) if on]

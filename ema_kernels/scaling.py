@@ -5,6 +5,9 @@
 - Adam / AdamW (square-root rule of Malladi et al., "On the SDEs and Scaling Rules for Adaptive
   Gradient Algorithms", NeurIPS 2022): lr → √κ·lr, β_i → 1 − κ(1 − β_i), ε → ε/√κ; AdamW's
   decoupled weight decay λ → √κ·λ, so that the per-step shrinkage lr·λ scales by κ.
+- LARS: SGD's linear rule; LAMB: Adam's square-root rule with AdamW's weight decay (a
+  ``lr_rule="linear"`` variant, which tracks κ = 1 better: docs/optimizers.md); Lion: none
+  (κ ≠ 1 raises).
 
 All are first-order approximations: they hold while κ·lr stays small (and, for Adam, while every
 scaled β stays ≥ 0 — beyond that the rule has no meaning and we raise).
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Tuple
 
-__all__ = ["check_kappa", "check_rho", "ema_decay", "sgd", "adam"]
+__all__ = ["check_kappa", "check_rho", "ema_decay", "sgd", "adam", "lars", "lamb", "lion"]
 
 
 def check_kappa(kappa) -> float:
@@ -66,3 +69,48 @@ def adam(lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
         scaled.append(nb)
     return {"lr": float(lr) * root, "betas": tuple(scaled), "eps": float(eps) / root,
             "weight_decay": float(weight_decay) * root if decoupled else float(weight_decay)}
+
+
+def lars(lr: float, kappa: float, **unchanged) -> Dict[str, float]:
+    """LARS takes SGD's linear rule, lr → κ·lr (the rule of large-batch LARS training: You et
+    al., "Large Batch Training of Convolutional Networks", 2017, and Goyal et al. 2017); the
+    trust coefficient, momentum and weight decay are unchanged."""
+    return sgd(lr, kappa, **unchanged)
+
+
+def lamb(lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+         weight_decay: float = 0.0, kappa: float = 1.0, lr_rule: str = "sqrt") -> Dict:
+    """LAMB's rule (``scale_optimizer=True`` applies it): Adam's square-root rule (Malladi et
+    al. 2022; the square-root lr scaling of You et al. 2020's large-batch BERT runs) with the
+    decoupled weight decay scaled as AdamW's: lr·√κ, β_i → 1 − κ(1 − β_i), ε/√κ, λ·√κ (see
+    :func:`adam`).
+
+    ``lr_rule="linear"`` gives lr·κ instead (β, ε, λ as above). LAMB's trust ratio fixes each
+    tensor's step to lr·‖θ‖ whatever the size of Adam's direction, so in SDE terms it scales like
+    LARS, not like Adam: on the noisy parabola (tests/test_lars_lamb_lion.py,
+    docs/optimizers.md) the linear lr tracks the κ = 1 trajectory at κ = 8 and the square-root
+    one does not. It is offered for ``scale_optimizer=False`` users; the optimizer's own rule is
+    the documented square-root one.
+    """
+    if lr_rule not in ("sqrt", "linear"):
+        raise ValueError(f"lr_rule={lr_rule!r}: choose 'sqrt' (Adam's rule, the default) or "
+                         f"'linear' (lr·kappa)")
+    out = adam(lr, betas, eps, weight_decay, kappa, decoupled=True)
+    if lr_rule == "linear":
+        out["lr"] = float(lr) * check_kappa(kappa)
+    return out
+
+
+def lion(lr: float, betas: Tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+         kappa: float = 1.0) -> Dict:
+    """Lion has no established batch-size scaling rule: κ = 1 returns the values unchanged, any
+    other κ raises ``ValueError`` (``scale_optimizer=False`` scales the EMA alone)."""
+    k = check_kappa(kappa)
+    if k != 1.0:
+        raise ValueError(
+            f"kappa={kappa!r} with scale_optimizer=True: Lion has no established batch-size "
+            f"scaling rule for its hyperparameters (lr, betas, weight_decay), so none is applied "
+            f"silently. Pass scale_optimizer=False to scale only the EMA (rho -> rho**kappa) and "
+            f"set Lion's lr/betas/weight_decay for the new batch yourself")
+    return {"lr": float(lr), "betas": tuple(float(b) for b in betas),
+            "weight_decay": float(weight_decay)}

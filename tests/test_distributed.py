@@ -35,7 +35,13 @@ OPTS = {
                                      backend="reference"),
     "sgd": lambda params: ek.SGD(params, lr=5e-2, momentum=0.9, nesterov=True, ema_decay=RHO,
                                  ema_every=2, backend="reference"),
+    # per-tensor trust ratios: under FSDP2 the shards' sums are all-reduced (optim/norms.py)
+    "lars": lambda params: ek.LARS(params, lr=0.5, weight_decay=1e-2, trust_coefficient=0.02,
+                                   ema_decay=RHO, backend="reference"),
+    "lamb": lambda params: ek.LAMB(params, lr=5e-2, weight_decay=0.1, ema_decay=RHO,
+                                   backend="reference"),
 }
+ROLES = {"adamw": 3, "sgd": 2, "lars": 2, "lamb": 3}  # fp32 state tensors + EMA per parameter
 
 
 def train(model, opt, xs):
@@ -186,7 +192,7 @@ def test_fsdp2_matches_single_process_and_shards_state(results, name):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # optimizer state + EMA per rank ∝ 1/world size (the two ranks hold disjoint shards)
     n = sum(p.numel() for p in params)
-    roles = 3 if name == "adamw" else 2  # (m, v, ζ) or (momentum, ζ), fp32
+    roles = ROLES[name]  # (m, v, ζ) or (momentum, ζ), fp32
     total = sum(results[r][f"fsdp-{name}"][2] for r in range(WORLD))
     assert total == n * roles * 4
     assert max(results[r][f"fsdp-{name}"][2] for r in range(WORLD)) < 0.6 * total

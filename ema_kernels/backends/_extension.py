@@ -43,7 +43,8 @@ REBUILD_HINT = ("build it from the source tree with `pip install --no-build-isol
                 "(needs torch installed first; or `MAX_JOBS=2 python setup.py build_ext "
                 "--inplace` for a development build)")
 
-_OPS = ("adam_ema_", "adam_ema_capturable_", "sgd_ema_", "sgd_ema_capturable_", "ema_only_")
+_OPS = ("adam_ema_", "adam_ema_capturable_", "sgd_ema_", "sgd_ema_capturable_", "ema_only_",
+        "lion_ema_", "lion_ema_capturable_")
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -262,3 +263,23 @@ def sgd_capturable(backend, ops, params, grads, momentum_buffers, emas, lr, mome
 def ema_only(ops, params, emas, ema_weight):
     lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "ema_only")
     ops.ema_only_(_emas.flat(lists), list(params), ema_weights=weights)
+
+
+def lion(ops, params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize,
+         ema_weight, grad_scale, found_inf, sr=None):
+    """Lion + EMA (issue 25): ``lr`` a number, or a one-element float32 tensor (read by the
+    kernels: the capturable op); ``ema_weight`` numbers, or (capturable) a float32 tensor."""
+    if isinstance(lr, Tensor):
+        lists, ema_weight = _emas.ema_lists_capturable(emas, ema_weight, len(params),
+                                                       "lion_ema_capturable")
+        ops.lion_ema_capturable_(params, grads, list(exp_avgs), _emas.flat(lists), lr=lr,
+                                 beta1=float(beta1), beta2=float(beta2),
+                                 weight_decay=float(weight_decay), maximize=bool(maximize),
+                                 ema_weight=ema_weight, grad_scale=grad_scale,
+                                 found_inf=found_inf, **_sr_kwargs(sr))
+        return
+    lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "lion_ema")
+    ops.lion_ema_(params, grads, list(exp_avgs), _emas.flat(lists), lr=float(lr),
+                  beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay),
+                  maximize=bool(maximize), ema_weights=weights, grad_scale=grad_scale,
+                  found_inf=found_inf, **_sr_kwargs(sr))

@@ -126,3 +126,18 @@ def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
                             dampening, weight_decay, nesterov, maximize, first_step, ema_weight,
                             grad_scale, found_inf, (stochastic_rounding, sr_seed, sr_step,
                                                     sr_offsets))
+
+
+def lion_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], emas, *, lr,
+             beta1: float, beta2: float, weight_decay: float, maximize: bool, ema_weight,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
+             sr_offsets: Optional[List[int]] = None) -> None:
+    """Lion + EMA in one pass (issue 25; the reference's ``lion_ema`` interface). ``lr`` a
+    number, or a one-element float32 tensor read by the kernel (then ``ema_weight`` is a float32
+    tensor with one element per EMA, or None)."""
+    ops = _ops_for(params)
+    if params:
+        _ext.lion(ops, params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize,
+                  ema_weight, grad_scale, found_inf,
+                  (stochastic_rounding, sr_seed, sr_step, sr_offsets))

@@ -412,3 +412,7 @@ def ema_only(params: List[Tensor], emas, ema_weight) -> None:
         for zs, w in zip(z_lists, weights):
             z = zs[i]
             z.lerp_(p.to(z.dtype), w)
+
+
+# LARS, LAMB and Lion (issue 25): their reference math lives in its own file.
+from ._reference_rules import lamb_ema, lamb_moments, lars_ema, lion_ema  # noqa: E402,F401

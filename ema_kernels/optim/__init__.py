@@ -2,7 +2,9 @@
 
 Where things are:
 
-- :mod:`.adam`, :mod:`.sgd` — one file per update rule (defaults, group keys, scaling glue);
+- :mod:`.adam`, :mod:`.sgd`, :mod:`.lars`, :mod:`.lamb`, :mod:`.lion` — one file per update
+  rule (defaults, group keys, scaling glue); :mod:`.rule_base` what LARS/LAMB/Lion share
+  (backends that have their kernels, per-tensor launches), :mod:`.norms` their per-tensor norms;
 - :mod:`.base` — construction, param groups, the parameter sets, ``zero_grad``, pickling;
 - :mod:`.checks` — validation of parameters, groups and hyperparameters (torch's cases);
 - :mod:`.layout` — where state lives (per parameter by default; ``flatten=True`` buffers);
@@ -13,7 +15,10 @@ Where things are:
 - :mod:`.with_ema` — ``WithEMA``: the EMAs of any torch optimizer, one EMA-only launch per set.
 """
 from .adam import Adam, AdamW
+from .lamb import LAMB
+from .lars import LARS
+from .lion import Lion
 from .sgd import SGD
 from .with_ema import WithEMA
 
-__all__ = ["AdamW", "Adam", "SGD", "WithEMA"]
+__all__ = ["AdamW", "Adam", "SGD", "LARS", "LAMB", "Lion", "WithEMA"]

@@ -70,43 +70,57 @@ class _AdamBase(EMAOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] \
             else ("exp_avg", "exp_avg_sq")
 
+    def _kernel_args(self, group, hp):
+        """The one place a group's κ-scaled hyperparameters become the kernels' arguments: the
+        record every launch path (tensor lists, StepTable, device scalars) takes. Cached in
+        ``hp``, which step() rebuilds whenever a group value changes."""
+        args = hp.get("kernel_args")
+        if args is None:
+            beta1, beta2 = hp["betas"]
+            args = hp["kernel_args"] = dict(
+                beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
+                decoupled=self._decoupled, maximize=bool(group["maximize"]))
+        return args
+
+    @staticmethod
+    def _bias_corrections(args, lr, step):
+        """``(step_size, bias_correction2_sqrt)`` of a host-counted step, as torch.optim.Adam
+        forms them (host doubles)."""
+        return lr / (1.0 - args["beta1"] ** step), (1.0 - args["beta2"] ** step) ** 0.5
+
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale, found_inf, sr=None):
-        beta1, beta2 = hp["betas"]
+        args = self._kernel_args(group, hp)
+        step_size, bc2_sqrt = self._bias_corrections(args, hp["lr"], step)
         backend.adam_ema(
             params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-            emas if ema_weight is not None else None,
-            lr=hp["lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
-            weight_decay=hp["weight_decay"], decoupled=self._decoupled,
-            maximize=bool(group["maximize"]), step_size=hp["lr"] / (1.0 - beta1 ** step),
-            bias_correction2_sqrt=(1.0 - beta2 ** step) ** 0.5, ema_weight=ema_weight,
+            emas if ema_weight is not None else None, lr=hp["lr"], **args,
+            step_size=step_size, bias_correction2_sqrt=bc2_sqrt, ema_weight=ema_weight,
             grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
 
     def _update_table(self, backend, ts, group, hp, step, ema_weight, grad_scale, found_inf,
                       sr_seed):
-        beta1, beta2 = hp["betas"]
-        step_size, bc2_sqrt = hp["lr"] / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5
+        args = self._kernel_args(group, hp)
+        step_size, bc2_sqrt = self._bias_corrections(args, hp["lr"], step)
+        amsgrad = bool(group["amsgrad"])
         if backend.NAME == "triton":  # (a module attribute: no call into the table)
             backend.adam_ema_table(
-                ts.table, ts.dtype, ts.device, amsgrad=bool(group["amsgrad"]), lr=hp["lr"],
-                beta1=beta1, beta2=beta2, eps=hp["eps"], weight_decay=hp["weight_decay"],
-                decoupled=self._decoupled, maximize=bool(group["maximize"]),
+                ts.table, ts.dtype, ts.device, amsgrad=amsgrad, lr=hp["lr"], **args,
                 step_size=step_size, bias_correction2_sqrt=bc2_sqrt, ema_weight=ema_weight,
                 grad_scale=grad_scale, found_inf=found_inf, sr_seed=sr_seed, sr_step=step)
             return
-        ts.table.adam(hp["lr"], beta1, beta2, hp["eps"], hp["weight_decay"], self._decoupled,
-                      bool(group["maximize"]), bool(group["amsgrad"]), step_size, bc2_sqrt,
-                      ema_weight or (), grad_scale, found_inf, sr_seed, step)
+        ts.table.adam(hp["lr"], args["beta1"], args["beta2"], args["eps"],
+                      args["weight_decay"], args["decoupled"], args["maximize"], amsgrad,
+                      step_size, bc2_sqrt, ema_weight or (), grad_scale, found_inf, sr_seed,
+                      step)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):
-        beta1, beta2 = hp["betas"]
         backend.adam_ema_capturable(
             params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-            emas, lr=lr, step=step, beta1=beta1, beta2=beta2, eps=hp["eps"],
-            weight_decay=hp["weight_decay"], decoupled=self._decoupled,
-            maximize=bool(group["maximize"]), ema_weight=ema_weight, grad_scale=grad_scale,
-            found_inf=found_inf, **checks.sr_kwargs(sr))
+            emas, lr=lr, step=step, **self._kernel_args(group, hp), ema_weight=ema_weight,
+            grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
+
 
 class AdamW(_AdamBase):
     """torch.optim.AdamW (decoupled weight decay) fused with an EMA of the weights.

@@ -299,6 +299,21 @@ def _shard_dims(g) -> Optional[tuple]:
     return (g.device_mesh, tuple(dims)) if dims else None
 
 
+def all_reduce_over(v: torch.Tensor, shard: Optional[tuple], maximum: bool = False
+                    ) -> torch.Tensor:
+    """``v`` (partial sums, or maxima with ``maximum=True``) all-reduced in place over the
+    sharded mesh dimensions ``shard = (mesh, dims)`` of :func:`_shard_dims` (None: nothing to
+    reduce). Also used by LARS/LAMB's per-tensor norms (:mod:`.norms`)."""
+    if shard is None:
+        return v
+    import torch.distributed as dist
+    mesh, dims = shard
+    for d in dims:
+        dist.all_reduce(v, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM,
+                        group=mesh.get_group(d))
+    return v
+
+
 def _total_norm(grads: List[torch.Tensor], p: float,
                 scale: Optional[torch.Tensor]) -> torch.Tensor:
     """torch's total norm of ``grads``: one ``_foreach_norm`` per (device, dtype), the norms
@@ -341,13 +356,7 @@ def _total_norm(grads: List[torch.Tensor], p: float,
             v = torch.stack(ps)
             v = v.amax() if inf else v.pow(p).sum()
             if shard is not None:
-                import torch.distributed as dist
-                mesh, dims = shard
-                v = v.reshape(1)
-                for d in dims:
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
-                                    group=mesh.get_group(d))
-                v = v.reshape(())
+                v = all_reduce_over(v.reshape(1), shard, maximum=inf).reshape(())
             pieces.append(v)
         v = torch.stack(pieces)
         total = v.amax() if inf else v.sum().pow(1.0 / p)

@@ -64,39 +64,47 @@ class SGD(EMAOptimizer):
             return ("momentum_buffer",)
         return ()
 
+    def _kernel_args(self, group, hp):
+        """The one place a group's κ-scaled hyperparameters become the kernels' arguments (see
+        :meth:`.adam._AdamBase._kernel_args`); lr and ``first_step`` are per launch."""
+        args = hp.get("kernel_args")
+        if args is None:
+            args = hp["kernel_args"] = dict(
+                momentum=hp["momentum"], dampening=hp["dampening"],
+                weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
+                maximize=bool(group["maximize"]))
+        return args
+
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale, found_inf, sr=None):
         backend.sgd_ema(
             params, grads, state.get("momentum_buffer"), emas if ema_weight is not None else None,
-            lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
-            weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
-            maximize=bool(group["maximize"]), first_step=(step == 1), ema_weight=ema_weight,
-            grad_scale=grad_scale, found_inf=found_inf, **checks.sr_kwargs(sr))
+            lr=hp["lr"], **self._kernel_args(group, hp), first_step=(step == 1),
+            ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
+            **checks.sr_kwargs(sr))
 
     def _update_table(self, backend, ts, group, hp, step, ema_weight, grad_scale, found_inf,
                       sr_seed):
+        args = self._kernel_args(group, hp)
         if backend.NAME == "triton":  # (a module attribute: no call into the table)
             backend.sgd_ema_table(
-                ts.table, ts.dtype, ts.device, lr=hp["lr"], momentum=hp["momentum"],
-                dampening=hp["dampening"], weight_decay=hp["weight_decay"],
-                nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-                first_step=step == 1, ema_weight=ema_weight, grad_scale=grad_scale,
-                found_inf=found_inf, sr_seed=sr_seed, sr_step=step)
+                ts.table, ts.dtype, ts.device, lr=hp["lr"], **args, first_step=step == 1,
+                ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
+                sr_seed=sr_seed, sr_step=step)
             return
-        ts.table.sgd(hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"],
-                     bool(group["nesterov"]), bool(group["maximize"]), step == 1,
-                     ema_weight or (), grad_scale, found_inf, sr_seed, step)
+        ts.table.sgd(hp["lr"], args["momentum"], args["dampening"], args["weight_decay"],
+                     args["nesterov"], args["maximize"], step == 1, ema_weight or (),
+                     grad_scale, found_inf, sr_seed, step)
 
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):
         backend.sgd_ema_capturable(
             params, grads, state.get("momentum_buffer"), emas, lr=lr,
-            momentum=hp["momentum"], dampening=hp["dampening"],
-            weight_decay=hp["weight_decay"], nesterov=bool(group["nesterov"]),
+            **self._kernel_args(group, hp),
             # capturable=True: never first_step: which step is the first *applied* one is
             # known only on the device (found_inf). With dampening 0 (enforced) a zero buffer
             # updated as momentum·0 + d is exactly torch's first-step buf = d. A host-counted
             # step with a tensor lr knows it (hp["first_step"]).
-            maximize=bool(group["maximize"]), first_step=hp.get("first_step", False),
+            first_step=hp.get("first_step", False),
             ema_weight=ema_weight, grad_scale=grad_scale, found_inf=found_inf,
             **checks.sr_kwargs(sr))
