@@ -664,13 +664,17 @@ def _ema_only(backend, params, emas, ema_weight, found_inf):
     if found_inf is None:
         backend.ema_only(params, emas, ema_weight)
         return
-    skip = found_inf.reshape(()) != 0
-    zero = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    dev = found_inf.device
+    keep = (found_inf.reshape(()) == 0).to(torch.float32)  # 1, or 0 on a skipped step
+    ends = None
     for zs, weight in zip(emas, ema_weight):
-        w = torch.where(skip, zero, torch.full((), weight, dtype=torch.float32,
-                                                device=found_inf.device))
-        torch._foreach_lerp_(list(zs), [p if p.dtype == z.dtype else p.to(z.dtype)
-                                        for p, z in zip(params, zs)], w)
+        if ends is None:
+            ends = [p if p.dtype == z.dtype else p.to(z.dtype) for p, z in zip(params, zs)]
+        w = keep * torch.full((), weight, dtype=torch.float32, device=dev)
+        # The weight as a tensor *list* (the List overload: lerp per tensor, on the device).
+        # A bare 0-dim tensor would bind _foreach_lerp_'s Scalar overload, whose argument
+        # parsing reads it on the host: a device synchronisation per EMA per step.
+        torch._foreach_lerp_(list(zs), ends, [w] * len(zs))
 
 
 class _Undo:
