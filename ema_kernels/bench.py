@@ -27,6 +27,11 @@ stream) run.
   ``get_ema_multi_avg_fn``;
 - ``torch fused + loop EMA``: a per-tensor ``ema.lerp_(param, 1 − ρ)`` Python loop (the
   method of ema-pytorch / torch-ema without foreach);
+- ``torch.compile foreach + foreach_lerp`` (default on a GPU only; by name with ``--rows``
+  anywhere): ``torch.optim.X(foreach=True).step()`` and the ``_foreach_lerp_`` EMAs under one
+  ``torch.compile`` (compiled while the row is built, not timed);
+- ``copy dst.copy_(src)`` (default on a GPU only): a device-to-device copy of the same bytes
+  (read src, write dst), the figure GPU bandwidth is usually quoted against;
 - ``stream a+=b``: the copy bandwidth the rows are measured against: ``a.add_(b)`` over two
   contiguous fp32 buffers, in place, moving the *same number of bytes* as the step must (reads
   a and b, writes a: 12 B per element) — the device's streaming ceiling at that footprint,
@@ -82,6 +87,8 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 BASELINE = "torch fused + foreach_lerp"
 COPY = "stream a+=b"
+COPY_D2D = "copy dst.copy_(src)"
+COMPILED = "torch.compile foreach + foreach_lerp"
 CLIP_BASELINE = "torch fused + clip_grad_norm_ + foreach_lerp"
 CLIP_MAX_NORM = 1.0  # the gradients (randn · 1e-2) have norm ≈ 1e-2·√numel: clipped from 10^4 on
 
@@ -373,6 +380,46 @@ def _row_copy(case: Case):
     return (lambda: a.add_(b)), (a, b)
 
 
+def _row_copy_d2d(case: Case):
+    """``dst.copy_(src)``, fp32, moving as many bytes as the step must (read src, write dst: 8 B
+    per element): the device-to-device copy bandwidth, the usual yardstick on a GPU (on a CPU
+    the destination's write-allocate read makes it move 12 B for the 8 it is credited with)."""
+    n = max(1, math.ceil(case.bytes_per_param * case.numel / 8))
+    src = torch.randn(n, device=case.device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), (src, dst)
+
+
+def _row_compiled_lerp(case: Case):
+    """torch.optim.X(foreach=True) and the EMAs' ``_foreach_lerp_`` under one ``torch.compile``
+    (Inductor generates and may fuse the kernels: the strongest torch-only baseline). Compiled
+    while the row is built (two calls: the first creates the optimizer state), not timed."""
+    params = _make_params(case)
+    opt = _torch_optimizer(case, params, foreach=True)
+    cur = [p.detach() for p in params]
+    emas = [[c.clone() for c in cur] for _ in case.decays]
+    ws = [1.0 - d ** case.ema_every for d in case.decays]
+    k = case.ema_every
+
+    @torch.compile(fullgraph=False)
+    def period():
+        for _ in range(k):
+            opt.step()
+        for zs, w in zip(emas, ws):
+            torch._foreach_lerp_(zs, cur, w)
+
+    period()  # as torch's compiled-optimizer recipe: outside no_grad (step() sets its own)
+    period()
+    return period, (opt, params, emas)
+
+
+# Rows run by default on a GPU only (by name with --rows anywhere): the copy a GPU's numbers
+# are usually quoted against, and torch.compile's optimizer (minutes of compilation on a CPU).
+GPU_ROWS: Dict[str, Callable] = {
+    COPY_D2D: _row_copy_d2d,
+    COMPILED: _row_compiled_lerp,
+}
+
 # name -> builder(case) -> (callable doing ema_every steps, objects to keep alive).
 # The ek rows are generated from ema_kernels.available_backends(); a baseline is one line here.
 BASELINES: Dict[str, Callable] = {
@@ -407,7 +454,15 @@ def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False
                 names.append(row[:-1] + ",sr]")
     if clip:
         return names + [CLIP_BASELINE, COPY]
-    return names + list(BASELINES) + [COPY]
+    gpu = list(GPU_ROWS) if torch.device(device).type == "cuda" else []
+    return names + list(BASELINES) + [COMPILED] * (COMPILED in gpu) + [COPY] + \
+        [COPY_D2D] * (COPY_D2D in gpu)
+
+
+def known_row_names(device: str, clip: bool = False) -> List[str]:
+    """What ``--rows`` accepts: :func:`row_names` plus the GPU rows on any device."""
+    names = row_names(device, clip=clip)
+    return names + [n for n in GPU_ROWS if n not in names and not clip]
 
 
 def build_row(name: str, case: Case):
@@ -419,6 +474,8 @@ def build_row(name: str, case: Case):
     if name == COPY:
         fn, keep = _row_copy(case)
         return fn, keep
+    if name == COPY_D2D:
+        return _row_copy_d2d(case)
     if name == CLIP_BASELINE:
         if not case.clip:
             raise ValueError(f"row {CLIP_BASELINE!r} needs a Case with clip=True (--clip)")
@@ -426,12 +483,14 @@ def build_row(name: str, case: Case):
     if case.clip:
         raise ValueError(f"row {name!r} has no clipping variant; with --clip the rows are "
                          f"{row_names(case.device, clip=True)}")
+    if name in GPU_ROWS:
+        return GPU_ROWS[name](case)
     return BASELINES[name](case)
 
 
 def calls_per_fn(name: str, case: Case) -> int:
     """Optimizer steps one call of the row's ``fn`` covers (the stream op counts as one)."""
-    return 1 if name == COPY else case.ema_every
+    return 1 if name in (COPY, COPY_D2D) else case.ema_every
 
 
 # ------------------------------------------------------------------------------------------
@@ -1085,7 +1144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   clip=args.clip)
              for n in sizes]
     if args.rows:
-        known = row_names(device, clip=args.clip)
+        known = known_row_names(device, clip=args.clip)
         bad = [r for r in args.rows if r not in known]
         if bad:
             print(f"error: --rows {bad} are not rows of this run; choose from {known}",
