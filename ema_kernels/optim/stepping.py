@@ -57,6 +57,13 @@ class StepMixin:
         if self._swapped:
             raise RuntimeError("optimizer.step() inside `with opt.swap_ema():` — the parameters "
                                "hold the EMA there; step after the with-block")
+        if not self.capturable and _capturing_on(self._sets):
+            raise RuntimeError(
+                "optimizer.step() inside a CUDA-graph capture with capturable=False: its "
+                "kernels take lr, the bias corrections and the EMA weights as host values of "
+                "this step, so every replay would repeat this step's values. Build the "
+                "optimizer with capturable=True (its kernels read them from device tensors) "
+                "to capture step(), or step outside the capture")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -607,6 +614,18 @@ def _capturing() -> bool:
     """Is the current CUDA stream capturing a graph? (False without CUDA; only asked on
     capturable paths: the query costs tens of µs where no driver answers.)"""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _capturing_on(sets) -> bool:
+    """Is a CUDA graph being captured while this optimizer holds CUDA parameters? (Sets not
+    built yet: asked; built and all on CPU: no CUDA query, nothing to capture.)"""
+    if sets is None:
+        return _capturing()
+    for gs in sets:  # a plain loop: step() pays this every step (~0.1 µs a set)
+        for ts in gs:
+            if ts.device.type == "cuda":
+                return _capturing()
+    return False
 
 
 def _scaled_lr(lr: torch.Tensor, scale: float, device) -> torch.Tensor:
