@@ -19,6 +19,7 @@ def test_a_non_capturable_step_inside_a_graph_capture_raises(monkeypatch):
     before = p.detach().clone()
     ts = opt._ensure_sets()[0][0]
     monkeypatch.setattr(ts, "device", torch.device("cuda"))  # as if it held CUDA tensors
+    monkeypatch.setattr(stepping, "_cuda_present", True)  # as if CUDA were here
     monkeypatch.setattr(stepping, "_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="capturable=True"):
         opt.step()
@@ -32,6 +33,7 @@ def test_cpu_sets_never_ask(monkeypatch):
     p.grad = torch.randn(10)
     opt = ek.AdamW([p], lr=1e-2, ema_decay=0.9, backend="reference")
     opt.step()  # builds the sets
+    monkeypatch.setattr(stepping, "_cuda_present", True)  # even where CUDA is present
     asked = []
     monkeypatch.setattr(stepping, "_capturing", lambda: asked.append(1) or False)
     opt.step()

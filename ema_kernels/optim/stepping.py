@@ -57,7 +57,7 @@ class StepMixin:
         if self._swapped:
             raise RuntimeError("optimizer.step() inside `with opt.swap_ema():` — the parameters "
                                "hold the EMA there; step after the with-block")
-        if not self.capturable and _capturing_on(self._sets):
+        if _cuda_present is not False and not self.capturable and _capturing_on(self._sets):
             raise RuntimeError(
                 "optimizer.step() inside a CUDA-graph capture with capturable=False: its "
                 "kernels take lr, the bias corrections and the EMA weights as host values of "
@@ -616,9 +616,19 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# Whether this process has CUDA at all: None until the first step asks (no device query at
+# import), then a bool; False makes step()'s capture check one global read.
+_cuda_present: Optional[bool] = None
+
+
 def _capturing_on(sets) -> bool:
     """Is a CUDA graph being captured while this optimizer holds CUDA parameters? (Sets not
     built yet: asked; built and all on CPU: no CUDA query, nothing to capture.)"""
+    global _cuda_present
+    if _cuda_present is None:
+        _cuda_present = torch.cuda.is_available()
+    if not _cuda_present:
+        return False
     if sets is None:
         return _capturing()
     for gs in sets:  # a plain loop: step() pays this every step (~0.1 µs a set)
