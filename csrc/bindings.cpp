@@ -688,7 +688,8 @@ void emu_configure_op(int64_t chunk, int64_t max_tensors, int64_t max_blocks, in
 
 std::vector<int64_t> emu_stats_op() {
   const EmuStats s = emu_stats();
-  return {s.launches, s.blocks, s.occupancy_queries};
+  return {s.launches,   s.blocks,        s.occupancy_queries, s.bytes_read,
+          s.bytes_written, s.bytes_vector, s.arg_reads};
 }
 
 std::vector<int64_t> emu_flat_walk_op(int64_t n, int64_t elem_bytes, bool aligned, int64_t grid,

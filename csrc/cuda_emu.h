@@ -169,8 +169,33 @@ struct Stats {
   std::atomic<int64_t> launches{0};
   std::atomic<int64_t> blocks{0};
   std::atomic<int64_t> occupancy_queries{0};
+  // Global-memory traffic of the kernels (every load and store goes through fused_cuda.cu's
+  // ld/st/load16/store16, which count here): bytes read, bytes written, the bytes of both moved
+  // by 16-byte accesses, and reads of launch arguments kept in device memory (found_inf,
+  // grad_scale, the capturable lr/step/EMA weights: the same few bytes for every thread,
+  // counted apart, as reads, not as bytes of the update).
+  std::atomic<int64_t> bytes_read{0};
+  std::atomic<int64_t> bytes_written{0};
+  std::atomic<int64_t> bytes_vector{0};
+  std::atomic<int64_t> arg_reads{0};
 };
 inline Stats stats;
+
+// The traffic of the launch running on this host thread, added to `stats` when it ends (one
+// atomic add per counter and launch, not per access).
+struct Traffic {
+  int64_t read = 0, written = 0, vector = 0, args = 0;
+};
+inline thread_local Traffic traffic;
+inline void count_read(int64_t bytes, bool vector) {
+  traffic.read += bytes;
+  if (vector) traffic.vector += bytes;
+}
+inline void count_write(int64_t bytes, bool vector) {
+  traffic.written += bytes;
+  if (vector) traffic.vector += bytes;
+}
+inline void count_arg_read() { ++traffic.args; }
 
 // 0: blocks and threads run in order.  Otherwise the seed of a random order of the blocks and
 // of the threads within each block (a fresh permutation per launch).
@@ -189,12 +214,14 @@ inline void check_aligned16(const void* p) {
 }
 inline uint4 load16(const uint4* p) {
   check_aligned16(p);
+  count_read(16, true);
   uint4 v;
   memcpy(&v, p, 16);
   return v;
 }
 inline void store16(uint4* p, const uint4& v) {
   check_aligned16(p);
+  count_write(16, true);
   memcpy(p, &v, 16);
 }
 
@@ -229,6 +256,16 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   }
   gridDim = grid;
   blockDim = block;
+  traffic = Traffic();
+  struct Flush {  // the launch's traffic into the totals, however the launch ends
+    ~Flush() {
+      stats.bytes_read.fetch_add(traffic.read, std::memory_order_relaxed);
+      stats.bytes_written.fetch_add(traffic.written, std::memory_order_relaxed);
+      stats.bytes_vector.fetch_add(traffic.vector, std::memory_order_relaxed);
+      stats.arg_reads.fetch_add(traffic.args, std::memory_order_relaxed);
+      traffic = Traffic();
+    }
+  } flush;
   try {
     for (uint64_t bi = 0; bi < nblocks; ++bi) {
       const uint64_t b = seed != 0 ? border[bi] : bi;

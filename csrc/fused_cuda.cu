@@ -220,6 +220,41 @@ __device__ __forceinline__ void store16(uint4* p, const uint4& v) {
 #endif
 }
 
+// Scalar global accesses (tails, unaligned tensors) and reads of launch arguments kept in device
+// memory: every global access of the kernels is load16/store16/ld/st/ld_arg, which the
+// emulation counts (ek_emu::stats: bytes read and written, 16-byte bytes, argument reads).
+template <typename T>
+__device__ __forceinline__ T ld(const T* p) {
+#ifdef EK_EMULATE_DEVICE
+  ek_emu::count_read(int64_t(sizeof(T)), false);
+#endif
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void st(T* p, const T& v) {
+#ifdef EK_EMULATE_DEVICE
+  ek_emu::count_write(int64_t(sizeof(T)), false);
+#endif
+  *p = v;
+}
+
+template <typename T>
+__device__ __forceinline__ T ld_arg(const T* p) {
+#ifdef EK_EMULATE_DEVICE
+  ek_emu::count_arg_read();
+#endif
+  return *p;
+}
+
+// The capturable EMA weights (nz floats on the device), through ld_arg.
+__device__ __forceinline__ EmaWeights ema_weights_arg(const float* w, int nz) {
+  float r[kMaxEmas] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (w != nullptr)
+    for (int k = 0; k < nz && k < kMaxEmas; ++k) r[k] = ld_arg(w + k);
+  return make_ema_weights(r, nz);
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void load_vec(T (&r)[N], const T* ptr) {
   static_assert((sizeof(T) * N) % 16 == 0, "vector of whole 16-byte words");
@@ -291,18 +326,19 @@ struct AdamOp {
   static constexpr bool kSR = S::kStochastic;
 
   __device__ static __forceinline__ bool prologue(const AdamKArgs& a, AdamLaunch& l) {
-    if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
+    if (a.found_inf != nullptr && ld_arg(a.found_inf) != 0.0f) return false;
     l.s = a.s;
     if (a.cap.lr != nullptr) {
-      const double lr = double(*a.cap.lr);
+      const double lr = double(ld_arg(a.cap.lr));
       double step_size, bc2_sqrt;
-      adam_step_values(lr, a.beta1, a.beta2, double(*a.cap.step), &step_size, &bc2_sqrt);
+      adam_step_values(lr, a.beta1, a.beta2, double(ld_arg(a.cap.step)), &step_size,
+                       &bc2_sqrt);
       l.s = make_adam_scalars(lr, a.beta1, a.beta2, a.eps, a.wd, a.decoupled, a.maximize,
-                              step_size, bc2_sqrt, make_ema_weights(a.cap.ema_w, NZ));
+                              step_size, bc2_sqrt, ema_weights_arg(a.cap.ema_w, NZ));
       l.s.sr_k0 = a.s.sr_k0;  // stochastic rounding's key: from the host's step count (a
       l.s.sr_k1 = a.s.sr_k1;  // device lr with a host step; capturable=True refuses SR)
     }
-    l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+    l.gs = a.grad_scale != nullptr ? ld_arg(a.grad_scale) : 1.0f;
     return true;
   }
 
@@ -356,18 +392,18 @@ struct AdamOp {
           for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
         },
         [&](int64_t i) {
-          R rp = p[i];
-          float rm = m[i], rv = v[i], rvm = AMSGRAD ? vm[i] : 0.0f, ze[kMaxEmas];
+          R rp = ld(p + i);
+          float rm = ld(m + i), rv = ld(v + i), rvm = AMSGRAD ? ld(vm + i) : 0.0f, ze[kMaxEmas];
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          for (int e = 0; e < NZ; ++e) ze[e] = ld(z[e] + i);
           const uint32_t rb = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
-          adam_ema_element<S, AMSGRAD, NZ>(rp, g[i], rm, rv, rvm, ze, s, gs, cfg, rb);
-          p[i] = rp;
-          m[i] = rm;
-          v[i] = rv;
-          if (AMSGRAD) vm[i] = rvm;
+          adam_ema_element<S, AMSGRAD, NZ>(rp, ld(g + i), rm, rv, rvm, ze, s, gs, cfg, rb);
+          st(p + i, rp);
+          st(m + i, rm);
+          st(v + i, rv);
+          if (AMSGRAD) st(vm + i, rvm);
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
+          for (int e = 0; e < NZ; ++e) st(z[e] + i, ze[e]);
         });
   }
 };
@@ -387,15 +423,15 @@ struct SgdOp {
   static constexpr bool kSR = S::kStochastic;
 
   __device__ static __forceinline__ bool prologue(const SgdKArgs& a, SgdLaunch& l) {
-    if (a.found_inf != nullptr && *a.found_inf != 0.0f) return false;
+    if (a.found_inf != nullptr && ld_arg(a.found_inf) != 0.0f) return false;
     l.s = a.s;
     if (a.cap.lr != nullptr) {
-      l.s = make_sgd_scalars(double(*a.cap.lr), a.momentum, a.dampening, a.wd, a.maximize,
-                             make_ema_weights(a.cap.ema_w, NZ));
+      l.s = make_sgd_scalars(double(ld_arg(a.cap.lr)), a.momentum, a.dampening, a.wd,
+                             a.maximize, ema_weights_arg(a.cap.ema_w, NZ));
       l.s.sr_k0 = a.s.sr_k0;
       l.s.sr_k1 = a.s.sr_k1;
     }
-    l.gs = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+    l.gs = a.grad_scale != nullptr ? ld_arg(a.grad_scale) : 1.0f;
     return true;
   }
 
@@ -441,16 +477,16 @@ struct SgdOp {
           for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
         },
         [&](int64_t i) {
-          R rp = p[i];
-          float rb = MODE == kMomentum ? b[i] : 0.0f, ze[kMaxEmas];
+          R rp = ld(p + i);
+          float rb = MODE == kMomentum ? ld(b + i) : 0.0f, ze[kMaxEmas];
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          for (int e = 0; e < NZ; ++e) ze[e] = ld(z[e] + i);
           const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
-          sgd_ema_element<S, MODE, NZ>(rp, g[i], rb, ze, s, gs, cfg, rr);
-          p[i] = rp;
-          if (kBuf) b[i] = rb;
+          sgd_ema_element<S, MODE, NZ>(rp, ld(g + i), rb, ze, s, gs, cfg, rr);
+          st(p + i, rp);
+          if (kBuf) st(b + i, rb);
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
+          for (int e = 0; e < NZ; ++e) st(z[e] + i, ze[e]);
         });
   }
 };
@@ -499,10 +535,10 @@ struct EmaOp {
         [&](int64_t i) {
           float ze[kMaxEmas];
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
-          ema_only_element<S, NZ>(p[i], ze, w);
+          for (int e = 0; e < NZ; ++e) ze[e] = ld(z[e] + i);
+          ema_only_element<S, NZ>(ld(p + i), ze, w);
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
+          for (int e = 0; e < NZ; ++e) st(z[e] + i, ze[e]);
         });
   }
 };
@@ -815,6 +851,10 @@ EmuStats emu_stats() {
   s.launches = ek_emu::stats.launches.load();
   s.blocks = ek_emu::stats.blocks.load();
   s.occupancy_queries = ek_emu::stats.occupancy_queries.load();
+  s.bytes_read = ek_emu::stats.bytes_read.load();
+  s.bytes_written = ek_emu::stats.bytes_written.load();
+  s.bytes_vector = ek_emu::stats.bytes_vector.load();
+  s.arg_reads = ek_emu::stats.arg_reads.load();
   return s;
 }
 

@@ -255,11 +255,30 @@ struct AdamConfig {  // runtime structural flags
   bool has_scale;    // grad_scale given
 };
 
+// Double arithmetic with one rounding per operation on every side: on the device nvcc would
+// contract 1.0 - lr * wd into one DFMA, where the host compilers (and Python, which forms the
+// reference's values) round the product first.
+EK_HD double dmul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+EK_HD double dadd(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 EK_HD AdamScalars make_adam_scalars(double lr, double beta1, double beta2, double eps, double wd,
                                     bool decoupled, bool maximize, double step_size,
                                     double bc2_sqrt, const EmaWeights& ema) {
   AdamScalars s;
-  s.decay = (decoupled && wd != 0.0) ? float(1.0 - lr * wd) : 1.0f;
+  s.decay = (decoupled && wd != 0.0) ? float(dadd(1.0, -dmul(lr, wd))) : 1.0f;
   s.l2 = float(wd);
   s.one_minus_beta1 = float(1.0 - beta1);
   s.beta2 = float(beta2);
@@ -275,10 +294,27 @@ EK_HD AdamScalars make_adam_scalars(double lr, double beta1, double beta2, doubl
 
 // The capturable path: lr and the step count live in device tensors; the bias corrections are
 // formed from them in double, as torch.optim forms them from Python floats.
+// beta^t for a step count t (a whole number in a float tensor): binary powering, one rounding
+// per product, so that the device, the emulation and the CPU twin agree bit for bit (CUDA's pow
+// and glibc's differ in the last bits of a double).  Within ~2 log2(t) ulps of the exact power
+// (the host path's Python pow: the float32 scalars derived from either almost always agree).
+// Not a whole number in [0, 2^53]: pow.
+EK_HD double pow_steps(double base, double t) {
+  if (!(t >= 0.0 && t <= 9007199254740992.0) || t != floor(t)) return pow(base, t);
+  unsigned long long n = static_cast<unsigned long long>(t);
+  double r = 1.0, b = base;
+  while (n != 0) {
+    if (n & 1ull) r = dmul(r, b);
+    b = dmul(b, b);
+    n >>= 1;
+  }
+  return r;
+}
+
 EK_HD void adam_step_values(double lr, double beta1, double beta2, double step,
                             double* step_size, double* bc2_sqrt) {
-  *step_size = lr / (1.0 - pow(beta1, step));
-  *bc2_sqrt = sqrt(1.0 - pow(beta2, step));
+  *step_size = lr / (1.0 - pow_steps(beta1, step));
+  *bc2_sqrt = sqrt(1.0 - pow_steps(beta2, step));
 }
 
 // Adam / AdamW on one element.  `theta` and `g` are already in float32; returns the new theta

@@ -166,6 +166,8 @@ const char* emu_configure(const EmuConfig& c);  // nullptr, or what is wrong wit
 
 struct EmuStats {
   int64_t launches = 0, blocks = 0, occupancy_queries = 0;
+  // the kernels' global-memory traffic (cuda_emu.h's ek_emu::Stats)
+  int64_t bytes_read = 0, bytes_written = 0, bytes_vector = 0, arg_reads = 0;
 };
 EmuStats emu_stats();
 

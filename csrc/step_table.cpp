@@ -311,6 +311,7 @@ class StepTable {
   // address), each link of the chain is prefetched a few parameters ahead (Prefetcher), and
   // the geometry the state was made for lives in one packed array (geo_) read in order.
   int prepare_list() {
+    if (state_misaligned_) return kMisaligned;
     const size_t n = params_.size();
     Prefetcher ahead(params_);
     for (size_t i = 0; i < n; ++i) {
@@ -485,6 +486,19 @@ class StepTable {
       for (size_t k = 0; k < emas_.size() && k < size_t(kMaxEmas); ++k)
         ema_ptrs_[k][i] = emas_[k][i].data_ptr<float>();
     }
+    // Triton's list kernel assumes every address 16-byte aligned, state and EMAs included
+    // (views of flat buffers at odd offsets are not): such a table is never ready.
+    state_misaligned_ = false;
+    if (triton_) {
+      for (size_t i = 0; i < table_.size(); ++i) {
+        const TensorPtrs& t = table_[i];
+        uintptr_t bits = reinterpret_cast<uintptr_t>(t.s0) | reinterpret_cast<uintptr_t>(t.s1) |
+                         reinterpret_cast<uintptr_t>(t.s2);
+        for (size_t k = 0; k < emas_.size() && k < size_t(kMaxEmas); ++k)
+          bits |= reinterpret_cast<uintptr_t>(ema_ptrs_[k][i]);
+        if (t.n != 0 && (bits & 15) != 0) state_misaligned_ = true;
+      }
+    }
   }
 
   // EMA pointers of this launch: the first n_emas EMAs, the others nullptr (a non-EMA step
@@ -611,6 +625,7 @@ class StepTable {
   c10::ScalarType sdtype_ = c10::ScalarType::Float;
   caffe2::TypeMeta meta_;
   int64_t itemsize_ = 4;
+  bool state_misaligned_ = false;  // triton: a state or EMA address not 16-byte aligned
   DType dtype_ = DType::kF32;
   bool cuda_ = false;
   bool triton_ = false;

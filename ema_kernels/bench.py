@@ -30,6 +30,9 @@ stream) run.
   its first call compiles, in the untimed warm-up; ``--no-compile`` leaves it out);
 - ``ek.WithEMA(torch fused)``: ``ek.WithEMA(torch.optim.X(fused=True))``: torch's fused step,
   then ema_kernels' EMA-only launch (what any torch optimizer gets from the wrapper);
+- ``copy dst.copy_(src)`` (default on a GPU only; by name with ``--rows`` anywhere): a
+  device-to-device copy of the same bytes (read src, write dst), the figure GPU bandwidth is
+  usually quoted against;
 - ``stream a+=b``: the copy bandwidth the rows are measured against: ``a.add_(b)`` over two
   contiguous fp32 buffers, in place, moving the *same number of bytes* as the step must (reads
   a and b, writes a: 12 B per element) — the device's streaming ceiling at that footprint,
@@ -89,6 +92,7 @@ BASELINE = "torch fused + foreach_lerp"
 RULE_BASELINE = "foreach + foreach_lerp"  # bench_foreach.py's LARS/LAMB/Lion + _foreach_lerp_
 COPY = "stream a+=b"
 WITH_EMA = "ek.WithEMA(torch fused)"
+COPY_D2D = "copy dst.copy_(src)"
 CLIP_BASELINE = "torch fused + clip_grad_norm_ + foreach_lerp"
 CLIP_MAX_NORM = 1.0  # the gradients (randn · 1e-2) have norm ≈ 1e-2·√numel: clipped from 10^4 on
 
@@ -403,6 +407,22 @@ def _row_copy(case: Case):
     return (lambda: a.add_(b)), (a, b)
 
 
+def _row_copy_d2d(case: Case):
+    """``dst.copy_(src)``, fp32, moving as many bytes as the step must (read src, write dst: 8 B
+    per element): the device-to-device copy bandwidth, the usual yardstick on a GPU (on a CPU
+    the destination's write-allocate read makes it move 12 B for the 8 it is credited with)."""
+    n = max(1, math.ceil(case.bytes_per_param * case.numel / 8))
+    src = torch.randn(n, device=case.device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), (src, dst)
+
+
+# Rows run by default on a GPU only (by name with --rows anywhere): the copy a GPU's numbers
+# are usually quoted against.
+GPU_ROWS: Dict[str, Callable] = {
+    COPY_D2D: _row_copy_d2d,
+}
+
 # name -> builder(case) -> (callable doing ema_every steps, objects to keep alive).
 # The ek rows are generated from ema_kernels.available_backends(); a baseline is one line here.
 BASELINES: Dict[str, Callable] = {
@@ -452,7 +472,15 @@ def row_names(device: str, clip: bool = False, stochastic_rounding: bool = False
         return names + [CLIP_BASELINE, COPY]
     if optimizer in RULES:
         return names + [RULE_BASELINE, COPY]
-    return names + [b for b in BASELINES if compile or b != COMPILED] + [COPY]
+    gpu = torch.device(device).type == "cuda"
+    return names + [b for b in BASELINES if compile or b != COMPILED] + [COPY] + \
+        [n for n in GPU_ROWS if gpu]
+
+
+def known_row_names(device: str, clip: bool = False, optimizer: str = "adamw") -> List[str]:
+    """What ``--rows`` accepts: :func:`row_names` plus the GPU rows on any device."""
+    names = row_names(device, clip=clip, optimizer=optimizer)
+    return names + [n for n in GPU_ROWS if n not in names and not clip]
 
 
 def build_row(name: str, case: Case):
@@ -466,6 +494,8 @@ def build_row(name: str, case: Case):
         return fn, keep
     if name == RULE_BASELINE:
         return _row_foreach_rule(case)
+    if name == COPY_D2D:
+        return _row_copy_d2d(case)
     if name == CLIP_BASELINE:
         if not case.clip:
             raise ValueError(f"row {CLIP_BASELINE!r} needs a Case with clip=True (--clip)")
@@ -473,12 +503,14 @@ def build_row(name: str, case: Case):
     if case.clip:
         raise ValueError(f"row {name!r} has no clipping variant; with --clip the rows are "
                          f"{row_names(case.device, clip=True)}")
+    if name in GPU_ROWS:
+        return GPU_ROWS[name](case)
     return BASELINES[name](case)
 
 
 def calls_per_fn(name: str, case: Case) -> int:
     """Optimizer steps one call of the row's ``fn`` covers (the stream op counts as one)."""
-    return 1 if name == COPY else case.ema_every
+    return 1 if name in (COPY, COPY_D2D) else case.ema_every
 
 
 # ------------------------------------------------------------------------------------------
@@ -1144,7 +1176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   clip=args.clip)
              for n in sizes]
     if args.rows:
-        known = row_names(device, clip=args.clip, optimizer=args.optimizer)
+        known = known_row_names(device, clip=args.clip, optimizer=args.optimizer)
         bad = [r for r in args.rows if r not in known]
         if bad:
             print(f"error: --rows {bad} are not rows of this run; choose from {known}",

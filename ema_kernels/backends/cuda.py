@@ -204,3 +204,45 @@ def lion_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], 
         _ext.lion(ops, params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize,
                   ema_weight, grad_scale, found_inf,
                   (stochastic_rounding, sr_seed, sr_step, sr_offsets))
+
+
+# ----------------------------------------------------------------------------------------------
+# Emulation build: the kernels' memory traffic (csrc/cuda_emu.h counts every global access)
+# ----------------------------------------------------------------------------------------------
+_COUNTERS = ("launches", "blocks", "occupancy_queries", "bytes_read", "bytes_written",
+             "bytes_vector", "arg_reads")  # the order of torch.ops.ema_kernels_emu.emu_stats()
+_counter_base: Optional[List[int]] = None
+
+
+def _emu_stats() -> List[int]:
+    try:
+        ops = _ext.load_emulation()
+    except ExtensionUnavailable as e:
+        raise ExtensionUnavailable(f"the emulation counters need the emulation build "
+                                   f"(ema_kernels._C_emu): {e}") from None
+    stats = list(ops.emu_stats())
+    if len(stats) < len(_COUNTERS):
+        raise ExtensionUnavailable("this ema_kernels._C_emu predates the traffic counters: "
+                                   + REBUILD_HINT)
+    return stats
+
+
+def emulation_counters() -> Dict[str, int]:
+    """What the emulated CUDA kernels did since :func:`reset_emulation_counters` (or since the
+    emulation build was loaded): ``launches``, ``bytes_read`` and ``bytes_written`` (global
+    memory, every load and store of the kernels), ``bytes_vector`` (the part of both moved by
+    16-byte accesses), plus ``blocks`` and ``arg_reads`` (per-thread reads of launch arguments
+    kept in device memory: found_inf, grad_scale, the capturable lr/step/EMA weights -- the same
+    few bytes for every thread, not part of the update's bytes).
+
+    The emulation build only (``ema_kernels._C_emu``; ``EMA_KERNELS_CUDA_EMULATION=1`` runs the
+    ``cuda`` backend on CPU tensors through it). Counts are process-wide."""
+    stats = _emu_stats()
+    base = _counter_base or [0] * len(_COUNTERS)
+    return {k: int(v - b) for k, v, b in zip(_COUNTERS, stats, base)}
+
+
+def reset_emulation_counters() -> None:
+    """Start :func:`emulation_counters` from zero."""
+    global _counter_base
+    _counter_base = _emu_stats()[:len(_COUNTERS)]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from . import _sr
@@ -716,8 +717,9 @@ def _table(addrs: List[List[int]], numels: List[int], device: torch.device,
     if hit is not None:
         return hit
     n = len(numels)
-    counts = torch.tensor([(k + BLOCK - 1) // BLOCK for k in numels], dtype=torch.int64)
-    n_chunks = int(counts.sum())
+    counts_l = [(k + BLOCK - 1) // BLOCK for k in numels]
+    n_chunks = sum(counts_l)  # from the Python ints (int(tensor) is a value read)
+    counts = torch.tensor(counts_l, dtype=torch.int64)
     chunk_t = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
     first = torch.cumsum(counts, 0) - counts
     chunk_start = (torch.arange(n_chunks, dtype=torch.int64) - first[chunk_t]) * BLOCK
@@ -727,7 +729,7 @@ def _table(addrs: List[List[int]], numels: List[int], device: torch.device,
     host = torch.cat(parts)
     if device.type != "cpu":
         _refuse_capture("its pointer tables")
-    table = host if device.type == "cpu" else host.to(device, non_blocking=True)
+    table = host if device.type == "cpu" else _upload(host, device)
     if len(_table_cache) >= _TABLE_CACHE_SIZE:
         _table_cache.pop(next(iter(_table_cache)))
     _table_cache[key] = hit = (table, n_chunks)
@@ -910,6 +912,15 @@ def _refuse_capture(what: str) -> None:
 _dev_tables: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
 
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """A host table's copy on ``device`` without a stream synchronisation: staged through
+    pinned memory (a copy from pageable memory waits for the stream), copied non-blocking.
+    The caching host allocator keeps the pinned block until the copy has run (it records the
+    copy's stream), so dropping the staging tensor here is safe."""
+    staged = host.pin_memory()
+    return staged.to(device, non_blocking=True)
+
+
 def _device_table(host: Tensor, key: int, device: torch.device) -> Tensor:
     """``host`` (a StepTable's Triton table) on ``device``: CPU tensors are used as they are;
     on a GPU the copy made the first time this content was seen (compared in full before a
@@ -918,11 +929,13 @@ def _device_table(host: Tensor, key: int, device: torch.device) -> Tensor:
     if device.type == "cpu":
         return host
     hit = _dev_tables.get((device, key))
-    if hit is not None and hit[0].shape == host.shape and torch.equal(hit[0], host):
+    # compared as numpy arrays: torch.equal is a value read the step must not make
+    if hit is not None and hit[0].shape == host.shape and \
+            np.array_equal(hit[0].numpy(), host.numpy()):
         dev = hit[1]
     else:
         _refuse_capture("its pointer tables")
-        dev = host.to(device)
+        dev = _upload(host, device)
         if len(_dev_tables) >= _TABLE_CACHE_SIZE:
             _dev_tables.pop(next(iter(_dev_tables)))
         _dev_tables[(device, key)] = (host, dev)

@@ -195,7 +195,8 @@ class EMAMixin:
             else:
                 w = torch.where(skip_on(dev), torch.zeros((), dtype=dt, device=dev),
                                 torch.full((), weight, dtype=dt, device=dev))
-                torch._foreach_lerp_(dst, src, w)
+                # a tensor list: a bare 0-dim tensor binds the Scalar overload (a host read)
+                torch._foreach_lerp_(dst, src, [w] * len(dst))
         for (dev, _), (dst, src) in copy_.items():
             if found_inf is None:
                 torch._foreach_copy_(dst, src)

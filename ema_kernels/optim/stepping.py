@@ -51,6 +51,13 @@ class StepMixin:
         if self._swapped:
             raise RuntimeError("optimizer.step() inside `with opt.swap_ema():` — the parameters "
                                "hold the EMA there; step after the with-block")
+        if _cuda_present is not False and not self.capturable and _capturing_on(self._sets):
+            raise RuntimeError(
+                "optimizer.step() inside a CUDA-graph capture with capturable=False: its "
+                "kernels take lr, the bias corrections and the EMA weights as host values of "
+                "this step, so every replay would repeat this step's values. Build the "
+                "optimizer with capturable=True (its kernels read them from device tensors) "
+                "to capture step(), or step outside the capture")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -603,6 +610,28 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# Whether this process has CUDA at all: None until the first step asks (no device query at
+# import), then a bool; False makes step()'s capture check one global read.
+_cuda_present: Optional[bool] = None
+
+
+def _capturing_on(sets) -> bool:
+    """Is a CUDA graph being captured while this optimizer holds CUDA parameters? (Sets not
+    built yet: asked; built and all on CPU: no CUDA query, nothing to capture.)"""
+    global _cuda_present
+    if _cuda_present is None:
+        _cuda_present = torch.cuda.is_available()
+    if not _cuda_present:
+        return False
+    if sets is None:
+        return _capturing()
+    for gs in sets:  # a plain loop: step() pays this every step (~0.1 µs a set)
+        for ts in gs:
+            if ts.device.type == "cuda":
+                return _capturing()
+    return False
+
+
 def _scaled_lr(lr: torch.Tensor, scale: float, device) -> torch.Tensor:
     """The group's tensor lr times its κ factor, as a one-element float32 tensor on ``device``:
     device ops only (the value is never read on the host)."""
@@ -658,13 +687,17 @@ def _ema_only(backend, params, emas, ema_weight, found_inf):
     if found_inf is None:
         backend.ema_only(params, emas, ema_weight)
         return
-    skip = found_inf.reshape(()) != 0
-    zero = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    dev = found_inf.device
+    keep = (found_inf.reshape(()) == 0).to(torch.float32)  # 1, or 0 on a skipped step
+    ends = None
     for zs, weight in zip(emas, ema_weight):
-        w = torch.where(skip, zero, torch.full((), weight, dtype=torch.float32,
-                                                device=found_inf.device))
-        torch._foreach_lerp_(list(zs), [p if p.dtype == z.dtype else p.to(z.dtype)
-                                        for p, z in zip(params, zs)], w)
+        if ends is None:
+            ends = [p if p.dtype == z.dtype else p.to(z.dtype) for p, z in zip(params, zs)]
+        w = keep * torch.full((), weight, dtype=torch.float32, device=dev)
+        # The weight as a tensor *list* (the List overload: lerp per tensor, on the device).
+        # A bare 0-dim tensor would bind _foreach_lerp_'s Scalar overload, whose argument
+        # parsing reads it on the host: a device synchronisation per EMA per step.
+        torch._foreach_lerp_(list(zs), ends, [w] * len(zs))
 
 
 class _Undo:

@@ -1,0 +1,143 @@
+"""Occupancy budget of the main kernel variants for sm_90, read from the compilers' output
+(tests/occupancy.py says how): fp32 / bf16 AdamW and SGD with momentum, 1 and 2 EMAs, flat and
+list layouts, for the CUDA kernels (the built extension's sm_90 cubins) and the Triton kernels
+(compiled ahead of time, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``).
+
+Each must not spill, and must keep an H100 busy: at least 32 resident warps per SM, or -- the
+rule of DESIGN.md for a variant below that -- at least twice the bytes in flight per SM that
+Little's law needs (2 x 3.35 TB/s x 0.9 µs / 132 SMs = 45.7 KB), counted as resident warps x 32
+lanes x the 16-byte loads each thread issues before its first use of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+import occupancy as occ
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ARCH = 90
+NEED = 2 * occ.LITTLE_BYTES_PER_SM
+
+
+def _kblock() -> int:
+    m = re.search(r"constexpr int kBlock = (\d+);", (ROOT / "csrc" / "fused_cuda.cu").read_text())
+    return int(m[1])
+
+
+def _verdict(label, regs, spills, threads_per_block, loads16):
+    warps = occ.resident_warps(regs, threads_per_block)
+    inflight = occ.bytes_in_flight_per_sm(warps, loads16)
+    ok = not spills and (warps >= occ.MIN_WARPS or inflight >= NEED)
+    return ok, (f"{label}: {regs} regs x {threads_per_block} threads -> {warps} warps/SM, "
+                f"{loads16} x 16 B loads before use -> {inflight / 1024:.0f} KB in flight "
+                f"(need {occ.MIN_WARPS} warps or {NEED / 1024:.1f} KB){', SPILLS' if spills else ''}")
+
+
+# -------------------------------------------------------------------------------- CUDA ------
+_CUDA_MAIN = re.compile(r"fused_kernel<ek::\(anonymous namespace\)::(AdamOp<ek::(F32|BF16), "
+                        r"false, [12]>|SgdOp<ek::(F32|BF16), 2, [12]>), ")
+
+
+def _cuda_library():
+    from ema_kernels.backends import _extension as ext
+    info = ext.extension_info()
+    if not info.get("built") or str(info.get("cuda")) not in ("1", "True"):
+        pytest.skip(f"the extension has no CUDA kernels here (built without nvcc: "
+                    f"{info.get('error') or 'CPU-only build'}); CI's full build has them")
+    if str(ARCH) not in str(info.get("cuda_arch_list", "")) and \
+            f"{ARCH // 10}.{ARCH % 10}" not in str(info.get("cuda_archs", "")):
+        pytest.skip(f"the extension was built without sm_{ARCH} ({info.get('cuda_archs')})")
+    if occ.cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton's) to read the cubins")
+    return info["path"]
+
+
+def test_cuda_main_variants_keep_an_sm_busy_without_spilling():
+    lib = _cuda_library()
+    usage = occ.resource_usage(lib, ARCH)
+    names = occ.demangle(list(usage))
+    main = {k: v for k, v in usage.items() if _CUDA_MAIN.search(names[k])}
+    # 2 optimizers x 2 dtypes x 2 EMA counts x 2 layouts
+    assert len(main) == 16, sorted(names[k] for k in main)
+    block = _kblock()
+    report, bad = [], []
+    for k, u in main.items():
+        label = names[k].replace("ek::(anonymous namespace)::", "").split("(")[0]
+        ok, line = _verdict(label, u.regs, u.spills, block,
+                            occ.vector_loads_before_use(lib, ARCH, k))
+        report.append(line)
+        if not ok:
+            bad.append(line)
+    print("\n".join(sorted(report)))
+    assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------------------ Triton ------
+_TRITON_WORKER = r"""
+import json, os, sys
+from ema_kernels.backends import triton_kernels as tk
+assert not tk._interpreted()
+want, out = json.loads(sys.argv[1]), sys.argv[2]
+for label, fn, sig, const, attrs in tk.aot_variants():
+    if label not in want:
+        continue
+    c = tk.aot_compile(fn, sig, const, attrs, int(sys.argv[3]))
+    path = os.path.join(out, "k%d.cubin" % want.index(label))
+    with open(path, "wb") as f:
+        f.write(c.asm["cubin"])
+    print(json.dumps({"label": label, "cubin": path, "name": c.metadata.name,
+                      "num_warps": c.metadata.num_warps}), flush=True)
+"""
+
+
+def _triton_labels():
+    labels = []
+    for ty in ("fp32", "bf16"):
+        for k in (1, 2):
+            for layout in ("flat", "list"):
+                labels.append(f"adam_{layout}[{ty},emas={k},amsgrad=False]")
+                labels.append(f"sgd_{layout}[{ty},emas={k},momentum=True]")
+    return labels
+
+
+def test_triton_main_variants_keep_an_sm_busy_without_spilling(tmp_path):
+    pytest.importorskip("triton")
+    if occ.cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton's) to read the cubins")
+    labels = _triton_labels()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_WORKER, json.dumps(labels),
+                           str(tmp_path), str(ARCH)], cwd=str(ROOT), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["label"] for r in recs) == sorted(labels)
+    report, bad = [], []
+    for r in recs:
+        (u,) = occ.resource_usage(r["cubin"], ARCH).values()
+        ok, line = _verdict(r["label"], u.regs, u.spills, 32 * r["num_warps"],
+                            occ.vector_loads_before_use(r["cubin"], ARCH, r["name"]))
+        report.append(line)
+        if not ok:
+            bad.append(line)
+    print("\n".join(sorted(report)))
+    assert not bad, "\n".join(bad)
+
+
+def test_the_occupancy_arithmetic():
+    """The register-file arithmetic against values from NVIDIA's occupancy calculator (sm_90,
+    512-thread blocks): 32 regs -> 64 warps, 40 -> 48, 64 -> 32, 65 -> 16 (one 512-thread
+    block fits), 128 -> 16, and 8-warp blocks at 88 regs -> 16 warps."""
+    assert [occ.resident_warps(r, 512) for r in (32, 40, 64, 65, 128)] == [64, 48, 32, 16, 16]
+    assert occ.resident_warps(88, 256) == 16
+    assert occ.resident_warps(56, 256) == 32
+    assert 22_000 < occ.LITTLE_BYTES_PER_SM < 23_500
