@@ -14,10 +14,14 @@ docs/*.md is globbed when the tests are collected, so every page added later is 
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
+import sys
 
 import pytest
+
+from integration_support import require
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
@@ -43,6 +47,12 @@ def evaluate(model):
     model.train(was_training)
     return loss
 '''
+
+# The optional frameworks docs/integrations.md imports: absent, its blocks skip as
+# tests/test_integrations_*.py do (and fail under CI, where the extra must be installed).
+EXTRAS = ("transformers", "accelerate", "lightning", "diffusers", "timm", "ema_pytorch",
+          "safetensors")
+_IMPORT = re.compile(r"^\s*(?:from|import)\s+(\w+)", re.M)
 
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _MARK = re.compile(r"<!--\s*snippet:\s*([\w-]+)\s*-->\s*$")
@@ -100,12 +110,34 @@ def test_marks_are_parsed(tmp_path):
         _blocks(page)
 
 
+@contextlib.contextmanager
+def _fresh_accelerate():
+    """accelerate keeps process-wide singletons (``AcceleratorState``): a block that builds an
+    ``Accelerator`` (or a transformers ``Trainer``, through it) would see the settings of an
+    earlier block in this process, where a script starts fresh. Reset them around each block."""
+    def reset():
+        if "accelerate.state" in sys.modules:
+            from accelerate.state import AcceleratorState, GradientState
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    reset()
+    try:
+        yield
+    finally:
+        reset()
+
+
 @pytest.mark.parametrize("page, parts", _snippets())
 def test_snippet_runs(page, parts, tmp_path, monkeypatch):
+    for module in sorted({m for _, code in parts for m in _IMPORT.findall(code)} &
+                         set(EXTRAS)):
+        require(module)
     monkeypatch.chdir(tmp_path)  # snippets that save files write them here
     monkeypatch.delenv("EMA_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # restored after (a block may set it itself)
     namespace = {"__name__": "__snippet__"}
     exec(compile(PREAMBLE, "<preamble>", "exec"), namespace)
-    for line, code in parts:
-        # the block's own line numbers in tracebacks: pad to where it starts in the page
-        exec(compile("\n" * line + code, f"{page}", "exec"), namespace)
+    with _fresh_accelerate():
+        for line, code in parts:
+            # the block's own line numbers in tracebacks: pad to where it starts in the page
+            exec(compile("\n" * line + code, f"{page}", "exec"), namespace)
