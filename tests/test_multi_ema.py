@@ -11,12 +11,12 @@
   checkpoints, resume bit-exact), validation messages, post-hoc snapshots of one optimizer.
 """
 import copy
-import os
 
 import pytest
 import torch
 
 import ema_kernels as ek
+from backend_support import cpu_backends
 from ema_kernels import _ops, posthoc
 from ema_kernels import schedules as S
 from ema_kernels.backends import _emas
@@ -25,19 +25,7 @@ from ema_kernels.backends import reference as ref
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _cpu_backends():
-    names = ["reference"]
-    if _ops.availability("cpp", "cpu")[0]:
-        names.append("cpp")
-    from ema_kernels.backends import cuda
-    if cuda._emulation_availability()[0]:
-        names.append("cuda")
-    if os.environ.get("TRITON_INTERPRET") == "1" and _ops.availability("triton", "cpu")[0]:
-        names.append("triton")
-    return names
-
-
-BACKENDS = _cpu_backends()
+BACKENDS = cpu_backends()
 
 
 @pytest.fixture

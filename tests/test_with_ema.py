@@ -15,7 +15,6 @@
 """
 import copy
 import io
-import os
 import warnings
 
 import pytest
@@ -23,23 +22,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ema_kernels as ek
-from ema_kernels import _ops, posthoc
+from backend_support import cpu_backends
+from ema_kernels import posthoc
 from ema_kernels import schedules as S
 
 
-def _cpu_backends():
-    names = ["reference"]
-    if _ops.availability("cpp", "cpu")[0]:
-        names.append("cpp")
-    from ema_kernels.backends import cuda
-    if cuda._emulation_availability()[0]:
-        names.append("cuda")
-    if os.environ.get("TRITON_INTERPRET") == "1" and _ops.availability("triton", "cpu")[0]:
-        names.append("triton")
-    return names
-
-
-BACKENDS = _cpu_backends()
+BACKENDS = cpu_backends()
 
 
 @pytest.fixture
