@@ -73,9 +73,9 @@ from __future__ import annotations
 from . import foreach_rules, peers
 from .cases import (BASELINE, CLIP_BASELINE, CLIP_MAX_NORM, COPY, COPY_D2D, DTYPES, EMA_DECAY,
                     EMA_DECAYS, KEYS, LR, OPTIMIZERS, RULE_BASELINE, RULES, SGD_MOMENTUM,
-                    WITH_EMA, Case, _ek_optimizer, _every, _itemsize, _ITEMSIZE, _make_params,
-                    _Model, _torch_hparams, _torch_optimizer, bytes_per_param,
-                    torch_clip_bytes_per_param)
+                    WITH_EMA, Case, _ek_optimizer, _every, _foreach_lerp_emas, _itemsize,
+                    _ITEMSIZE, _make_params, _Model, _torch_hparams, _torch_optimizer,
+                    bytes_per_param, torch_clip_bytes_per_param)
 from .cli import _SUFFIX, _main_host, _parser, _positive_int, default_sizes, main, parse_size
 from .host import (_OPT_TITLE, HOST_BASELINE, HOST_KEYS, HOST_NUMEL, HOST_TENSORS,
                    _host_backend, _HostRow, format_host_table, host_repeats, host_row_names,

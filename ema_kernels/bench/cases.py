@@ -199,6 +199,20 @@ def _ek_optimizer(case: Case, params, backend: str, flatten: bool = False, sr: b
     return opt
 
 
+def _foreach_lerp_emas(case: Case, params) -> tuple:
+    """``(ema, emas)``: one list of EMA tensors per decay (clones of the parameters) and
+    ``ema()``, one ``torch._foreach_lerp_`` per EMA towards the parameters, with the weight of
+    ``ema_every`` steps (the baselines' EMA; state in the parameters' dtype, as torch keeps it)."""
+    cur = [p.detach() for p in params]
+    emas = [[c.clone() for c in cur] for _ in case.decays]
+    ws = [1.0 - d ** case.ema_every for d in case.decays]
+
+    def ema():
+        for zs, w in zip(emas, ws):
+            torch._foreach_lerp_(zs, cur, w)
+    return ema, emas
+
+
 def _every(k: int, step: Callable[[], None], ema: Callable[[], None]) -> Callable[[], None]:
     """k optimizer steps and one EMA update: a call covers one EMA period."""
     @torch.no_grad()

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .cases import _every, _make_params, _Model, _torch_optimizer
+from .cases import _every, _foreach_lerp_emas, _make_params, _Model, _torch_optimizer
 
 __all__ = ["PeerMissing", "PEERS", "COMPILED"]
 
@@ -92,14 +92,7 @@ def compiled_foreach_lerp(case):
     per case), inside the bench's untimed warm-up."""
     params = _make_params(case)
     opt = _torch_optimizer(case, params, foreach=True)
-    cur = [p.detach() for p in params]
-    emas = [[c.clone() for c in cur] for _ in case.decays]
-    ws = [1.0 - d ** case.ema_every for d in case.decays]
-
-    def ema():
-        for zs, w in zip(emas, ws):
-            torch._foreach_lerp_(zs, cur, w)
-
+    ema, emas = _foreach_lerp_emas(case, params)
     if case.ema_every == 1:
         def step_and_ema():
             opt.step()

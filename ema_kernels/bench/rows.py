@@ -12,8 +12,8 @@ import torch
 
 from . import foreach_rules, peers
 from .cases import (BASELINE, CLIP_BASELINE, CLIP_MAX_NORM, COPY, COPY_D2D, OPTIMIZERS, RULES,
-                    RULE_BASELINE, WITH_EMA, Case, _ek_optimizer, _every, _make_params, _Model,
-                    _torch_hparams, _torch_optimizer)
+                    RULE_BASELINE, WITH_EMA, Case, _ek_optimizer, _every, _foreach_lerp_emas,
+                    _make_params, _Model, _torch_hparams, _torch_optimizer)
 
 
 def _row_ek(backend: str, flatten: bool = False, sr: bool = False):
@@ -34,14 +34,7 @@ def _row_ek(backend: str, flatten: bool = False, sr: bool = False):
 def _row_fused_lerp(case: Case):
     params = _make_params(case)
     opt = _torch_optimizer(case, params, fused=True)
-    cur = [p.detach() for p in params]
-    emas = [[c.clone() for c in cur] for _ in case.decays]
-    ws = [1.0 - d ** case.ema_every for d in case.decays]
-
-    def ema():
-        for zs, w in zip(emas, ws):
-            torch._foreach_lerp_(zs, cur, w)
-
+    ema, emas = _foreach_lerp_emas(case, params)
     return _every(case.ema_every, opt.step, ema), (opt, params, emas)
 
 
@@ -63,17 +56,11 @@ def _row_fused_clip_lerp(case: Case):
     baseline; the norm and the clip are two passes over the gradients, as torch runs them)."""
     params = _make_params(case)
     opt = _torch_optimizer(case, params, fused=True)
-    cur = [p.detach() for p in params]
-    emas = [[c.clone() for c in cur] for _ in case.decays]
-    ws = [1.0 - d ** case.ema_every for d in case.decays]
+    ema, emas = _foreach_lerp_emas(case, params)
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, CLIP_MAX_NORM)
         opt.step()
-
-    def ema():
-        for zs, w in zip(emas, ws):
-            torch._foreach_lerp_(zs, cur, w)
 
     return _every(case.ema_every, step, ema), (opt, params, emas)
 
