@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from ema_kernels import bench, bench_peers  # noqa: E402
+from ema_kernels import bench  # noqa: E402
 
 DEVICE = os.environ.get("EMA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 OPTIMIZER = os.environ.get("EMA_BENCH_OPTIMIZER", "adamw")
@@ -31,7 +31,7 @@ def test_step_plus_ema(benchmark, name, numel):
                       tensors=TENSORS, ema_every=1)
     try:
         fn, keep = bench.build_row(name, case)
-    except bench_peers.PeerMissing as e:  # a peer row whose package is not installed
+    except bench.peers.PeerMissing as e:  # a peer row whose package is not installed
         pytest.skip(str(e))
     if DEVICE == "cuda":
         def timed():

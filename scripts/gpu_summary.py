@@ -16,7 +16,7 @@ import math
 import sys
 
 FUSED = "torch fused + foreach_lerp"
-COMPILED = "torch.compile(foreach step + foreach_lerp)"  # ema_kernels.bench_peers.COMPILED
+COMPILED = "torch.compile(foreach step + foreach_lerp)"  # ema_kernels.bench.COMPILED
 COPIES = ("copy dst.copy_(src)", "stream a+=b")
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from ema_kernels import bench, bench_peers
+from ema_kernels import bench
 from integration_support import require
 
 for _module, _pip in (("timm", "timm"), ("ema_pytorch", "ema-pytorch"), ("diffusers", "diffusers")):
@@ -79,7 +79,7 @@ def test_compiled_row_matches_eager_foreach_and_lerp():
 def test_a_missing_package_is_reported_not_timed(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now fails as if absent
     monkeypatch.setitem(sys.modules, "timm.utils", None)
-    with pytest.raises(bench_peers.PeerMissing, match="timm is not installed"):
+    with pytest.raises(bench.peers.PeerMissing, match="timm is not installed"):
         bench.build_row("torch foreach + timm ModelEmaV3", bench.Case(numel=10, tensors=2))
     rows = ["ek[reference]", bench.BASELINE, "torch foreach + timm ModelEmaV3", bench.COPY]
     assert bench.main(["--device", "cpu", "--numel", "300", "--tensors", "3", "--repeats", "2",

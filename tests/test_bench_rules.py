@@ -1,10 +1,11 @@
 """``bench --optimizer lars|lamb|lion``: the bytes per parameter, the rows, and the foreach
-baselines (ema_kernels/bench_foreach.py) doing the optimizers' math."""
+baselines (ema_kernels/bench/foreach_rules.py) doing the optimizers' math."""
 import pytest
 import torch
 
 import ema_kernels as ek
-from ema_kernels import bench, bench_foreach
+from ema_kernels import bench
+from ema_kernels.bench import foreach_rules
 
 
 def test_bytes_per_param_of_the_rules():
@@ -32,16 +33,16 @@ def test_foreach_baselines_do_the_optimizers_math(rule):
     hp = bench._torch_hparams(bench.Case(optimizer=rule))
     if rule == "lars":
         opt = ek.LARS(qs, **hp, backend="reference")
-        bench_foreach.lars_step(ps, gs, [torch.zeros_like(p) for p in ps], **{
+        foreach_rules.lars_step(ps, gs, [torch.zeros_like(p) for p in ps], **{
             k: hp[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")})
     elif rule == "lamb":
         opt = ek.LAMB(qs, **hp, backend="reference")
-        bench_foreach.lamb_step(ps, gs, [torch.zeros_like(p) for p in ps],
+        foreach_rules.lamb_step(ps, gs, [torch.zeros_like(p) for p in ps],
                                 [torch.zeros_like(p) for p in ps], lr=hp["lr"], beta1=0.9,
                                 beta2=0.999, eps=1e-6, weight_decay=hp["weight_decay"], step=1)
     else:
         opt = ek.Lion(qs, **hp, backend="reference")
-        bench_foreach.lion_step(ps, gs, [torch.zeros_like(p) for p in ps], lr=hp["lr"],
+        foreach_rules.lion_step(ps, gs, [torch.zeros_like(p) for p in ps], lr=hp["lr"],
                                 beta1=0.9, beta2=0.99, weight_decay=hp["weight_decay"])
     opt.step()
     for p, q in zip(ps, qs):

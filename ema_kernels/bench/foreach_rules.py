@@ -5,7 +5,7 @@ per fp32 parameter of each op are in the comments (docs/optimizers.md sums them:
 132, Lion 80 with one EMA, against the fused 36, 48 and 28).
 
 These are baselines, not oracles: the oracles are tests/test_lars_lamb_lion.py's per-tensor
-code, and these functions are checked against the optimizers there (tests/test_bench.py).
+code, and these functions are checked against the optimizers there (tests/test_bench_rules.py).
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .cases import _every, _foreach_lerp_emas, _make_params, _Model, _torch_optimizer
+
 __all__ = ["PeerMissing", "PEERS", "COMPILED"]
 
 
@@ -33,10 +35,9 @@ def _require(module: str, pip_name: str):
 
 
 def _setup(case, **optimizer_mode):
-    from . import bench
-    params = bench._make_params(case)
-    model = bench._Model(params)
-    opt = bench._torch_optimizer(case, params, **optimizer_mode)
+    params = _make_params(case)
+    model = _Model(params)
+    opt = _torch_optimizer(case, params, **optimizer_mode)
     return params, model, opt, [d ** case.ema_every for d in case.decays]
 
 
@@ -44,14 +45,13 @@ def timm_model_ema_v3(case):
     """``torch.optim.X(foreach=True)`` + ``timm.utils.ModelEmaV3(model, decay)``, ``.update(model)``
     (timm's default foreach path)."""
     timm_utils = _require("timm.utils", "timm")
-    from . import bench
     params, model, opt, decays = _setup(case, foreach=True)
     emas = [timm_utils.ModelEmaV3(model, decay=d) for d in decays]
 
     def ema():
         for e in emas:
             e.update(model)
-    return bench._every(case.ema_every, opt.step, ema), (opt, model, emas)
+    return _every(case.ema_every, opt.step, ema), (opt, model, emas)
 
 
 def ema_pytorch_ema(case):
@@ -59,7 +59,6 @@ def ema_pytorch_ema(case):
     update_every=1)``, ``.update()`` (its defaults otherwise: no foreach; ``update_after_step``
     and ``update_every`` set so that it averages at every call, as every row does)."""
     ema_pytorch = _require("ema_pytorch", "ema-pytorch")
-    from . import bench
     params, model, opt, decays = _setup(case, fused=True)
     emas = [ema_pytorch.EMA(model, beta=d, update_after_step=0, update_every=1)
             for d in decays]
@@ -69,21 +68,20 @@ def ema_pytorch_ema(case):
     def ema():
         for e in emas:
             e.update()
-    return bench._every(case.ema_every, opt.step, ema), (opt, model, emas)
+    return _every(case.ema_every, opt.step, ema), (opt, model, emas)
 
 
 def diffusers_ema_model(case):
     """``torch.optim.X(fused=True)`` + diffusers' ``EMAModel(params, decay, foreach=True)``,
     ``.step(params)`` (as diffusers' training scripts call it)."""
     training_utils = _require("diffusers.training_utils", "diffusers")
-    from . import bench
     params, model, opt, decays = _setup(case, fused=True)
     emas = [training_utils.EMAModel(model.parameters(), decay=d, foreach=True) for d in decays]
 
     def ema():
         for e in emas:
             e.step(model.parameters())
-    return bench._every(case.ema_every, opt.step, ema), (opt, model, emas)
+    return _every(case.ema_every, opt.step, ema), (opt, model, emas)
 
 
 def compiled_foreach_lerp(case):
@@ -92,30 +90,22 @@ def compiled_foreach_lerp(case):
     library. With ``ema_every=1`` step and EMA are one compiled function (inductor may fuse
     the lerp into the step's loops); otherwise two. The first call compiles (~10-25 s on a CPU
     per case), inside the bench's untimed warm-up."""
-    from . import bench
-    params = bench._make_params(case)
-    opt = bench._torch_optimizer(case, params, foreach=True)
-    cur = [p.detach() for p in params]
-    emas = [[c.clone() for c in cur] for _ in case.decays]
-    ws = [1.0 - d ** case.ema_every for d in case.decays]
-
-    def ema():
-        for zs, w in zip(emas, ws):
-            torch._foreach_lerp_(zs, cur, w)
-
+    params = _make_params(case)
+    opt = _torch_optimizer(case, params, foreach=True)
+    ema, emas = _foreach_lerp_emas(case, params)
     if case.ema_every == 1:
         def step_and_ema():
             opt.step()
             ema()
         fn = torch.no_grad()(torch.compile(step_and_ema))
     else:
-        fn = bench._every(case.ema_every, torch.compile(opt.step), torch.compile(ema))
+        fn = _every(case.ema_every, torch.compile(opt.step), torch.compile(ema))
     return fn, (opt, params, emas)
 
 
 COMPILED = "torch.compile(foreach step + foreach_lerp)"
 
-# name -> builder; bench.BASELINES lists these after torch's own rows
+# name -> builder; rows.BASELINES lists these after torch's own rows
 PEERS: "dict[str, Callable]" = {
     "torch foreach + timm ModelEmaV3": timm_model_ema_v3,
     "torch fused + ema-pytorch EMA": ema_pytorch_ema,
