@@ -24,7 +24,7 @@ from .backends._extension import EMULATION as _CUDA_EMULATION
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 _MODULES = {
     "reference": "ema_kernels.backends.reference",
-    "triton": "ema_kernels.backends.triton_kernels",
+    "triton": "ema_kernels.backends.triton",
     "cuda": "ema_kernels.backends.cuda",
     "cpp": "ema_kernels.backends.cpp",
 }

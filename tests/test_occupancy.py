@@ -82,8 +82,9 @@ def test_cuda_main_variants_keep_an_sm_busy_without_spilling():
 # ------------------------------------------------------------------------------ Triton ------
 _TRITON_WORKER = r"""
 import json, os, sys
-from ema_kernels.backends import triton_kernels as tk
-assert not tk._interpreted()
+from ema_kernels.backends import triton as tk
+from ema_kernels.backends.triton.checks import _interpreted
+assert not _interpreted()
 want, out = json.loads(sys.argv[1]), sys.argv[2]
 for label, fn, sig, const, attrs in tk.aot_variants():
     if label not in want:

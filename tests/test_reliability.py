@@ -850,18 +850,18 @@ def test_float64_parameters(backend):
 def test_triton_chunk_table_past_2_31_elements():
     """The tensor-list launch's table (built on the host, int64) for tensors of 2**31 + 5 and
     2**32 + 2049 elements: no allocation of the tensors themselves, only of the table."""
-    from ema_kernels.backends import triton_kernels as tk
-    B = tk.BLOCK
+    from ema_kernels.backends.triton import config, tables
+    B = config.BLOCK
     numels = [2 ** 31 + 5, 7, 0, 2 ** 32 + B + 1]
     base = 1 << 40  # fake, 16-byte aligned addresses: the table only stores them
     addrs = [[base + 16 * (r * 8 + i) for i in range(len(numels))] for r in range(2)]
     n = len(numels)
-    before = set(tk._table_cache)
+    before = set(tables._table_cache)
     try:
-        table, n_chunks = tk._table(addrs, numels, torch.device("cpu"))
+        table, n_chunks = tables._table(addrs, numels, torch.device("cpu"))
     finally:
-        for key in set(tk._table_cache) - before:
-            tk._table_cache.pop(key)
+        for key in set(tables._table_cache) - before:
+            tables._table_cache.pop(key)
     counts = [math.ceil(k / B) for k in numels]
     assert n_chunks == sum(counts) and table.dtype == torch.int64
     assert table[:2 * n].tolist() == [a for row in addrs for a in row]
@@ -883,7 +883,8 @@ def test_triton_chunk_table_past_2_31_elements():
 
 _TTIR_SCRIPT = r"""
 import json, re, sys
-from ema_kernels.backends import triton_kernels as tk
+from ema_kernels.backends import triton as tk
+from ema_kernels.backends.triton.config import NUM_WARPS
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -895,7 +896,7 @@ def ttir(kernel, sig, const, attrs):
         from triton._C.libtriton import ir
         from triton.backends.nvidia.compiler import CUDABackend
         be = CUDABackend(target)
-        opts = be.parse_options({"num_warps": tk.NUM_WARPS})
+        opts = be.parse_options({"num_warps": NUM_WARPS})
         ctx = ir.context(); ir.load_dialects(ctx); be.load_dialects(ctx)
         return str(src.make_ir(target, opts, be.get_codegen_implementation(opts),
                                be.get_module_map(), ctx))

@@ -60,10 +60,10 @@ def _emu_ops():
 
 def _triton():
     pytest.importorskip("triton")
-    from ema_kernels.backends import triton_kernels as tk
-    if os.environ.get("TRITON_INTERPRET") == "1" and not tk._interpreted():
-        tk = importlib.reload(tk)
-    if not tk._interpreted():
+    from triton_support import triton_backend
+    tk = triton_backend()
+    from ema_kernels.backends.triton.checks import _interpreted
+    if not _interpreted():
         pytest.skip("Triton is not interpreted here (TRITON_INTERPRET != 1)")
     return tk
 
@@ -362,7 +362,7 @@ def test_default_offsets_are_the_lists_flat_layout(request, backend, dtype):
     from ema_kernels.backends import reference
     mod = importlib.import_module(
         "ema_kernels.backends." + {"cpp": "cpp", "cuda-emulated": "cuda",
-                                   "triton": "triton_kernels"}[backend])
+                                   "triton": "triton"}[backend])
     _backend_name(backend, request)
     ps = [p.detach() for p in _make_params(dtype, 12)]
     gs = _grads(ps, 0, 12)

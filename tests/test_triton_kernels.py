@@ -28,7 +28,6 @@ import os
 # (test_compiled_kernels_on_cuda does exactly that in a subprocess where a GPU is visible).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -42,19 +41,21 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from ema_kernels.backends import reference as ref  # noqa: E402
-from ema_kernels.backends import triton_kernels as tk  # noqa: E402
+from triton_support import triton_backend  # noqa: E402
 
-if os.environ["TRITON_INTERPRET"] == "1" and not tk._interpreted():
-    tk = importlib.reload(tk)  # another module imported the backend before the env was set
+tk = triton_backend()  # re-imported if another module imported it before the env was set
+from ema_kernels.backends.triton import checks as tchecks  # noqa: E402
+from ema_kernels.backends.triton import config as tcfg  # noqa: E402  (BLOCK: read at launch)
+from ema_kernels.backends.triton import tables as ttables  # noqa: E402
 
-INTERPRETED = tk._interpreted()
+INTERPRETED = tchecks._interpreted()
 DEVICE = "cpu" if INTERPRETED else "cuda"
 if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is not 1 and no GPU is visible: nothing can run the kernels",
                 allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROD_BLOCK, PROD_WARPS = tk.BLOCK, tk.NUM_WARPS
+PROD_BLOCK, PROD_WARPS = tcfg.BLOCK, tcfg.NUM_WARPS
 # The interpreter costs milliseconds per program whatever its size: the numerical tests run with
 # big blocks (BLOCK is a constexpr of the kernels; the production value is compiled by the AOT
 # tests and run by test_production_block_size).  2**16 + 3 elements still span 5 programs.
@@ -98,9 +99,10 @@ AOT_ARCHS = (80, 90)
 _AOT_WORKER = r"""
 import json, os, re, subprocess, sys, tempfile, time
 import triton
-from ema_kernels.backends import triton_kernels as tk
+from ema_kernels.backends import triton as tk
+from ema_kernels.backends.triton.checks import _interpreted
 arch = int(sys.argv[1])
-assert not tk._interpreted()
+assert not _interpreted()
 cuobjdump = os.path.join(os.path.dirname(triton.knobs.nvidia.ptxas.path), "cuobjdump")
 os.makedirs(os.environ["TRITON_CACHE_DIR"], exist_ok=True)
 tmp = tempfile.mkdtemp(dir=os.environ["TRITON_CACHE_DIR"])
@@ -153,13 +155,13 @@ def _start_aot_workers():
 def _aot_in_background(request):
     if any(item.name.startswith("test_aot_compile") for item in request.session.items):
         _start_aot_workers()
-    tk.BLOCK = TEST_BLOCK
+    tcfg.BLOCK = TEST_BLOCK
     # One intra-op thread: the tensors are small, and the second core compiles in background.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    tk.BLOCK = PROD_BLOCK
+    tcfg.BLOCK = PROD_BLOCK
     for proc in _aot_procs.values():
         if proc.poll() is None:
             proc.kill()
@@ -545,15 +547,15 @@ def test_mixed_dtype_list(opt):
 
 
 def test_table_is_cached_and_chunked():
-    tk._table_cache.clear()
-    B = tk.BLOCK
+    ttables._table_cache.clear()
+    B = tcfg.BLOCK
     prob = _Problem((2 * B + 5, 1, B, 0), torch.float32, ("exp_avg", "exp_avg_sq"), seed=3)
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
                   maximize=False, step_size=1e-2, bias_correction2_sqrt=0.1, ema_weight=None)
     args = (prob.params, prob.grads, prob.state["exp_avg"], prob.state["exp_avg_sq"], None, None)
     tk.adam_ema(*args, **kwargs)
-    assert len(tk._table_cache) == 1
-    (table, n_chunks), = tk._table_cache.values()
+    assert len(ttables._table_cache) == 1
+    (table, n_chunks), = ttables._table_cache.values()
     assert n_chunks == 3 + 1 + 1  # the empty tensor is left out and has no chunk
     n = 3
     # rows: θ g m v vmax ζ0 ζ1 ζ2 ζ3 (MAX_EMAS EMA rows), sizes, chunk tensors, chunk starts
@@ -564,12 +566,12 @@ def test_table_is_cached_and_chunked():
     assert rows[10 * n:10 * n + n_chunks] == [0, 0, 0, 1, 2]
     assert rows[10 * n + n_chunks:] == [0, B, 2 * B, 0, 0]
     tk.adam_ema(*args, **kwargs)
-    assert len(tk._table_cache) == 1  # same tensors: no new table, no copy
+    assert len(ttables._table_cache) == 1  # same tensors: no new table, no copy
     # two EMAs: their rows hold the ζ_i addresses, the others stay 0
     zs = [[torch.zeros_like(p) for p in prob.params] for _ in range(2)]
     tk.adam_ema(*args[:5], zs, **dict(kwargs, ema_weight=[0.5, 0.25]))
-    assert len(tk._table_cache) == 2
-    rows = list(tk._table_cache.values())[-1][0].tolist()
+    assert len(ttables._table_cache) == 2
+    rows = list(ttables._table_cache.values())[-1][0].tolist()
     assert rows[5 * n:6 * n] == [z.data_ptr() for z in zs[0][:n]]
     assert rows[6 * n:7 * n] == [z.data_ptr() for z in zs[1][:n]]
     assert rows[7 * n:9 * n] == [0] * (2 * n)
@@ -578,7 +580,7 @@ def test_table_is_cached_and_chunked():
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
 def test_production_block_size(opt, monkeypatch):
     """The launchers' real BLOCK under the interpreter: many programs, list and flat."""
-    monkeypatch.setattr(tk, "BLOCK", PROD_BLOCK)
+    monkeypatch.setattr(tcfg, "BLOCK", PROD_BLOCK)
     if opt == "adam":
         cfg = ADAM_CASES["adam_l2_amsgrad_maximize"]
         roles, step = _adam_roles(cfg), _adam_step(cfg)
@@ -672,6 +674,16 @@ def test_interface_matches_reference():
     assert ok and ("TRITON_INTERPRET" in why) == INTERPRETED
 
 
+def test_backend_package_does_not_shadow_triton():
+    """The package is named ``ema_kernels.backends.triton``: its modules' ``import triton`` must
+    still get the real triton (absolute imports), whose JIT decorated the kernels."""
+    import triton
+    from ema_kernels.backends.triton import config, kernels
+    assert config.triton is triton and kernels.triton is triton
+    assert triton.__name__ == "triton" and "ema_kernels" not in Path(triton.__file__).parts
+    assert type(kernels._adam_flat_kernel).__module__.startswith("triton.")
+
+
 def test_registry_and_optimizers_run_it():
     """Through the registry and the public optimizers (flat and tensor-list paths)."""
     import ema_kernels as ek
@@ -709,7 +721,7 @@ torch.cuda.is_available = _no
 torch.cuda.device_count = _no
 import triton
 triton.compile = _no
-from ema_kernels.backends import triton_kernels as tk   # must query and compile nothing
+from ema_kernels.backends import triton as tk   # must query and compile nothing
 ok, why = tk.availability("cpu")
 assert not ok and "TRITON_INTERPRET=1" in why and "'cpp'" in why and "'reference'" in why, why
 from ema_kernels import _ops
