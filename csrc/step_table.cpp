@@ -256,7 +256,6 @@ class StepTable {
     device_ = like.device();
     sdtype_ = like.scalar_type();
     meta_ = like.dtype();
-    itemsize_ = int64_t(meta_.itemsize());
     dtype_ = kernel_dtype(sdtype_);
     if (triton_) return;  // launched by Triton, on whatever device it runs
 #ifdef EK_CUDA_EMULATION
@@ -302,40 +301,33 @@ class StepTable {
     }
   }
 
-  // The per-parameter loop of every step.  At thousands of parameters it is bound by memory
-  // latency and calls, not arithmetic: each parameter's metadata is a chain of dependent heap
-  // objects (TensorImpl -> AutogradMeta -> the grad's TensorImpl -> its StorageImpl, and the
-  // parameter's StorageImpl), ~12 cache lines that are often out of L2 by the next step, and
-  // libc10's accessors for them (TensorImpl::grad, has_storage, data_impl) are out-of-line
-  // calls with checks this loop has already made.  So: the reads are inline (grad_of,
-  // address), each link of the chain is prefetched a few parameters ahead (Prefetcher), and
-  // the geometry the state was made for lives in one packed array (geo_) read in order.
+  // The per-parameter loop of every step, through libtorch's public accessors only
+  // (TensorImpl::grad, device, has_storage, data): reading AutogradMeta and StorageImpl
+  // directly, with software prefetch of each parameter's pointer chain, was measured not to pay
+  // at 100 or more tensors of real sizes (100 x 4096, 100 x 2^16, 1000 x 4096 fp32: equal or
+  // slower, interleaved runs) and to save 15-25 % of host time only at thousands of tiny
+  // tensors. The geometry the state was made for lives in one packed array (geo_) read in order.
   int prepare_list() {
     if (state_misaligned_) return kMisaligned;
     const size_t n = params_.size();
-    Prefetcher ahead(params_);
     for (size_t i = 0; i < n; ++i) {
-      ahead.at(i);
       c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
       const int64_t* geo = geo_.data() + geo_off_[i];
-      // the device is the storage's (a TensorImpl's device_opt_ is its storage's; reading it
-      // there saves an out-of-line TensorImpl::device() on a line address() reads anyway)
-      if (p->layout() != c10::kStrided || p->dtype() != meta_ || !on_device(p) ||
+      if (p->layout() != c10::kStrided || p->dtype() != meta_ || p->device() != device_ ||
           !same_geometry(p, geo))
         return kParamChanged;
-      const auto* meta = ahead.meta(i);
-      const Tensor* gt = meta == nullptr ? nullptr : &meta->grad_;
-      if (gt == nullptr || !gt->defined()) return kNoGrad;
+      const Tensor& gt = p->grad();
+      if (!gt.defined()) return kNoGrad;
       // The kernels walk θ and g with one index: same strides (a channels_last gradient of a
       // channels_last weight is fine, a contiguous one is not: step()'s general path copies).
-      const c10::TensorImpl* g = gt->unsafeGetTensorImpl();
-      if (g->layout() != c10::kStrided || g->dtype() != meta_ || !on_device(g) ||
+      const c10::TensorImpl* g = gt.unsafeGetTensorImpl();
+      if (g->layout() != c10::kStrided || g->dtype() != meta_ || g->device() != device_ ||
           !same_geometry(g, geo))
         return kGradLayout;
       TensorPtrs& t = table_[i];
       if (t.n == 0) continue;  // never launched (active()): it may have no storage at all
-      t.p = const_cast<void*>(address(p, true));
-      t.g = address(g, false);
+      t.p = p->has_storage() ? p->mutable_data() : nullptr;
+      t.g = g->has_storage() ? g->data() : nullptr;
       if (t.p == nullptr || t.g == nullptr) return kGradLayout;  // the general path decides
       if (triton_ &&
           ((reinterpret_cast<uintptr_t>(t.p) | reinterpret_cast<uintptr_t>(t.g)) & 15) != 0)
@@ -343,99 +335,6 @@ class StepTable {
     }
     return kReady;
   }
-
-  // Is t's storage on the table's device?  (No storage: address() answers for it.)
-  bool on_device(const c10::TensorImpl* t) const {
-    const c10::Storage& st = t->unsafe_storage();
-    return !st || st.unsafeGetStorageImpl()->device() == device_;
-  }
-
-  // p.grad as TensorImpl::grad() returns it (its AutogradMeta's grad_, every AutogradMeta
-  // of libtorch), inline; nullptr for a tensor without autograd metadata.
-  static const Tensor* grad_of(const c10::TensorImpl* t) {
-    const auto* m = static_cast<const torch::autograd::AutogradMeta*>(t->autograd_meta());
-    return m == nullptr ? nullptr : &m->grad_;
-  }
-
-  // The address of element 0 of a dense strided tensor (checked by the caller: layout,
-  // dtype), as TensorImpl::mutable_data()/data() give it: StorageImpl's own accessors (inline;
-  // the mutable one keeps copy-on-write materialisation) plus the storage offset.  nullptr
-  // where there is no storage or no data: prepare() then answers with a status.
-  const void* address(const c10::TensorImpl* t, bool for_write) const {
-    const c10::Storage& st = t->unsafe_storage();
-    if (!st) return nullptr;
-    c10::StorageImpl* si = st.unsafeGetStorageImpl();
-    const void* base = for_write ? si->mutable_data() : si->data();
-    if (base == nullptr) return nullptr;
-    return static_cast<const char*>(base) + t->storage_offset() * itemsize_;
-  }
-
-  // Software prefetch of prepare_list()'s pointer chains: at parameter i it asks for the
-  // TensorImpl of parameter i + 4d, the AutogradMeta and StorageImpl of i + 3d (whose
-  // TensorImpl has arrived by then), the gradient's TensorImpl of i + 2d and its StorageImpl
-  // of i + d.  Reads only (a parameter that turns out to have no gradient costs nothing).
-  // Each link is followed once: the AutogradMeta (an out-of-line call into libc10) and the
-  // gradient's TensorImpl found at one stage wait in a ring for the later ones and the loop.
-  class Prefetcher {
-   public:
-    using Meta = torch::autograd::AutogradMeta;
-    explicit Prefetcher(const std::vector<Tensor>& ps) : ps_(ps), n_(ps.size()) {
-      for (size_t j = 0; j < 4 * kDist && j < n_; ++j) impl_lines(ps_[j].unsafeGetTensorImpl());
-      for (size_t j = 0; j < 3 * kDist && j < n_; ++j) stage_meta(j);
-      for (size_t j = 0; j < 2 * kDist && j < n_; ++j) stage_grad(j);
-      for (size_t j = 0; j < kDist && j < n_; ++j) stage_grad_storage(j);
-    }
-    void at(size_t i) {
-      if (i + 4 * kDist < n_) impl_lines(ps_[i + 4 * kDist].unsafeGetTensorImpl());
-      if (i + 3 * kDist < n_) stage_meta(i + 3 * kDist);
-      if (i + 2 * kDist < n_) stage_grad(i + 2 * kDist);
-      if (i + kDist < n_) stage_grad_storage(i + kDist);
-    }
-    // parameter i's AutogradMeta (nullptr: none), for i within 3d of the last at()
-    const Meta* meta(size_t i) const { return meta_[i & kMask]; }
-
-   private:
-    static constexpr size_t kDist = 4;
-    static constexpr size_t kMask = 8 * kDist - 1;  // ring of 32 > the 3d a value waits
-    void stage_meta(size_t j) {
-      const c10::TensorImpl* p = ps_[j].unsafeGetTensorImpl();
-      const Meta* m = static_cast<const Meta*>(p->autograd_meta());
-      meta_[j & kMask] = m;
-      if (m != nullptr) __builtin_prefetch(&m->grad_);
-      storage_line(p);
-    }
-    void stage_grad(size_t j) {
-      const Meta* m = meta_[j & kMask];
-      const c10::TensorImpl* g =
-          m != nullptr && m->grad_.defined() ? m->grad_.unsafeGetTensorImpl() : nullptr;
-      grad_[j & kMask] = g;
-      if (g != nullptr) impl_lines(g);
-    }
-    void stage_grad_storage(size_t j) {
-      const c10::TensorImpl* g = grad_[j & kMask];
-      if (g != nullptr) storage_line(g);
-    }
-    // the fields prepare reads (storage, autograd meta, sizes and strides, dtype, device,
-    // numel, offset) span the first ~200 bytes of a TensorImpl
-    static void impl_lines(const c10::TensorImpl* t) {
-      const char* c = reinterpret_cast<const char*>(t);
-      __builtin_prefetch(c);
-      __builtin_prefetch(c + 64);
-      __builtin_prefetch(c + 128);
-      __builtin_prefetch(c + 192);
-    }
-    // a StorageImpl's data pointer, device and access flags: its first ~64 bytes, which start
-    // anywhere in a line (heap objects are 16-byte aligned)
-    static void storage_line(const c10::TensorImpl* t) {
-      const char* c = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
-      __builtin_prefetch(c);
-      __builtin_prefetch(c + 63);
-    }
-    const std::vector<Tensor>& ps_;
-    const size_t n_;
-    const Meta* meta_[kMask + 1] = {};
-    const c10::TensorImpl* grad_[kMask + 1] = {};
-  };
 
   // geo_: per parameter [ndim, sizes..., strides...] as its state was made, packed in order.
   void pack_geometry(const std::vector<std::vector<int64_t>>& shapes,
@@ -624,7 +523,6 @@ class StepTable {
   c10::Device device_ = c10::Device(c10::kCPU);
   c10::ScalarType sdtype_ = c10::ScalarType::Float;
   caffe2::TypeMeta meta_;
-  int64_t itemsize_ = 4;
   bool state_misaligned_ = false;  // triton: a state or EMA address not 16-byte aligned
   DType dtype_ = DType::kF32;
   bool cuda_ = false;
