@@ -184,6 +184,43 @@ class StepTable {
     run(a, ema_weights, sr_seed, sr_step);
   }
 
+  // capturable=True: the same launches with lr, the step count t (Adam) and the EMA weights
+  // read from device tensors (CapturablePtrs), so a CUDA-graph replay uses their current
+  // values; Python keeps and advances them (stepping._run_capturable).
+  void adam_capturable(const Tensor& lr, const Tensor& step,
+                       const c10::optional<Tensor>& ema_weight, double beta1, double beta2,
+                       double eps, double weight_decay, bool decoupled, bool maximize,
+                       bool amsgrad, const c10::optional<Tensor>& grad_scale,
+                       const c10::optional<Tensor>& found_inf) {
+    TORCH_CHECK(!triton_, "StepTable.adam_capturable: a triton table is launched by Triton");
+    TORCH_CHECK(state_.size() == (amsgrad ? 3u : 2u), "StepTable.adam_capturable: the table "
+                "holds ", state_.size(), " state roles; Adam needs ", amsgrad ? 3 : 2);
+    AdamArgs a = make_adam_args(beta1, beta2, eps, weight_decay, decoupled, maximize, amsgrad,
+                                ema_count(ema_weight),
+                                device_scalar(grad_scale, "grad_scale", device_),
+                                device_scalar(found_inf, "found_inf", device_));
+    set_capturable(a, lr, &step, ema_weight);
+    launch_and_count(a);
+  }
+
+  // SGD's capturable launch never has a first step (which applied step is the first is known
+  // only on the device): see sgd.py.
+  void sgd_capturable(const Tensor& lr, const c10::optional<Tensor>& ema_weight,
+                      double momentum, double dampening, double weight_decay, bool nesterov,
+                      bool maximize, const c10::optional<Tensor>& grad_scale,
+                      const c10::optional<Tensor>& found_inf) {
+    TORCH_CHECK(!triton_, "StepTable.sgd_capturable: a triton table is launched by Triton");
+    TORCH_CHECK(state_.size() == (momentum != 0 ? 1u : 0u), "StepTable.sgd_capturable: the "
+                "table holds ", state_.size(), " state roles; momentum=", momentum, " needs ",
+                momentum != 0 ? 1 : 0);
+    SgdArgs a = make_sgd_args(momentum, dampening, weight_decay, nesterov, maximize, false,
+                              ema_count(ema_weight),
+                              device_scalar(grad_scale, "grad_scale", device_),
+                              device_scalar(found_inf, "found_inf", device_));
+    set_capturable(a, lr, nullptr, ema_weight);
+    launch_and_count(a);
+  }
+
   // The Triton list kernels' table of the prepared step (int64, on the host): address rows
   // θ, g, `state_rows` state slots (0 where this table has fewer roles), ζ0..ζ3 (0 past
   // n_emas), a row of sizes, then per BLOCK-sized chunk its tensor index and start, and with
@@ -425,6 +462,30 @@ class StepTable {
     return sr;
   }
 
+  // The capturable EMA weights: one float32 element per EMA on the set's device (none: a
+  // step without EMA); their count is the launch's n_emas.
+  int ema_count(const c10::optional<Tensor>& w) const {
+    if (!w.has_value() || !w->defined()) return 0;
+    TORCH_CHECK(w->device() == device_, "StepTable: ema_weight is on ", w->device(),
+                " but the parameters are on ", device_);
+    TORCH_CHECK_TYPE(w->scalar_type() == c10::ScalarType::Float,
+                     "StepTable: ema_weight must be a float32 tensor, got ",
+                     c10::toString(w->scalar_type()));
+    TORCH_CHECK(w->is_contiguous() && w->numel() >= 1 && w->numel() <= kMaxEmas,
+                "StepTable: ema_weight must be a contiguous tensor of 1 to ", kMaxEmas,
+                " elements (one per EMA), got ", w->numel());
+    return int(w->numel());
+  }
+
+  template <class Args>
+  void set_capturable(Args& a, const Tensor& lr, const Tensor* step,
+                      const c10::optional<Tensor>& ema_weight) const {
+    a.capturable = true;
+    a.cap.lr = device_scalar(lr, "lr", device_);
+    a.cap.step = step != nullptr ? device_scalar(*step, "step", device_) : nullptr;
+    a.cap.ema_w = a.n_emas > 0 ? ema_weight->template const_data_ptr<float>() : nullptr;
+  }
+
   static int check_emas(const std::vector<double>& w) {
     TORCH_CHECK(w.size() <= size_t(kMaxEmas), "StepTable: ", w.size(), " EMA weights, at most ",
                 kMaxEmas);
@@ -438,6 +499,12 @@ class StepTable {
            const c10::optional<int64_t>& sr_seed, int64_t sr_step) {
     set_ema_weights(a.ema_w, ema_weights.data(), ema_weights.size());
     a.sr = sr_args(sr_seed, sr_step);
+    launch_and_count(a);
+  }
+
+  // The EMA pointers of this launch, the kernels of this table, then the host step counts.
+  template <class Args>
+  void launch_and_count(const Args& a) {
     fill_state(a.n_emas);
     launch([&](int dev, void* stream) -> const char* {
 #if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
@@ -559,6 +626,14 @@ void add_step_table(PyObject* module) {
            py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
            py::arg("first_step"), py::arg("ema_weights"), py::arg("grad_scale"),
            py::arg("found_inf"), py::arg("sr_seed") = py::none(), py::arg("sr_step") = 0)
+      .def("adam_capturable", &StepTable::adam_capturable, py::arg("lr"), py::arg("step"),
+           py::arg("ema_weight"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+           py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
+           py::arg("amsgrad"), py::arg("grad_scale"), py::arg("found_inf"))
+      .def("sgd_capturable", &StepTable::sgd_capturable, py::arg("lr"), py::arg("ema_weight"),
+           py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+           py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale"),
+           py::arg("found_inf"))
       .def("triton_table", &StepTable::triton_table, py::arg("state_rows"), py::arg("n_emas"),
            py::arg("block"), py::arg("sr_bases"))
       .def_property_readonly("kernels", &StepTable::kernels)

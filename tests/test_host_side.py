@@ -270,6 +270,36 @@ def test_capturable_float_lr_follows_a_scheduler_and_is_not_written_while_captur
     assert torch.equal(cap_lr, seen)
 
 
+def test_capturable_eager_steps_fill_the_device_scalars_only_when_they_change(monkeypatch):
+    """lr and the EMA weights are written into their device scalars when their host values
+    change, not every step (each fill is a kernel launch on a GPU); the results stay the
+    host path's."""
+    filled = []
+    real = stepping._fill_weights
+    monkeypatch.setattr(stepping, "_fill_weights",
+                        lambda t, w: filled.append(tuple(w)) or real(t, w))
+    m_c, m_h = _model(), _model()
+    o_c = ek.AdamW(m_c.parameters(), lr=0.05, ema_decay=0.9, capturable=True, backend="cpp")
+    o_h = ek.AdamW(m_h.parameters(), lr=0.05, ema_decay=0.9, backend="cpp")
+    g = torch.Generator().manual_seed(3)
+    for t in range(6):
+        if t == 3:
+            for o in (o_c, o_h):
+                o.param_groups[0]["lr"] = 0.02
+        grads = [torch.randn(p.shape, generator=g) for p in m_c.parameters()]
+        for m, o in ((m_c, o_c), (m_h, o_h)):
+            for p, gr in zip(m.parameters(), grads):
+                p.grad = gr.clone()
+            o.step()
+    # one set: lr 0.05 then 0.02, and the constant EMA weight once
+    assert len(filled) == 3 and (0.05,) in filled and (0.02,) in filled
+    assert [w for w in filled if w not in ((0.05,), (0.02,))] == [(pytest.approx(0.1),)]
+    for p, q in zip(m_c.parameters(), m_h.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    for z, y in zip(o_c.ema_parameters(), o_h.ema_parameters()):
+        torch.testing.assert_close(z, y, rtol=1e-6, atol=1e-7)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -136,6 +136,63 @@ def test_table_path_equals_python_path_bit_for_bit(backend, config, variant, mon
     _assert_same(*runs)
 
 
+CAPTURABLE_CONFIGS = {
+    "adamw_two_emas": (ek.AdamW, dict(lr=1e-2, weight_decay=0.1, ema_decay=(0.9, 0.99),
+                                      kappa=2.0)),
+    "adam_amsgrad": CONFIGS["adam_amsgrad"],
+    "sgd_nesterov": CONFIGS["sgd_nesterov"],
+    "sgd_plain": CONFIGS["sgd_plain"],
+}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"], indirect=True)
+@pytest.mark.parametrize("config", sorted(CAPTURABLE_CONFIGS))
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "channels_last", "flat", "amp"])
+def test_capturable_table_path_equals_python_path_bit_for_bit(backend, config, variant,
+                                                              monkeypatch):
+    """capturable=True through the C++ tables (adam_capturable / sgd_capturable: lr, t and
+    the EMA weights read on the device) gives the Python path's bits, device step counts
+    included, and an ordinary capturable step really takes the tables."""
+    cls, kw = CAPTURABLE_CONFIGS[config]
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    flat = variant == "flat"
+    runs = []
+    for python in (False, True):
+        with monkeypatch.context() as mp:
+            if python:
+                _python_path(mp)
+            m = _model(dtype, channels_last=variant == "channels_last")
+            opt = cls(m.parameters(), backend=backend, flatten=flat, capturable=True, **kw)
+            if flat:
+                opt.zero_grad(set_to_none=False)
+                _train_flat(m, opt, 5)
+            else:
+                _train(m, opt, 5, amp=variant == "amp")
+            used = [ts.table for gsets in opt._sets for ts in gsets]
+            if python:
+                assert all(t is None or t is False for t in used)
+            else:
+                assert all(t not in (None, False) for t in used), used
+            runs.append(_snapshot(m, opt) + [torch.tensor(opt.param_groups[0]["steps"])])
+    _assert_same(*runs)
+    if variant == "amp":  # the found_inf step was not counted on the device
+        assert {float(st["step"]) for st in opt.state.values()} == {4.0}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"], indirect=True)
+def test_a_capturable_step_plans_nothing_in_python(backend, monkeypatch):
+    m = _model()
+    opt = ek.AdamW(m.parameters(), lr=1e-2, ema_decay=0.9, backend=backend, capturable=True)
+    _train(m, opt, 1)
+
+    def refuse(*a, **k):
+        raise AssertionError("planned in Python")
+    monkeypatch.setattr(opt, "_plan_set", refuse)
+    monkeypatch.setattr(opt, "_check_params", refuse)
+    _train(m, opt, 3, amp=True)
+    assert int(opt.param_groups[0]["steps"]) == 4
+
+
 def _train_flat(m, opt, steps):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):

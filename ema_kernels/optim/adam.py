@@ -114,6 +114,14 @@ class _AdamBase(EMAOptimizer):
                       step_size, bc2_sqrt, ema_weight or (), grad_scale, found_inf, sr_seed,
                       step)
 
+    def _update_capturable_table(self, ts, group, hp, lr, step, ema_weight, grad_scale,
+                                 found_inf):
+        args = self._kernel_args(group, hp)
+        ts.table.adam_capturable(lr, step, ema_weight, args["beta1"], args["beta2"],
+                                 args["eps"], args["weight_decay"], args["decoupled"],
+                                 args["maximize"], bool(group["amsgrad"]), grad_scale,
+                                 found_inf)
+
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):
         backend.adam_ema_capturable(

@@ -96,6 +96,13 @@ class SGD(EMAOptimizer):
                      args["nesterov"], args["maximize"], step == 1, ema_weight or (),
                      grad_scale, found_inf, sr_seed, step)
 
+    def _update_capturable_table(self, ts, group, hp, lr, step, ema_weight, grad_scale,
+                                 found_inf):
+        args = self._kernel_args(group, hp)  # never a first step: see _update_capturable
+        ts.table.sgd_capturable(lr, ema_weight, args["momentum"], args["dampening"],
+                                args["weight_decay"], args["nesterov"], args["maximize"],
+                                grad_scale, found_inf)
+
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas, ema_weight,
                            grad_scale, found_inf, lr, step, sr=None):
         backend.sgd_ema_capturable(

@@ -191,7 +191,7 @@ class StepMixin:
                 if lr_t is not None:
                     out[(id(group), ts.device)] = _scaled_lr(lr_t, hp["lr_scale"], ts.device)
                 elif self.capturable and not capturing:
-                    ts.cap["lr"].fill_(hp["lr"])
+                    _fill_once(ts.cap, "lr", (hp["lr"],))
         return out
 
     # ---------------------------------------------------------------- planning ---------------
@@ -524,13 +524,14 @@ class StepMixin:
         The device step count is incremented before and decremented by ``found_inf`` after the
         kernel (which itself writes nothing on such a step), as torch's capturable Adam does."""
         cap = ts.cap
-        emas = [ts.views[k] for k in ts.ema_keys] if ema_weight is not None else None
-        if plan["flat"]:
+        back = None
+        if plan is _TABLE_PLAN:  # prepared in C++: its launch takes the device scalars
+            pass
+        elif plan["flat"]:
             fb = ts.flat
             params, grads = [fb.param], [fb.grad]
             state = {r: [fb.roles[r]] for r in ts.roles}
-            emas = [[fb.roles[k]] for k in ts.ema_keys] if emas is not None else None
-            back = None
+            emas = [[fb.roles[k]] for k in ts.ema_keys] if ema_weight is not None else None
         else:
             for i in plan["missing"]:
                 st = self.state.setdefault(ts.params[i], {})
@@ -542,24 +543,31 @@ class StepMixin:
             params, back = self._kernel_params(ts, ids)
             grads = [plan["grads"][i] for i in ids]
             state = {r: [ts.views[r][i] for i in ids] for r in ts.roles}
-            emas = [[zs[i] for i in ids] for zs in emas] if emas is not None else None
+            emas = [[ts.views[k][i] for i in ids] for k in ts.ema_keys] \
+                if ema_weight is not None else None
         if ema_weight is not None and not _capturing():
             # constant under capturable=True (ema_every=1, no schedule): filled eagerly only,
             # never recorded into a graph; one device weight per EMA (the kernels read k)
             if cap["ema_weight"].numel() != len(ema_weight):
                 cap["ema_weight"] = torch.zeros(len(ema_weight), device=ts.device,
                                                 dtype=torch.float32)
-            _fill_weights(cap["ema_weight"], ema_weight)
+            _fill_once(cap, "ema_weight", ema_weight)
         cap["step"].add_(1)
-        self._update_capturable(backend, group, hp, ts, params, grads, state, emas,
-                                cap["ema_weight"] if ema_weight is not None else None,
-                                grad_scale, found_inf, cap["lr"] if lr_dev is None else lr_dev,
-                                cap["step"])
-        for p, tmp in back or ():
-            p.copy_(tmp)
+        w_dev = cap["ema_weight"] if ema_weight is not None else None
+        lr = cap["lr"] if lr_dev is None else lr_dev
+        if plan is _TABLE_PLAN:  # the table advances ts.steps (calls, as below)
+            self._update_capturable_table(ts, group, hp, lr, cap["step"], w_dev, grad_scale,
+                                          found_inf)
+        else:
+            self._update_capturable(backend, group, hp, ts, params, grads, state, emas, w_dev,
+                                    grad_scale, found_inf, lr, cap["step"])
+            for p, tmp in back or ():
+                p.copy_(tmp)
+            ts.steps += 1  # calls, not applied steps: the device count is the truth here
         if found_inf is not None:
             cap["step"].sub_(found_inf.to(cap["step"].dtype).reshape(1))
-        ts.steps += 1  # calls, not applied steps: the device count is the truth here
+        if ts.uniform_step is not None:
+            ts.uniform_step += 1  # every parameter stepped (a capturable set steps together)
 
     def _update(self, backend, group, hp, params, grads, state, emas, step, ema_weight,
                 grad_scale, found_inf):  # pragma: no cover - overridden
@@ -572,6 +580,10 @@ class StepMixin:
     def _update_capturable(self, backend, group, hp, ts, params, grads, state, emas,
                            ema_weight, grad_scale, found_inf, lr, step
                            ):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _update_capturable_table(self, ts, group, hp, lr, step, ema_weight, grad_scale,
+                                 found_inf):  # pragma: no cover - overridden
         raise NotImplementedError
 
     def _update_device_lr(self, backend, group, hp, params, grads, state, emas, step,
@@ -604,15 +616,19 @@ def _same(a, b) -> bool:
         all(map(operator.is_, a, b))
 
 
+# Whether this process has CUDA at all: None until the first step asks (no device query at
+# import), then a bool; False makes step()'s capture checks one global read.
+_cuda_present: Optional[bool] = None
+
+
 def _capturing() -> bool:
     """Is the current CUDA stream capturing a graph? (False without CUDA; only asked on
-    capturable paths: the query costs tens of µs where no driver answers.)"""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-# Whether this process has CUDA at all: None until the first step asks (no device query at
-# import), then a bool; False makes step()'s capture check one global read.
-_cuda_present: Optional[bool] = None
+    capturable paths: the query costs tens of µs where no driver answers, and
+    ``torch.cuda.is_available()`` reads the environment each call, hence the cached answer.)"""
+    global _cuda_present
+    if _cuda_present is None:
+        _cuda_present = torch.cuda.is_available()
+    return _cuda_present and torch.cuda.is_current_stream_capturing()
 
 
 def _capturing_on(sets) -> bool:
@@ -670,6 +686,19 @@ def _amp_per_device(plans, grad_scale, found_inf):
                                   non_blocking=True).reshape(1)
                     for t in (grad_scale, found_inf))
     return out
+
+
+def _fill_once(cap: dict, key: str, values: tuple) -> None:
+    """Write host ``values`` into the capturable device scalar ``cap[key]`` unless it holds
+    them already (what was written last is remembered beside it, and forgotten with it): an
+    eager capturable step with an unchanged lr and EMA weights launches no fill kernel (each
+    costs a launch's host time on a GPU). Only the optimizer writes these tensors."""
+    t = cap[key]
+    memo = cap.get(key + "_written")
+    if memo is not None and memo[0] is t and memo[1] == values:
+        return
+    _fill_weights(t, values)
+    cap[key + "_written"] = (t, tuple(values))
 
 
 def _fill_weights(t: torch.Tensor, weights) -> torch.Tensor:

@@ -5,7 +5,8 @@ A :class:`~.layout.TensorSet` run by the ``cpp``, ``cuda`` or ``triton`` backend
 (csrc/step_table.cpp) holding its parameters, state and EMA tensors. Each step,
 ``table.prepare()`` reads and checks every ``.grad`` and gathers the kernel's pointer table in
 C++ (a few ns per parameter, where the same work in Python costs ~15 µs), and ``table.adam(…)``
-/ ``table.sgd(…)`` launch the fused kernel (for Triton, ``table.triton_table()`` hands the
+/ ``table.sgd(…)`` (with capturable=True ``adam_capturable`` / ``sgd_capturable``, which read
+lr, t and the EMA weights on the device) launch the fused kernel (for Triton, ``table.triton_table()`` hands the
 pointer table to the Triton launcher, which keeps device copies keyed by its content). Python per step is then O(sets), not O(parameters).
 
 The table covers the common case only — every parameter has a gradient with the parameter's
@@ -62,18 +63,19 @@ def current(ts: layout.TensorSet, backend):
 
 def table_for(ts: layout.TensorSet, backend, capturable: bool):
     """The set's StepTable (built on first use), or None where this set takes the Python
-    path: capturable mode, DTensor shards, non-dense parameters, missing state, float64, or a
-    backend without tables."""
+    path: DTensor shards, non-dense parameters, missing state, float64, a backend without
+    tables, or capturable mode on triton (its table launcher takes host scalars; the C++
+    tables launch the capturable kernels: ``adam_capturable`` / ``sgd_capturable``)."""
     table = current(ts, backend)
     if table is not None:
         return table
     if ts.table is UNUSABLE and ts.table_backend is backend:
         return None
     ts.table, ts.table_backend, ts.table_bound = UNUSABLE, backend, None
-    if capturable or ts.dtensor or any(k == layout.STRIDED for k in ts.kinds):
+    if ts.dtensor or any(k == layout.STRIDED for k in ts.kinds):
         return None
     cls, kernels = _module_for(backend, ts.device)
-    if cls is None:
+    if cls is None or (capturable and kernels == "triton"):
         return None
     roles = [ts.views[r] for r in ts.roles]
     emas = [ts.views[k] for k in ts.ema_keys]
