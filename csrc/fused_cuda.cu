@@ -3,8 +3,8 @@
 // * One kernel template per update (Adam, SGD, EMA only) and number of EMAs updated (0..4, all
 //   in the same pass: theta read once, each EMA read and written once), for two layouts:
 //   - flat (one tensor): a grid-stride loop with 64-bit indices over the whole tensor;
-//   - list: one launch per set whatever its tensor count: a persistent grid (a whole number of
-//     resident waves, from the occupancy API) walks 64K-element chunks of the set's tensors
+//   - list: one launch per set whatever its tensor count: a persistent grid (one resident wave
+//     at most, from the occupancy API) walks the 64K-element chunks of the set's tensors
 //     through a work table in device memory (per tensor its pointers, n and SR base; per chunk
 //     its tensor and chunk index), uploaded by csrc/list_tables.cpp only when it changes.
 //   The layout only decides which spans [lo, hi) a thread walks and with which stride; the walk
@@ -21,7 +21,7 @@
 //
 // Emulation build (EK_EMULATE_DEVICE, ema_kernels._C_emu): this same file compiled as host C++
 // against cuda_emu.h; launches (ek_launch) run every block and thread on the host.  Only there,
-// the constants that decide a path (chunk size, table capacities, grid cap) can be lowered at
+// the constants that decide a path (chunk size, flat grid cap) can be lowered at
 // run time (emu_configure), so that tests reach every path with small tensors, and the SM count
 // and resident blocks per SM overridden, so that a list launch's grid can be made smaller than
 // its chunk count (several chunks per block).
@@ -33,6 +33,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <type_traits>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -189,6 +190,7 @@ __device__ __forceinline__ Span span_of(const ListTable& w, int64_t c) {
 // n_chunks / gridDim chunks either way, and the blocks of a wave touch neighbouring chunks.
 template <class F>
 __device__ __forceinline__ void for_each_chunk(const ListTable& w, F&& f) {
+#pragma unroll 1  // one chunk's walk is the whole body: nothing to gain from copies of it
   for (int64_t c = blockIdx.x; c < w.n_chunks; c += gridDim.x) f(c);
 }
 
@@ -209,10 +211,24 @@ __device__ __forceinline__ void walk(const Span& sp, bool vec, OnVec&& on_vec, O
 // ------------------------------------------------------------------------------------------
 // 16-byte vector loads / stores
 // ------------------------------------------------------------------------------------------
+// Every pointer the kernels access is global memory (torch's CUDA tensors).  nvcc infers that
+// for pointers passed as kernel parameters, not for the list kernels' pointers, which are read
+// from the work table: without the hint their accesses would be generic (LD.E.128 / ST.E.128,
+// not LDG / STG).  Said where the pointer is dereferenced (so it is not null there).
+template <class T>
+__device__ __forceinline__ void assume_global(const T* p) {
+#ifndef EK_EMULATE_DEVICE
+  __builtin_assume(__isGlobal(p));
+#else
+  (void)p;
+#endif
+}
+
 __device__ __forceinline__ uint4 load16(const uint4* p) {
 #ifdef EK_EMULATE_DEVICE
   return ek_emu::load16(p);  // faults on a misaligned address, as the GPU does
 #else
+  assume_global(p);
   return *p;
 #endif
 }
@@ -221,6 +237,7 @@ __device__ __forceinline__ void store16(uint4* p, const uint4& v) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::store16(p, v);
 #else
+  assume_global(p);
   *p = v;
 #endif
 }
@@ -233,6 +250,7 @@ __device__ __forceinline__ T ld(const T* p) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::count_read(int64_t(sizeof(T)), false);
 #endif
+  assume_global(p);
   return *p;
 }
 
@@ -241,6 +259,7 @@ __device__ __forceinline__ void st(T* p, const T& v) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::count_write(int64_t(sizeof(T)), false);
 #endif
+  assume_global(p);
   *p = v;
 }
 
@@ -249,6 +268,7 @@ __device__ __forceinline__ T ld_arg(const T* p) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::count_arg_read();
 #endif
+  assume_global(p);
   return *p;
 }
 
@@ -570,11 +590,40 @@ __device__ __forceinline__ void run_spans(const ListTable& w, const typename Op:
 }
 
 // The kernel of every update and layout (Layout = TensorPtrs: flat; ListTable: list).
+// The body of every kernel (Layout = TensorPtrs: flat; ListTable: list).
 template <class Op, class Layout>
-__global__ void __launch_bounds__(kBlock) fused_kernel(Layout where, typename Op::Args a) {
+__device__ __forceinline__ void kernel_body(const Layout& where, const typename Op::Args& a) {
   typename Op::Scalars l;
   if (!Op::prologue(a, l)) return;
   run_spans<Op>(where, l, a);
+}
+
+// The kernel of every update and layout: the compiler's own register budget...
+template <class Op, class Layout>
+__global__ void __launch_bounds__(kBlock) fused_kernel(Layout where, typename Op::Args a) {
+  kernel_body<Op>(where, a);
+}
+
+// ... except for the fp32 list kernels, held to 2 resident blocks (64 registers).  The list
+// kernels read their tensor pointers from the work table in memory, where the old kernel-
+// parameter tables let ptxas reload them from the constant bank at each use; left alone, ptxas
+// keeps more of them in registers and e.g. fp32 AdamW + 2 EMAs takes 73 registers: 1 block of
+// 512 threads per SM instead of 2.  For fp32 parameters 64 registers hold the list variants
+// without spilling (ptxas -v, sm_90; SGD with momentum and 4 EMAs spills a few bytes); the
+// 16-bit variants (8 elements per thread) need more and keep the compiler's choice, which
+// `__launch_bounds__(kBlock, 1)` would change too.
+template <class Op, class Layout>
+__global__ void __launch_bounds__(kBlock, 2) fused_kernel_2bps(Layout where,
+                                                               typename Op::Args a) {
+  kernel_body<Op>(where, a);
+}
+
+template <class Op, class Layout>
+constexpr void (*kernel_of())(Layout, typename Op::Args) {
+  if constexpr (std::is_same<Layout, ListTable>::value && Op::kVec == 4)
+    return &fused_kernel_2bps<Op, Layout>;
+  else
+    return &fused_kernel<Op, Layout>;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -621,7 +670,7 @@ int blocks_per_sm(int device) {
   if (device < 0 || device >= kMaxDevices) return 1;
   const int nb = cached_query(cache[device], [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fused_kernel<Op, Layout>, kBlock, 0) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel_of<Op, Layout>(), kBlock, 0) !=
             cudaSuccess ||
         n <= 0)
       n = 1;
@@ -745,7 +794,7 @@ const char* run_list(const std::vector<TensorPtrs>& ts, const typename Op::Args&
 #ifdef EK_EMULATE_DEVICE
   if (t.uploaded) ek_emu::stats.table_uploads.fetch_add(1, std::memory_order_relaxed);
 #endif
-  ek_launch(fused_kernel<Op, ListTable>, list_grid<Op>(n_chunks, device), kBlock, stream,
+  ek_launch(kernel_of<Op, ListTable>(), list_grid<Op>(n_chunks, device), kBlock, stream,
             table_at(t.table, ts.size(), n_chunks), a);
   return last_error();  // t.keep holds the table until here (the GPU: until enqueued)
 }
@@ -756,7 +805,7 @@ const char* run(const std::vector<TensorPtrs>& ts, const typename Op::Args& a, i
                 cudaStream_t stream) {
   if (ts.size() == 1) {
     if (ts[0].n == 0) return nullptr;
-    ek_launch(fused_kernel<Op, TensorPtrs>, flat_grid<Op>(ts[0].n, device), kBlock, stream,
+    ek_launch(kernel_of<Op, TensorPtrs>(), flat_grid<Op>(ts[0].n, device), kBlock, stream,
               ts[0], a);
     return last_error();
   }

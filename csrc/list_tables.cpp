@@ -43,6 +43,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #ifdef EK_WITH_CUDA
@@ -151,8 +152,13 @@ Buffer upload(const ListTableRequest& q) {
   const int64_t bytes = int64_t(q.head_bytes + q.tail_bytes);
   at::TensorOptions host = at::TensorOptions().dtype(at::kByte);
 #ifdef EK_WITH_CUDA
-  const c10::cuda::CUDAStreamGuard guard(
-      c10::cuda::getStreamFromExternal(static_cast<cudaStream_t>(q.stream), q.device));
+  // the launch's stream current for the allocation and the copy (the callers launch on the
+  // current stream: then it is torch's own stream object, else the one the caller named)
+  const c10::cuda::CUDAGuard device(q.device);
+  std::optional<c10::cuda::CUDAStreamGuard> stream;
+  if (c10::cuda::getCurrentCUDAStream(q.device).stream() != static_cast<cudaStream_t>(q.stream))
+    stream.emplace(
+        c10::cuda::getStreamFromExternal(static_cast<cudaStream_t>(q.stream), q.device));
   host = host.pinned_memory(true);
   const at::TensorOptions dev = at::TensorOptions().dtype(at::kByte).device(at::kCUDA, q.device);
 #else
