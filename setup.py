@@ -120,7 +120,8 @@ def _extensions():
             nvcc += ["-Xptxas", "-v"]
         define_macros += [("EK_WITH_CUDA", None), ("EK_CUDA_ARCHS", f'"{archs}"')]
         ext = CUDAExtension(
-            "ema_kernels._C", sources + ["csrc/fused_cuda.cu"], define_macros=define_macros,
+            "ema_kernels._C", sources + ["csrc/fused_cuda.cu", "csrc/list_tables.cpp"],
+            define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=omp,
             depends=depends)
         _say(f"building the CUDA + CPU extension ema_kernels._C for archs {archs!r} "
@@ -142,11 +143,12 @@ def _extensions():
                "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
     emu = CppExtension(
         "ema_kernels._C_emu", ["csrc/bindings_emu.cpp", "csrc/step_table_emu.cpp",
-                              "csrc/fused_cuda_emu.cpp"],
+                              "csrc/fused_cuda_emu.cpp", "csrc/list_tables_emu.cpp"],
         define_macros=[("TORCH_API_INCLUDE_EXTENSION_H", None), ("EK_CUDA_EMULATION", None)],
         extra_compile_args={"cxx": emu_cxx},
         depends=depends + [os.path.join("csrc", f) for f in
-                           ("bindings.cpp", "step_table.cpp", "fused_cuda.cu", "cuda_emu.h")])
+                           ("bindings.cpp", "step_table.cpp", "fused_cuda.cu", "cuda_emu.h",
+                            "list_tables.cpp")])
     _say("also building ema_kernels._C_emu, the CUDA kernels of csrc/fused_cuda.cu compiled for "
          "the host (with EMA_KERNELS_CUDA_EMULATION=1 set before importing ema_kernels, "
          "backend='cuda' runs them on CPU tensors: a test vehicle; needs no GPU and no nvcc)")

@@ -671,15 +671,17 @@ void ema_only_cuda_impl(at::TensorList emas, at::TensorList params,
 // ------------------------------------------------------------------------------------------
 // Emulation-only ops (torch.ops.ema_kernels_emu.emu_*): see kernels.h
 // ------------------------------------------------------------------------------------------
-void emu_configure_op(int64_t chunk, int64_t max_tensors, int64_t max_blocks, int64_t grid_cap,
+void emu_configure_op(int64_t chunk, int64_t sm_count, int64_t blocks_per_sm, int64_t grid_cap,
                       int64_t shuffle_seed) {
-  TORCH_CHECK(max_tensors >= 0 && max_tensors <= 1024 && max_blocks >= 0 &&
-                  max_blocks <= 1 << 20 && shuffle_seed >= 0,
-              "emu_configure: out-of-range value");
+  TORCH_CHECK(sm_count >= 0 && sm_count <= 4096 && blocks_per_sm >= 0 && blocks_per_sm <= 32 &&
+                  shuffle_seed >= 0,
+              "emu_configure: chunk >= 0, 0 <= sm_count <= 4096, 0 <= blocks_per_sm <= 32, "
+              "grid_cap >= 0, shuffle_seed >= 0 (0: the default); got sm_count ", sm_count,
+              ", blocks_per_sm ", blocks_per_sm, ", shuffle_seed ", shuffle_seed);
   EmuConfig c;
   c.chunk = chunk;
-  c.max_tensors = int(max_tensors);
-  c.max_blocks = int(max_blocks);
+  c.sm_count = int(sm_count);
+  c.blocks_per_sm = int(blocks_per_sm);
   c.grid_cap = grid_cap;
   c.shuffle_seed = uint64_t(shuffle_seed);
   const char* err = emu_configure(c);
@@ -689,7 +691,7 @@ void emu_configure_op(int64_t chunk, int64_t max_tensors, int64_t max_blocks, in
 std::vector<int64_t> emu_stats_op() {
   const EmuStats s = emu_stats();
   return {s.launches,   s.blocks,        s.occupancy_queries, s.bytes_read,
-          s.bytes_written, s.bytes_vector, s.arg_reads};
+          s.bytes_written, s.bytes_vector, s.arg_reads,        s.table_uploads};
 }
 
 std::vector<int64_t> emu_flat_walk_op(int64_t n, int64_t elem_bytes, bool aligned, int64_t grid,
@@ -817,7 +819,7 @@ EK_TORCH_LIBRARY(EK_OPS_NS, m) {
   m.def("sr_round(Tensor x, bool half, int seed, int step, int base) -> Tensor",
         &ek::sr_round_op);
 #ifdef EK_CUDA_EMULATION
-  m.def("emu_configure(int chunk, int max_tensors, int max_blocks, int grid_cap, "
+  m.def("emu_configure(int chunk, int sm_count, int blocks_per_sm, int grid_cap, "
         "int shuffle_seed) -> ()", &ek::emu_configure_op);
   m.def("emu_stats() -> int[]", &ek::emu_stats_op);
   m.def("emu_flat_walk(int n, int elem_bytes, bool aligned, int grid, int block, int thread) "

@@ -178,6 +178,8 @@ struct Stats {
   std::atomic<int64_t> bytes_written{0};
   std::atomic<int64_t> bytes_vector{0};
   std::atomic<int64_t> arg_reads{0};
+  // List launches whose work table was copied host -> "device" (fused_cuda.cu's run_list).
+  std::atomic<int64_t> table_uploads{0};
 };
 inline Stats stats;
 

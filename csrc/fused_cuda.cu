@@ -3,10 +3,11 @@
 // * One kernel template per update (Adam, SGD, EMA only) and number of EMAs updated (0..4, all
 //   in the same pass: theta read once, each EMA read and written once), for two layouts:
 //   - flat (one tensor): a grid-stride loop with 64-bit indices over the whole tensor;
-//   - list: tensor lists in the style of torch's multi_tensor_apply: a pointer table and a
-//     block -> (tensor, chunk) map passed as kernel parameters (< 4 KB), one block per
-//     64K-element chunk, as many launches as the tables need.
-//   The layout only decides which span [lo, hi) a thread walks and with which stride; the walk
+//   - list: one launch per set whatever its tensor count: a persistent grid (one resident wave
+//     at most, from the occupancy API) walks the 64K-element chunks of the set's tensors
+//     through a work table in device memory (per tensor its pointers, n and SR base; per chunk
+//     its tensor and chunk index), uploaded by csrc/list_tables.cpp only when it changes.
+//   The layout only decides which spans [lo, hi) a thread walks and with which stride; the walk
 //   and the per-element work are the same code for both.
 // * Each thread moves 16 bytes of parameters/gradients per access (4 fp32 or 8 bf16/fp16
 //   elements) and the matching float4s of state and EMA when every pointer of the span is 16-byte
@@ -20,8 +21,10 @@
 //
 // Emulation build (EK_EMULATE_DEVICE, ema_kernels._C_emu): this same file compiled as host C++
 // against cuda_emu.h; launches (ek_launch) run every block and thread on the host.  Only there,
-// the constants that decide a path (chunk size, table capacities, grid cap) can be lowered at
-// run time (emu_configure), so that tests reach every path with small tensors.
+// the constants that decide a path (chunk size, flat grid cap) can be lowered at
+// run time (emu_configure), so that tests reach every path with small tensors, and the SM count
+// and resident blocks per SM overridden, so that a list launch's grid can be made smaller than
+// its chunk count (several chunks per block).
 #ifdef EK_EMULATE_DEVICE
 #include "cuda_emu.h"
 #else
@@ -30,6 +33,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <type_traits>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -41,35 +45,29 @@ namespace ek {
 namespace {
 
 constexpr int kBlock = 512;                 // threads per block
-constexpr int64_t kChunk = 65536;           // elements per block in the list kernels
-constexpr int kListMaxTensors = 36;         // pointer-table capacity per launch (<= 2 EMAs)
-constexpr int kListMaxBlocks = 320;         // block-map capacity per launch
-// Kernel parameters are limited to 4 KB: with 3 or 4 EMA pointers per tensor the table holds
-// fewer tensors (static_asserts below check both against the limit).
-// Stochastic rounding adds each tensor's element-index base to the table: fewer tensors fit.
-__host__ __device__ constexpr int list_tensor_capacity(int n_emas, bool sr = false) {
-  return sr ? (n_emas <= 2 ? 32 : 25) : (n_emas <= 2 ? kListMaxTensors : 28);
-}
-constexpr int kKernelParamBytes = 4096;
+constexpr int64_t kChunk = 65536;           // elements per chunk of the list kernels
+constexpr int kKernelParamBytes = 4096;     // CUDA's kernel parameter limit before 12.1
 
 // The path-deciding sizes as the code reads them: the constants on the GPU; in the emulation
-// build, values the tests may lower (never above the constants, which size the tables).
+// build, values the tests may set (0: the device's own answer).
 #ifdef EK_EMULATE_DEVICE
 struct EmuLimits {
   std::atomic<int64_t> chunk{kChunk};
-  std::atomic<int> max_tensors{kListMaxTensors};
-  std::atomic<int> max_blocks{kListMaxBlocks};
-  std::atomic<int64_t> grid_cap{0};  // 0: only the occupancy cap
+  std::atomic<int> sm_count{0};        // 0: cudaDeviceGetAttribute's
+  std::atomic<int> blocks_per_sm{0};   // 0: the occupancy API's
+  std::atomic<int64_t> grid_cap{0};    // 0: only the occupancy cap
 };
 EmuLimits emu_limits;
 inline int64_t chunk_elems() { return emu_limits.chunk.load(std::memory_order_relaxed); }
-inline int list_max_tensors() { return emu_limits.max_tensors.load(std::memory_order_relaxed); }
-inline int list_max_blocks() { return emu_limits.max_blocks.load(std::memory_order_relaxed); }
+inline int sm_count_override() { return emu_limits.sm_count.load(std::memory_order_relaxed); }
+inline int blocks_per_sm_override() {
+  return emu_limits.blocks_per_sm.load(std::memory_order_relaxed);
+}
 inline int64_t grid_cap_override() { return emu_limits.grid_cap.load(std::memory_order_relaxed); }
 #else
 __host__ __device__ constexpr int64_t chunk_elems() { return kChunk; }
-constexpr int list_max_tensors() { return kListMaxTensors; }
-constexpr int list_max_blocks() { return kListMaxBlocks; }
+constexpr int sm_count_override() { return 0; }
+constexpr int blocks_per_sm_override() { return 0; }
 constexpr int64_t grid_cap_override() { return 0; }
 #endif
 
@@ -112,45 +110,26 @@ struct EmaKArgs {
   EmaWeights w;
 };
 
-// The pointer table of a list launch updating NZ EMAs (z[k]: EMA k's pointers); with SR
-// (stochastic rounding) also each tensor's element-index base.
-template <int NZ, bool SR = false>
-struct ListMeta {
-  static constexpr int kTensors = list_tensor_capacity(NZ, SR);
-  void* p[kTensors];
-  const void* g[kTensors];
-  float* s0[kTensors];
-  float* s1[kTensors];
-  float* s2[kTensors];
-  float* z[NZ > 0 ? NZ : 1][kTensors];
-  int64_t n[kTensors];
-  int64_t sr_base[SR ? kTensors : 1];
-  unsigned char block_to_tensor[kListMaxBlocks];
-  int block_to_chunk[kListMaxBlocks];
+// The work table of a list launch, in device memory (the kernel reads it through ld_arg): one
+// TensorPtrs per tensor of the set, then one ChunkRef per chunk of chunk_elems() elements, in
+// tensor order (a tensor of n elements has ceil(n / chunk) of them; an empty one none).  Only
+// the two addresses and the chunk count are kernel parameters: 24 bytes whatever the set.
+//
+// Why a device table, not CUDA 12.1's 32 KB kernel parameters: parameters would still cap the
+// tensors per launch (32 KB / 88 B: ~370 tensors, fewer with a chunk map), so large sets would
+// again be several launches, each drained before the next; and they are re-sent with every
+// launch, i.e. every step, although a set's pointers rarely change.  The device table has no
+// tensor limit, and a steady-state step copies nothing host -> device (list_tables.cpp keeps
+// it, compares the host entries with its cached copy and uploads only when they differ).
+struct alignas(8) ChunkRef {  // one 8-byte load
+  int32_t tensor;  // index into the TensorPtrs entries
+  int32_t chunk;   // elements [chunk * chunk_elems(), ...) of that tensor
+};
 
-  // Entry i (a TensorPtrs) to slot `to`, or slot `from` to `to`.
-  __host__ __device__ void set(int to, const TensorPtrs& t) {
-    p[to] = t.p;
-    g[to] = t.g;
-    s0[to] = t.s0;
-    s1[to] = t.s1;
-    s2[to] = t.s2;
-    for (int k = 0; k < NZ; ++k) z[k][to] = t.z[k];
-    n[to] = t.n;
-    if (SR) sr_base[to] = t.sr_base;
-  }
-  __host__ __device__ TensorPtrs get(int i) const {
-    TensorPtrs t;
-    t.p = p[i];
-    t.g = g[i];
-    t.s0 = s0[i];
-    t.s1 = s1[i];
-    t.s2 = s2[i];
-    for (int k = 0; k < NZ; ++k) t.z[k] = z[k][i];
-    t.n = n[i];
-    t.sr_base = SR ? sr_base[i] : 0;
-    return t;
-  }
+struct ListTable {
+  const TensorPtrs* tensors;
+  const ChunkRef* chunks;
+  int64_t n_chunks;
 };
 
 // ------------------------------------------------------------------------------------------
@@ -174,17 +153,45 @@ __device__ __forceinline__ Span span_of(const TensorPtrs& t) {
   return sp;
 }
 
-// List: one chunk of one tensor per block, block-stride over its threads.
+// List: chunk c of the work table, block-stride over the block's threads.  The entry's
+// pointers are read from device memory (every thread of the block reads the same few words:
+// one broadcast, cached), only the roles an update can use (EMAs < NZ; the SR base with SR).
+template <class T>
+__device__ __forceinline__ T ld_arg(const T* p);
+
 template <int NZ, bool SR>
-__device__ __forceinline__ Span span_of(const ListMeta<NZ, SR>& m) {
+__device__ __forceinline__ Span span_of(const ListTable& w, int64_t c) {
+  const ChunkRef r = ld_arg(w.chunks + c);
+  const TensorPtrs* e = w.tensors + r.tensor;
   Span sp;
-  sp.t = m.get(m.block_to_tensor[blockIdx.x]);
+  sp.t.p = ld_arg(&e->p);
+  sp.t.g = ld_arg(&e->g);
+  sp.t.s0 = ld_arg(&e->s0);
+  sp.t.s1 = ld_arg(&e->s1);
+  sp.t.s2 = ld_arg(&e->s2);
+#pragma unroll
+  for (int k = 0; k < NZ; ++k) sp.t.z[k] = ld_arg(&e->z[k]);
+  sp.t.n = ld_arg(&e->n);
+  sp.t.sr_base = SR ? ld_arg(&e->sr_base) : 0;
   const int64_t chunk = chunk_elems();
-  sp.lo = int64_t(m.block_to_chunk[blockIdx.x]) * chunk;
+  sp.lo = int64_t(r.chunk) * chunk;
   sp.hi = sp.lo + chunk < sp.t.n ? sp.lo + chunk : sp.t.n;
   sp.tid = threadIdx.x;
   sp.stride = blockDim.x;
   return sp;
+}
+
+// The chunks block blockIdx.x of a list launch walks: c = blockIdx.x, + gridDim.x, ... (the
+// grid is at most one resident wave, so each block loops).  Chunk-strided rather than one
+// contiguous range per block: the chunks are equal except each tensor's last, and a set often
+// holds long runs of small tensors (biases, norms: one short chunk each) between big ones; a
+// stride deals such a run out over all blocks, where a contiguous range would hand it to a few
+// (which finish early while others still carry full chunks).  Each block gets ceil or floor of
+// n_chunks / gridDim chunks either way, and the blocks of a wave touch neighbouring chunks.
+template <class F>
+__device__ __forceinline__ void for_each_chunk(const ListTable& w, F&& f) {
+#pragma unroll 1  // one chunk's walk is the whole body: nothing to gain from copies of it
+  for (int64_t c = blockIdx.x; c < w.n_chunks; c += gridDim.x) f(c);
 }
 
 // The one index walk of every kernel: this thread's N-element vectors starting at lo + j*N for
@@ -204,10 +211,24 @@ __device__ __forceinline__ void walk(const Span& sp, bool vec, OnVec&& on_vec, O
 // ------------------------------------------------------------------------------------------
 // 16-byte vector loads / stores
 // ------------------------------------------------------------------------------------------
+// Every pointer the kernels access is global memory (torch's CUDA tensors).  nvcc infers that
+// for pointers passed as kernel parameters, not for the list kernels' pointers, which are read
+// from the work table: without the hint their accesses would be generic (LD.E.128 / ST.E.128,
+// not LDG / STG).  Said where the pointer is dereferenced (so it is not null there).
+template <class T>
+__device__ __forceinline__ void assume_global(const T* p) {
+#ifndef EK_EMULATE_DEVICE
+  __builtin_assume(__isGlobal(p));
+#else
+  (void)p;
+#endif
+}
+
 __device__ __forceinline__ uint4 load16(const uint4* p) {
 #ifdef EK_EMULATE_DEVICE
   return ek_emu::load16(p);  // faults on a misaligned address, as the GPU does
 #else
+  assume_global(p);
   return *p;
 #endif
 }
@@ -216,6 +237,7 @@ __device__ __forceinline__ void store16(uint4* p, const uint4& v) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::store16(p, v);
 #else
+  assume_global(p);
   *p = v;
 #endif
 }
@@ -228,6 +250,7 @@ __device__ __forceinline__ T ld(const T* p) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::count_read(int64_t(sizeof(T)), false);
 #endif
+  assume_global(p);
   return *p;
 }
 
@@ -236,6 +259,7 @@ __device__ __forceinline__ void st(T* p, const T& v) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::count_write(int64_t(sizeof(T)), false);
 #endif
+  assume_global(p);
   *p = v;
 }
 
@@ -244,6 +268,7 @@ __device__ __forceinline__ T ld_arg(const T* p) {
 #ifdef EK_EMULATE_DEVICE
   ek_emu::count_arg_read();
 #endif
+  assume_global(p);
   return *p;
 }
 
@@ -543,23 +568,62 @@ struct EmaOp {
   }
 };
 
-static_assert(sizeof(ListMeta<2>) + sizeof(AdamKArgs) <= kKernelParamBytes,
-              "list kernel parameters (2 EMAs) exceed CUDA's 4 KB");
-static_assert(sizeof(ListMeta<4>) + sizeof(AdamKArgs) <= kKernelParamBytes,
-              "list kernel parameters (4 EMAs) exceed CUDA's 4 KB");
-static_assert(sizeof(ListMeta<2, true>) + sizeof(AdamKArgs) <= kKernelParamBytes,
-              "list kernel parameters (2 EMAs, stochastic rounding) exceed CUDA's 4 KB");
-static_assert(sizeof(ListMeta<4, true>) + sizeof(AdamKArgs) <= kKernelParamBytes,
-              "list kernel parameters (4 EMAs, stochastic rounding) exceed CUDA's 4 KB");
+static_assert(sizeof(ListTable) + sizeof(AdamKArgs) <= kKernelParamBytes,
+              "list kernel parameters exceed CUDA's 4 KB");
+static_assert(sizeof(TensorPtrs) % 8 == 0 && alignof(TensorPtrs) <= 8 &&
+                  sizeof(ChunkRef) == 8,
+              "the work table: 8-byte aligned entries, the chunk map right after them");
 static_assert(sizeof(SgdKArgs) <= sizeof(AdamKArgs) && sizeof(EmaKArgs) <= sizeof(AdamKArgs),
               "the Adam launch has the largest arguments");
 
-// The kernel of every update and layout (Layout = TensorPtrs: flat; ListMeta<NZ>: list).
+// The spans of a launch: flat, the one tensor; list, every chunk this block walks.
+template <class Op>
+__device__ __forceinline__ void run_spans(const TensorPtrs& t, const typename Op::Scalars& l,
+                                          const typename Op::Args& a) {
+  Op::span(span_of(t), l, a);
+}
+
+template <class Op>
+__device__ __forceinline__ void run_spans(const ListTable& w, const typename Op::Scalars& l,
+                                          const typename Op::Args& a) {
+  for_each_chunk(w, [&](int64_t c) { Op::span(span_of<Op::kEmas, Op::kSR>(w, c), l, a); });
+}
+
+// The kernel of every update and layout (Layout = TensorPtrs: flat; ListTable: list).
+// The body of every kernel (Layout = TensorPtrs: flat; ListTable: list).
 template <class Op, class Layout>
-__global__ void __launch_bounds__(kBlock) fused_kernel(Layout where, typename Op::Args a) {
+__device__ __forceinline__ void kernel_body(const Layout& where, const typename Op::Args& a) {
   typename Op::Scalars l;
   if (!Op::prologue(a, l)) return;
-  Op::span(span_of(where), l, a);
+  run_spans<Op>(where, l, a);
+}
+
+// The kernel of every update and layout: the compiler's own register budget...
+template <class Op, class Layout>
+__global__ void __launch_bounds__(kBlock) fused_kernel(Layout where, typename Op::Args a) {
+  kernel_body<Op>(where, a);
+}
+
+// ... except for the fp32 list kernels, held to 2 resident blocks (64 registers).  The list
+// kernels read their tensor pointers from the work table in memory, where the old kernel-
+// parameter tables let ptxas reload them from the constant bank at each use; left alone, ptxas
+// keeps more of them in registers and e.g. fp32 AdamW + 2 EMAs takes 73 registers: 1 block of
+// 512 threads per SM instead of 2.  For fp32 parameters 64 registers hold the list variants
+// without spilling (ptxas -v, sm_90; SGD with momentum and 4 EMAs spills a few bytes); the
+// 16-bit variants (8 elements per thread) need more and keep the compiler's choice, which
+// `__launch_bounds__(kBlock, 1)` would change too.
+template <class Op, class Layout>
+__global__ void __launch_bounds__(kBlock, 2) fused_kernel_2bps(Layout where,
+                                                               typename Op::Args a) {
+  kernel_body<Op>(where, a);
+}
+
+template <class Op, class Layout>
+constexpr void (*kernel_of())(Layout, typename Op::Args) {
+  if constexpr (std::is_same<Layout, ListTable>::value && Op::kVec == 4)
+    return &fused_kernel_2bps<Op, Layout>;
+  else
+    return &fused_kernel<Op, Layout>;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -587,6 +651,7 @@ int cached_query(std::atomic<int>& slot, Query&& query) {
 
 int sm_count(int device) {
   static std::atomic<int> cache[kMaxDevices];  // static storage: zero-initialised
+  if (sm_count_override() > 0) return sm_count_override();
   if (device < 0 || device >= kMaxDevices) return 108;
   return cached_query(cache[device], [device] {
     int n = 0;
@@ -597,20 +662,27 @@ int sm_count(int device) {
   });
 }
 
-// Resident blocks per SM of the flat kernel of `Op` (each instantiation has its own registers,
-// hence its own occupancy, and its own cache).
-template <class Op>
-int flat_blocks_per_sm(int device) {
+// Resident blocks per SM of the kernel of `Op` on `Layout` (each instantiation has its own
+// registers, hence its own occupancy, and its own cache).
+template <class Op, class Layout>
+int blocks_per_sm(int device) {
   static std::atomic<int> cache[kMaxDevices];
   if (device < 0 || device >= kMaxDevices) return 1;
-  return cached_query(cache[device], [] {
-    int nb = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fused_kernel<Op, TensorPtrs>, kBlock,
-                                                      0) != cudaSuccess ||
-        nb <= 0)
-      nb = 1;
-    return nb;
+  const int nb = cached_query(cache[device], [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel_of<Op, Layout>(), kBlock, 0) !=
+            cudaSuccess ||
+        n <= 0)
+      n = 1;
+    return n;
   });
+  return blocks_per_sm_override() > 0 ? blocks_per_sm_override() : nb;
+}
+
+// One resident wave of the kernel of `Op` on `Layout`: every SM full.
+template <class Op, class Layout>
+int64_t resident_blocks(int device) {
+  return int64_t(sm_count(device)) * blocks_per_sm<Op, Layout>(device);
 }
 
 // Grid of the flat kernels: enough blocks to fill the GPU once (grid-stride beyond that).
@@ -618,7 +690,7 @@ template <class Op>
 unsigned flat_grid(int64_t n, int device) {
   const int64_t work = (n + Op::kVec - 1) / Op::kVec;
   int64_t blocks = (work + kBlock - 1) / kBlock;
-  int64_t cap = int64_t(sm_count(device)) * flat_blocks_per_sm<Op>(device);
+  int64_t cap = resident_blocks<Op, TensorPtrs>(device);
   if (grid_cap_override() > 0 && grid_cap_override() < cap) cap = grid_cap_override();
   if (blocks > cap) blocks = cap;
   if (blocks < 1) blocks = 1;
@@ -630,60 +702,115 @@ const char* last_error() {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-// Walks the tensors, filling pointer tables and block maps, and calls launch(meta, blocks)
-// whenever a table is full (a tensor may continue into the next launch).  launch returns an
-// error string or nullptr.
-template <class Meta, typename Launch>
-const char* for_each_list_launch(const std::vector<TensorPtrs>& ts, Launch&& launch) {
-  const int max_tensors = list_max_tensors() < Meta::kTensors ? list_max_tensors()
-                                                               : Meta::kTensors;
-  const int max_blocks = list_max_blocks();
-  const int64_t chunk = chunk_elems();
-  Meta meta;
-  int nt = 0, nb = 0;
+// Grid of the list kernels: one block per chunk up to one resident wave, a whole wave beyond
+// that (each block then walks several chunks: for_each_chunk).
+template <class Op>
+unsigned list_grid(int64_t n_chunks, int device) {
+  const int64_t cap = resident_blocks<Op, ListTable>(device);
+  return unsigned(n_chunks < cap ? n_chunks : cap);
+}
+
+// ------------------------------------------------------------------------------------------
+// The list launch's work table
+// ------------------------------------------------------------------------------------------
+std::atomic<ListTableProvider> g_table_provider{nullptr};
+
+// One address per kernel instantiation: the table cache's "op variant" (an update with 0 and
+// with 2 EMAs over the same set, e.g. ema_every's steps, keep one cached table each).
+template <class Op>
+struct VariantTag {
+  static const char id;
+};
+template <class Op>
+const char VariantTag<Op>::id = 0;
+
+// The chunks of a set (into *total); an error when the map cannot number them.
+const char* count_chunks(const std::vector<TensorPtrs>& ts, int64_t chunk, int64_t* total) {
+  if (ts.size() > size_t(INT32_MAX)) return "more tensors than the list kernel's table numbers";
+  int64_t c = 0;
   for (const TensorPtrs& t : ts) {
-    if (t.n == 0) continue;
-    const int64_t chunks = (t.n + chunk - 1) / chunk;
-    if (chunks > int64_t(INT32_MAX))  // block_to_chunk is an int: 2^47 elements at 64K chunks
-      return "a tensor has more chunks than the list kernel's block map can number";
-    meta.set(nt, t);
-    ++nt;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[nb] = static_cast<unsigned char>(nt - 1);
-      meta.block_to_chunk[nb] = static_cast<int>(c);
-      ++nb;
-      const bool last_chunk = c == chunks - 1;
-      if (nb == max_blocks || (nt == max_tensors && last_chunk)) {
-        if (const char* err = launch(meta, nb)) return err;
-        nb = 0;
-        if (last_chunk) {
-          nt = 0;
-        } else {  // the current tensor continues in the next launch, as entry 0
-          meta.set(0, meta.get(nt - 1));
-          nt = 1;
-        }
-      }
-    }
+    const int64_t k = (t.n + chunk - 1) / chunk;
+    if (k > int64_t(INT32_MAX))  // ChunkRef::chunk: 2^47 elements at 64K chunks
+      return "a tensor has more chunks than the list kernel's work table can number";
+    c += k;
   }
-  if (nb > 0) return launch(meta, nb);
+  *total = c;
   return nullptr;
 }
 
-// Flat (one tensor) or list launches of the update `Op`.
+struct ChunkMapSource {
+  const std::vector<TensorPtrs>* ts;
+  int64_t chunk;
+};
+
+// The chunk map after the entries: every chunk of every tensor, in order (on an upload only).
+void fill_chunk_map(void* dst, const void* ctx) {
+  const ChunkMapSource& src = *static_cast<const ChunkMapSource*>(ctx);
+  ChunkRef* out = static_cast<ChunkRef*>(dst);
+  const std::vector<TensorPtrs>& ts = *src.ts;
+  for (size_t i = 0; i < ts.size(); ++i)
+    for (int64_t c = 0, k = (ts[i].n + src.chunk - 1) / src.chunk; c < k; ++c)
+      *out++ = ChunkRef{int32_t(i), int32_t(c)};
+}
+
+// The request for the table of `ts` (entries: ts itself, byte for byte).
+template <class Op>
+ListTableRequest table_request(const std::vector<TensorPtrs>& ts, const ChunkMapSource& src,
+                               int64_t n_chunks, int device, cudaStream_t stream) {
+  ListTableRequest q;
+  q.device = device;
+  q.stream = static_cast<void*>(stream);
+  q.variant = &VariantTag<Op>::id;
+  q.set = ts[0].p;
+  q.chunk = src.chunk;
+  q.head = ts.data();
+  q.head_bytes = ts.size() * sizeof(TensorPtrs);
+  q.tail_bytes = size_t(n_chunks) * sizeof(ChunkRef);
+  q.fill_tail = fill_chunk_map;
+  q.ctx = &src;
+  return q;
+}
+
+ListTable table_at(const void* device_table, size_t n_tensors, int64_t n_chunks) {
+  const unsigned char* base = static_cast<const unsigned char*>(device_table);
+  return ListTable{reinterpret_cast<const TensorPtrs*>(base),
+                   reinterpret_cast<const ChunkRef*>(base + n_tensors * sizeof(TensorPtrs)),
+                   n_chunks};
+}
+
+// The list launch of `Op` over a set: one launch, whatever its tensor count.
+template <class Op>
+const char* run_list(const std::vector<TensorPtrs>& ts, const typename Op::Args& a, int device,
+                     cudaStream_t stream) {
+  const ChunkMapSource src{&ts, chunk_elems()};
+  int64_t n_chunks = 0;
+  if (const char* err = count_chunks(ts, src.chunk, &n_chunks)) return err;
+  if (n_chunks == 0) return nullptr;
+  const ListTableProvider provide = g_table_provider.load(std::memory_order_acquire);
+  if (provide == nullptr)
+    return "no work-table provider is registered (csrc/list_tables.cpp is not linked in)";
+  const ListTableAnswer t = provide(table_request<Op>(ts, src, n_chunks, device, stream));
+  if (t.error != nullptr) return t.error;
+#ifdef EK_EMULATE_DEVICE
+  if (t.uploaded) ek_emu::stats.table_uploads.fetch_add(1, std::memory_order_relaxed);
+#endif
+  ek_launch(kernel_of<Op, ListTable>(), list_grid<Op>(n_chunks, device), kBlock, stream,
+            table_at(t.table, ts.size(), n_chunks), a);
+  return last_error();  // t.keep holds the table until here (the GPU: until enqueued)
+}
+
+// Flat (one tensor) or list launch of the update `Op`.
 template <class Op>
 const char* run(const std::vector<TensorPtrs>& ts, const typename Op::Args& a, int device,
                 cudaStream_t stream) {
   if (ts.size() == 1) {
     if (ts[0].n == 0) return nullptr;
-    ek_launch(fused_kernel<Op, TensorPtrs>, flat_grid<Op>(ts[0].n, device), kBlock, stream,
+    ek_launch(kernel_of<Op, TensorPtrs>(), flat_grid<Op>(ts[0].n, device), kBlock, stream,
               ts[0], a);
     return last_error();
   }
-  using Meta = ListMeta<Op::kEmas, Op::kSR>;
-  return for_each_list_launch<Meta>(ts, [&](const Meta& meta, int blocks) {
-    ek_launch(fused_kernel<Op, Meta>, unsigned(blocks), kBlock, stream, meta, a);
-    return last_error();
-  });
+  if (ts.empty()) return nullptr;
+  return run_list<Op>(ts, a, device, stream);
 }
 
 template <class S, bool AMS>
@@ -753,6 +880,10 @@ void set_sr_key(Scalars& s, const SrArgs& sr) {
 #define EK_STR(...) EK_STR2(__VA_ARGS__)
 
 }  // namespace
+
+void set_list_table_provider(ListTableProvider provider) {
+  g_table_provider.store(provider, std::memory_order_release);
+}
 
 const char* adam_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const AdamArgs& a,
                           int device, void* stream) {
@@ -834,13 +965,13 @@ const char* ema_only_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
 // Emulation-only entry points (kernels.h): the tests' handles on the launch logic
 // ------------------------------------------------------------------------------------------
 const char* emu_configure(const EmuConfig& c) {
-  if (c.chunk < 0 || c.max_tensors < 0 || c.max_tensors > kListMaxTensors || c.max_blocks < 0 ||
-      c.max_blocks > kListMaxBlocks || c.grid_cap < 0)
-    return "emu_configure: chunk >= 0, 0 <= max_tensors <= 36, 0 <= max_blocks <= 320, "
+  if (c.chunk < 0 || c.sm_count < 0 || c.sm_count > 4096 || c.blocks_per_sm < 0 ||
+      c.blocks_per_sm > 32 || c.grid_cap < 0)
+    return "emu_configure: chunk >= 0, 0 <= sm_count <= 4096, 0 <= blocks_per_sm <= 32, "
            "grid_cap >= 0 (0: the default)";
   emu_limits.chunk.store(c.chunk > 0 ? c.chunk : kChunk);
-  emu_limits.max_tensors.store(c.max_tensors > 0 ? c.max_tensors : kListMaxTensors);
-  emu_limits.max_blocks.store(c.max_blocks > 0 ? c.max_blocks : kListMaxBlocks);
+  emu_limits.sm_count.store(c.sm_count);
+  emu_limits.blocks_per_sm.store(c.blocks_per_sm);
   emu_limits.grid_cap.store(c.grid_cap);
   ek_emu::shuffle_seed.store(c.shuffle_seed);
   return nullptr;
@@ -855,6 +986,7 @@ EmuStats emu_stats() {
   s.bytes_written = ek_emu::stats.bytes_written.load();
   s.bytes_vector = ek_emu::stats.bytes_vector.load();
   s.arg_reads = ek_emu::stats.arg_reads.load();
+  s.table_uploads = ek_emu::stats.table_uploads.load();
   return s;
 }
 
@@ -909,29 +1041,42 @@ int64_t emu_flat_grid(int64_t n, int elem_bytes) {
 
 const char* emu_list_plan(const std::vector<int64_t>& sizes, std::vector<int64_t>* plan) {
   // Fake tensors: no memory, the parameter pointer numbers the tensor (1-based, 16-byte steps
-  // so that nothing looks like nullptr); only the planning and span_of run.
+  // so that nothing looks like nullptr); the table is built as for a launch, on the host, and
+  // only the grid sizing, the chunk loop and span_of run.
   std::vector<TensorPtrs> ts(sizes.size());
   for (size_t i = 0; i < sizes.size(); ++i) {
     if (sizes[i] < 0) return "emu_list_plan: negative size";
     ts[i].p = reinterpret_cast<void*>(uintptr_t(i + 1) * 16);
     ts[i].n = sizes[i];
   }
-  // The plan of a one-EMA launch (3 or 4 EMAs give smaller tables: list_tensor_capacity).
-  using Meta = ListMeta<1>;
-  return for_each_list_launch<Meta>(ts, [&](const Meta& meta, int blocks) -> const char* {
-    plan->push_back(blocks);
-    gridDim = dim3(unsigned(blocks));
-    blockDim = dim3(kBlock);
-    threadIdx = {0, 0, 0};
-    for (int b = 0; b < blocks; ++b) {
-      blockIdx = {unsigned(b), 0, 0};
-      const Span sp = span_of(meta);
+  using Op = AdamOp<F32, false, 1>;  // the plan of a one-EMA fp32 AdamW launch
+  const ChunkMapSource src{&ts, chunk_elems()};
+  int64_t n_chunks = 0;
+  if (const char* err = count_chunks(ts, src.chunk, &n_chunks)) return err;
+  const unsigned grid = n_chunks > 0 ? list_grid<Op>(n_chunks, 0) : 0;
+  plan->push_back(grid);
+  plan->push_back(n_chunks);
+  if (n_chunks == 0) return nullptr;
+  std::vector<uint64_t> table((ts.size() * sizeof(TensorPtrs) + n_chunks * sizeof(ChunkRef)) / 8);
+  memcpy(table.data(), ts.data(), ts.size() * sizeof(TensorPtrs));
+  fill_chunk_map(reinterpret_cast<unsigned char*>(table.data()) + ts.size() * sizeof(TensorPtrs),
+                 &src);
+  const ListTable w = table_at(table.data(), ts.size(), n_chunks);
+  gridDim = dim3(grid);
+  blockDim = dim3(kBlock);
+  threadIdx = {0, 0, 0};
+  for (unsigned b = 0; b < grid; ++b) {
+    blockIdx = {b, 0, 0};
+    for_each_chunk(w, [&](int64_t c) {
+      const Span sp = span_of<Op::kEmas, Op::kSR>(w, c);
+      plan->push_back(b);
       plan->push_back(int64_t(reinterpret_cast<uintptr_t>(sp.t.p) / 16) - 1);
       plan->push_back(sp.lo);
       plan->push_back(sp.hi);
-    }
-    return nullptr;
-  });
+    });
+  }
+  ek_emu::traffic = ek_emu::Traffic();  // span_of's table reads: not a launch's
+  return nullptr;
 }
 #endif  // EK_EMULATE_DEVICE
 

@@ -5,7 +5,10 @@
 // raw pointers, element counts and scalars, so neither includes torch or pybind headers.
 #pragma once
 
+#include <stddef.h>
 #include <stdint.h>
+
+#include <memory>
 #include <vector>
 
 #include "fused_math.h"
@@ -146,6 +149,37 @@ const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, const d
                           int n_emas, int device, void* stream);
 const char* lion_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const LionArgs& a,
                           int device, void* stream);
+
+// The list kernels' work table in device memory.  fused_cuda.cu describes the table of a list
+// launch (the per-tensor entries, compared byte for byte, and the chunk map that follows from
+// them); the provider -- csrc/list_tables.cpp, on the torch side, which owns the memory
+// (torch's caching allocators) -- answers with a device copy, uploading only when the entries
+// differ from its cached copy under the same key.  Registered by list_tables.cpp's static
+// initialiser; fused_cuda.cu never sees a torch header.
+struct ListTableRequest {
+  int device = 0;
+  void* stream = nullptr;          // the launch's cudaStream_t (an upload is ordered on it)
+  // the key of the cached copy: the kernel instantiation (the op variant), the set (its first
+  // tensor's parameter address and its tensor count) and the chunk size the map counts in
+  const void* variant = nullptr;
+  const void* set = nullptr;
+  int64_t chunk = 0;
+  const void* head = nullptr;      // the per-tensor entries (TensorPtrs[]): compared, uploaded
+  size_t head_bytes = 0;
+  size_t tail_bytes = 0;           // the chunk map after them: written by fill_tail on an
+  void (*fill_tail)(void* dst, const void* ctx) = nullptr;  // upload only (a function of head)
+  const void* ctx = nullptr;
+};
+
+struct ListTableAnswer {
+  const void* table = nullptr;  // device address of head, then tail
+  std::shared_ptr<const void> keep;  // the buffer, held by the caller until it has launched
+  bool uploaded = false;        // this request copied the table to the device
+  const char* error = nullptr;  // a static message; nullptr on success
+};
+
+using ListTableProvider = ListTableAnswer (*)(const ListTableRequest&);
+void set_list_table_provider(ListTableProvider provider);
 #endif
 
 #ifdef EK_WITH_CUDA
@@ -156,9 +190,9 @@ int cuda_compiled_version();   // CUDART_VERSION the kernels were compiled again
 #ifdef EK_CUDA_EMULATION
 // Emulation-only handles on the launch logic, for the tests (fused_cuda.cu).
 struct EmuConfig {    // 0 everywhere: the shipped values
-  int64_t chunk = 0;  // elements per list-kernel block (65536)
-  int max_tensors = 0;  // pointer-table capacity per list launch (<= 36)
-  int max_blocks = 0;   // block-map capacity per list launch (<= 320)
+  int64_t chunk = 0;  // elements per chunk of the list kernels' work table (65536)
+  int sm_count = 0;   // the emulated device's SMs (cuda_emu.h: 132)
+  int blocks_per_sm = 0;  // resident blocks per SM, instead of the occupancy API's answer
   int64_t grid_cap = 0;  // flat-kernel grid cap below the occupancy cap (0: none)
   uint64_t shuffle_seed = 0;  // 0: blocks and threads in order; else a random order per launch
 };
@@ -168,6 +202,7 @@ struct EmuStats {
   int64_t launches = 0, blocks = 0, occupancy_queries = 0;
   // the kernels' global-memory traffic (cuda_emu.h's ek_emu::Stats)
   int64_t bytes_read = 0, bytes_written = 0, bytes_vector = 0, arg_reads = 0;
+  int64_t table_uploads = 0;  // list launches that copied their work table to the "device"
 };
 EmuStats emu_stats();
 
@@ -177,8 +212,9 @@ EmuStats emu_stats();
 const char* emu_flat_walk(int64_t n, int elem_bytes, bool aligned, int64_t grid, int64_t block,
                           int64_t thread, int64_t out[9]);
 int64_t emu_flat_grid(int64_t n, int elem_bytes);  // the grid a flat launch over n would get
-// The list launches for tensors of these sizes (no memory): per launch, its block count, then
-// per block (tensor index, lo, hi) as the kernel's span_of computes them.
+// The list launch for tensors of these sizes (no memory): its grid and chunk count, then per
+// chunk, in the order the blocks walk them, (block, tensor index, lo, hi) as the kernel's
+// chunk loop and span_of compute them (the table built as for a launch, kept on the host).
 const char* emu_list_plan(const std::vector<int64_t>& sizes, std::vector<int64_t>* plan);
 #endif
 

@@ -2,8 +2,10 @@
 
 ``ema_kernels._C_emu`` is fused_cuda.cu compiled as host C++ against csrc/cuda_emu.h: every launch
 runs all its blocks and threads on the host, so the kernels' launch logic -- grid-stride loops,
-the 16-byte vector path and its alignment checks, scalar tails, pointer-table chunking and the
-block -> (tensor, chunk) maps, the found_inf exit, the capturable prologue -- executes in CI.
+the 16-byte vector path and its alignment checks, scalar tails, the list kernels' persistent
+grid over a device-resident work table (its chunk map, the chunk-strided walk of each block, the
+table cache that uploads only on a change), the found_inf exit, the capturable prologue --
+executes in CI.
 Every case here compares the ``cuda`` backend on CPU tensors with the ``cpp`` backend (the CPU
 twin, same fused_math.h), **bit for bit** for every dtype (the 1-ulp allowance for bf16/fp16 is
 not needed: both round to nearest even), after every step.  Every tensor is a view into a larger
@@ -19,11 +21,12 @@ other tests assert about CPU backends.  Instead the matrix below runs in-process
 ops, schemas and checks as under the variable), and one subprocess test checks the public
 contract of the variable itself (available_backends, auto, info, the optimizers).
 
-Emulation-only overrides (``torch.ops.ema_kernels_emu.emu_configure``) lower the chunk size,
-the table capacities and the grid cap so that small tensors reach the table refills, the
-continuation of a tensor into the next launch, unaligned chunk starts and multi-pass grid-stride
-loops; the 64-bit index arithmetic is checked without memory by ``emu_flat_walk`` /
-``emu_list_plan``, which run the kernels' own span and walk code for given coordinates.
+Emulation-only overrides (``torch.ops.ema_kernels_emu.emu_configure(chunk, sm_count,
+blocks_per_sm, grid_cap, shuffle_seed)``) lower the chunk size, the emulated device's SM count
+and resident blocks per SM, and the flat grid cap, so that small tensors reach many chunks per
+block of a list launch, unaligned chunk starts and multi-pass grid-stride loops; the 64-bit
+index arithmetic is checked without memory by ``emu_flat_walk`` / ``emu_list_plan``, which run
+the kernels' own span, chunk and walk code for given coordinates.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ pytestmark = pytest.mark.skipif(M.NO_EXT, reason="EMA_KERNELS_NO_EXT=1: extensio
 GUARD = 16      # guard elements before (keeps the data 16-byte aligned) and after each tensor
 BLOCK = 512     # threads per block (fused_cuda.cu kBlock)
 CHUNK = 65536   # elements per list-kernel block
-SMS, BLOCKS_PER_SM = 132, 4  # the emulated device (cuda_emu.h): grid cap 528 blocks
+SMS, BLOCKS_PER_SM = 132, 4  # the emulated device (cuda_emu.h): one resident wave: 528 blocks
 
 
 @pytest.fixture
@@ -270,68 +273,81 @@ def test_each_role_misaligned_alone(emu, opt_name, dtype_name):
 
 
 def _plan(emu_ops, sizes):
-    """emu_list_plan decoded: a list of launches, each a list of (tensor, lo, hi) blocks."""
+    """emu_list_plan decoded: (grid, [(block, tensor, lo, hi) per chunk, in walk order])."""
     flat = list(emu_ops.emu_list_plan(list(sizes)))
-    launches, k = [], 0
-    while k < len(flat):
-        nb = flat[k]
-        launches.append([tuple(flat[k + 1 + 3 * b:k + 4 + 3 * b]) for b in range(nb)])
-        k += 1 + 3 * nb
-    return launches
+    grid, n_chunks = flat[0], flat[1]
+    chunks = [tuple(flat[2 + 4 * k:6 + 4 * k]) for k in range(n_chunks)]
+    assert len(flat) == 2 + 4 * n_chunks
+    return grid, chunks
 
 
-def _expected_blocks(sizes, chunk):
+def _expected_chunks(sizes, chunk):
     return [(i, lo, min(lo + chunk, n)) for i, n in enumerate(sizes) for lo in range(0, n, chunk)]
 
 
-def _check_plan(launches, sizes, chunk, max_tensors, max_blocks):
-    got = [b for launch in launches for b in launch]
-    assert got == _expected_blocks(sizes, chunk), "every chunk of every tensor once, in order"
-    for launch in launches:
-        assert 1 <= len(launch) <= max_blocks
-        assert len({t for t, _, _ in launch}) <= max_tensors
+def _check_plan(grid, chunks, sizes, chunk, resident):
+    """One launch: its grid min(chunks, one resident wave); chunk k (in tensor order) walked by
+    block k % grid, so each block walks ceil or floor of chunks / grid, every chunk once."""
+    want = _expected_chunks(sizes, chunk)
+    assert grid == min(len(want), resident), (grid, len(want), resident)
+    assert sorted(c[1:] for c in chunks) == want, "every chunk of every tensor once"
+    order = {c: k for k, c in enumerate(want)}
+    per_block = [0] * grid
+    last = [-1] * grid
+    for b, *c in chunks:
+        k = order[tuple(c)]
+        assert k % grid == b, f"chunk {k} walked by block {b} (grid {grid})"
+        assert k > last[b], "a block walks its chunks in increasing order"
+        last[b] = k
+        per_block[b] += 1
+    if grid:
+        assert max(per_block) - min(per_block) <= 1, per_block
 
 
-def test_120_mixed_tensors_several_launches(emu):
-    """120 tensors of mixed sizes (zero-size, tiny, several chunks): several launches, the
-    tables refilled, tensors continuing into the next launch."""
+def test_120_mixed_tensors_one_launch(emu):
+    """120 tensors of mixed sizes (zero-size, tiny, several chunks): one launch of one block per
+    chunk (fewer chunks than one resident wave)."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     sizes = [rng.choice([0, 1, rng.randint(2, 40), rng.randint(41, 5000)]) for _ in range(114)]
     sizes += [CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 0, 7]
     rng.shuffle(sizes)
-    launches = _plan(emu, sizes)
-    _check_plan(launches, sizes, CHUNK, 36, 320)
-    assert len(launches) >= 3
+    grid, chunks = _plan(emu, sizes)
+    _check_plan(grid, chunks, sizes, CHUNK, SMS * BLOCKS_PER_SM)
     before = emu.emu_stats()[0]
     try:
         run_pair("adamw_amsgrad", "bf16", sizes, "ema", seed, steps=1)
-        assert emu.emu_stats()[0] - before == len(launches), "one launch per planned table"
+        assert emu.emu_stats()[0] - before == 1, "one launch for the whole set"
         run_pair("sgd_mom_damp_wd", "f32", sizes, "found_inf", seed, steps=2)
     except AssertionError as e:
         raise AssertionError(f"{e} (seed {seed})") from None
 
 
-@pytest.mark.parametrize("chunk,max_tensors,max_blocks", [
+@pytest.mark.parametrize("chunk,sm_count,blocks_per_sm", [
     (CHUNK, 0, 0),   # the shipped sizes: tensors crossing 65536-element chunk boundaries
-    (96, 3, 5),      # small chunks (a multiple of 8: chunk starts stay aligned), tiny tables
-    (37, 2, 3),      # odd chunk: chunk starts misaligned -> those chunks take the scalar path
-    (1, 36, 320),    # one element per block
+    (96, 1, 3),      # small chunks (a multiple of 8: chunk starts stay aligned), a 3-block grid
+    (37, 2, 1),      # odd chunk: chunk starts misaligned -> those chunks take the scalar path
+    (1, 0, 0),       # one element per chunk
 ])
-def test_chunk_boundaries_and_table_refills(emu, chunk, max_tensors, max_blocks):
+def test_chunk_boundaries_and_small_grids(emu, chunk, sm_count, blocks_per_sm):
     seed = random.randrange(1 << 30)
-    emu.emu_configure(chunk, max_tensors, max_blocks, 0, 0)
+    emu.emu_configure(chunk, sm_count, blocks_per_sm, 0, 0)
     if chunk == CHUNK:
         sizes = [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 7, 5]
     else:
         rng = random.Random(seed)
         sizes = [rng.choice([1, chunk - 1, chunk, chunk + 1, 2 * chunk + 3, 5 * chunk])
                  for _ in range(11)] + [0, 3]
-    _check_plan(_plan(emu, sizes), sizes, chunk, max_tensors or 36, max_blocks or 320)
+    grid, chunks = _plan(emu, sizes)
+    _check_plan(grid, chunks, sizes, chunk, (sm_count or SMS) * (blocks_per_sm or BLOCKS_PER_SM))
     try:
         for opt_name, dtype_name in (("adamw_amsgrad", "f32"), ("sgd_nesterov_max", "bf16"),
                                      ("adam_l2_max", "f16")):
+            before = emu.emu_stats()
             run_pair(opt_name, dtype_name, sizes, "ema", seed, steps=2)
+            after = emu.emu_stats()
+            assert after[0] - before[0] == 2 and after[1] - before[1] == 2 * grid, \
+                "each step one launch of the planned grid"
     except AssertionError as e:
         raise AssertionError(f"{e} (seed {seed})") from None
 
@@ -352,7 +368,7 @@ def test_shuffled_block_and_thread_order(emu):
     """Blocks and threads in a random order per launch give the same bits: no kernel relies on
     the order the hardware happens to schedule them in."""
     seed = random.randrange(1, 1 << 30)
-    emu.emu_configure(96, 4, 7, 2, seed)
+    emu.emu_configure(96, 1, 3, 2, seed)  # a 3-block list grid: several chunks per block
     sizes = [1, 95, 96, 97, 500, 4099, 0, 33]
     try:
         run_pair("adamw_amsgrad", "bf16", sizes, "ema", seed, steps=2)
@@ -528,17 +544,20 @@ def test_list_plan_for_huge_tensors(emu):
     """The block map of tensors with more than 2^31 elements (chunk offsets computed in 64 bits),
     mixed with small ones; no memory is touched."""
     sizes = [2 ** 33 + 5, 3, 2 ** 31 + 1, 0, 70000]
-    launches = _plan(emu, sizes)
-    _check_plan(launches, sizes, CHUNK, 36, 320)
-    last = [b for b in launches[-1]][-1]
-    assert last == (4, CHUNK, 70000)
+    grid, chunks = _plan(emu, sizes)
+    _check_plan(grid, chunks, sizes, CHUNK, SMS * BLOCKS_PER_SM)
+    n_chunks = len(chunks)
+    assert ((n_chunks - 1) % grid, 4, CHUNK, 70000) in chunks  # the last chunk of all
+    assert (0, 0, 0, CHUNK) in chunks and (1, 0, CHUNK, 2 * CHUNK) in chunks
+    big = (2 ** 33 + 5) // CHUNK  # the last chunk of tensor 0 starts beyond 2^33
+    assert (big % grid, 0, big * CHUNK, 2 ** 33 + 5) in chunks
 
 
 def test_emu_configure_rejects_bad_values(emu):
-    with pytest.raises(RuntimeError, match="max_tensors <= 36"):
-        emu.emu_configure(0, 37, 0, 0, 0)
-    with pytest.raises(RuntimeError, match="max_blocks <= 320"):
-        emu.emu_configure(0, 0, 321, 0, 0)
+    with pytest.raises(RuntimeError, match="sm_count <= 4096"):
+        emu.emu_configure(0, 4097, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="blocks_per_sm <= 32"):
+        emu.emu_configure(0, 0, 33, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,8 +587,10 @@ adam(False); adam(False)
 assert emu.emu_stats()[2] == q0 + 1, emu.emu_stats()
 adam(True); adam(True)
 assert emu.emu_stats()[2] == q0 + 2, emu.emu_stats()
-cuda.ema_only([torch.randn(9)] * 2, [torch.zeros(9)] * 2, 0.5)  # list launches: no query
-assert emu.emu_stats()[2] == q0 + 2, emu.emu_stats()
+# a list launch asks once for its own kernel (its grid is one resident wave of it)
+cuda.ema_only([torch.randn(9)] * 2, [torch.zeros(9)] * 2, 0.5)
+cuda.ema_only([torch.randn(9)] * 2, [torch.zeros(9)] * 2, 0.5)
+assert emu.emu_stats()[2] == q0 + 3, emu.emu_stats()
 
 # The optimizers run on it, bit for bit as on cpp (flat and tensor-list layouts).
 results = []

@@ -186,7 +186,8 @@ def test_cuda_matches_cpp_bitwise():
 @needs_ext
 @needs_gpu
 def test_cuda_list_spanning_many_launches():
-    """More tensors and chunks than one pointer table holds (tensors continue across launches)."""
+    """More tensors and chunks than one resident wave of blocks: one persistent launch whose
+    blocks walk several chunks each, over a device-resident work table."""
     sizes = [1, 65536 * 3 + 5] + [random.randint(1, 5000) for _ in range(100)] + [65536 * 330]
     from ema_kernels.backends import cuda
     p = [torch.randn(n, device="cuda") for n in sizes]
@@ -262,3 +263,37 @@ def test_cuda_graph_capture_and_replay(flat):
         # continue from the reference state so every replay is compared from equal inputs
         for dst, src in zip(p + m + v + z, rp + rm + rv + rz):
             dst.copy_(src)
+
+
+@needs_ext
+@needs_gpu
+def test_cuda_list_table_upload_refused_inside_a_capture():
+    """A list launch whose work table is not cached would upload it inside a CUDA-graph capture
+    (illegal there): refused with the way out; after one eager launch the capture reuses the
+    cached table, and an eager step with the same tensors uploads nothing."""
+    from ema_kernels.backends import cuda
+    ops = torch.ops.ema_kernels_ext
+    sizes = [4099, 1, 70000, 33]
+    p = [torch.randn(n, device="cuda") for n in sizes]
+    z = [torch.zeros(n, device="cuda") for n in sizes]
+
+    def step():
+        cuda.ema_only(p, z, 0.5)
+
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="run one eager step"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+    step()  # eager: uploads the table
+    uploads = list(ops.list_table_stats())[0]
+    step()
+    assert list(ops.list_table_stats())[0] == uploads, "a steady-state step uploads nothing"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t in z:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(p, z):
+        assert torch.equal(b, a * 0.5)

@@ -41,7 +41,8 @@ def _verdict(label, regs, spills, threads_per_block, loads16):
 
 
 # -------------------------------------------------------------------------------- CUDA ------
-_CUDA_MAIN = re.compile(r"fused_kernel<ek::\(anonymous namespace\)::(AdamOp<ek::(F32|BF16), "
+# fused_kernel_2bps: the fp32 list kernels, held to 2 resident blocks per SM (fused_cuda.cu)
+_CUDA_MAIN = re.compile(r"fused_kernel(_2bps)?<ek::\(anonymous namespace\)::(AdamOp<ek::(F32|BF16), "
                         r"false, [12]>|SgdOp<ek::(F32|BF16), 2, [12]>), ")
 
 
@@ -76,6 +77,26 @@ def test_cuda_main_variants_keep_an_sm_busy_without_spilling():
         if not ok:
             bad.append(line)
     print("\n".join(sorted(report)))
+    assert not bad, "\n".join(bad)
+
+
+def test_cuda_main_variants_access_memory_as_global():
+    """Every 16-byte access of the main variants is a global one (LDG/STG.E.128). The list
+    kernels read their tensor pointers from the work table in memory, whose address space nvcc
+    cannot infer (it does for kernel parameters): without fused_cuda.cu's __isGlobal hint they
+    would be generic LD/ST.E.128."""
+    lib = _cuda_library()
+    usage = occ.resource_usage(lib, ARCH)
+    names = occ.demangle(list(usage))
+    main = [k for k in usage if _CUDA_MAIN.search(names[k])]
+    assert len(main) == 16
+    bad = []
+    for k in main:
+        sass = subprocess.run([occ.cuobjdump(), "-sass", "-arch", f"sm_{ARCH}", "-fun", k, lib],
+                              capture_output=True, text=True, check=True).stdout
+        generic = re.findall(r"\b(?:LD|ST)\.E\.128\b", sass)
+        if generic or "LDG.E.128" not in sass or "STG.E.128" not in sass:
+            bad.append(f"{names[k].split('(')[0]}: {len(generic)} generic 16-byte accesses")
     assert not bad, "\n".join(bad)
 
 

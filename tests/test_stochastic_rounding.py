@@ -394,9 +394,10 @@ def test_odd_offset_views_and_frozen_parameters(request, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=_ids)
-@pytest.mark.parametrize("geometry", [(0, 0, 0, 0, 0), (256, 2, 3, 0, 0), (1024, 3, 0, 1, 7),
+@pytest.mark.parametrize("geometry", [(0, 0, 0, 0, 0), (256, 2, 3, 0, 0), (1024, 3, 1, 1, 7),
                                       (0, 0, 0, 2, 12345)],
-                         ids=["shipped", "tiny-chunks", "refills+grid1", "grid2+shuffled"])
+                         ids=["shipped", "tiny-chunks+6-blocks", "3-blocks+grid1+shuffled",
+                              "grid2+shuffled"])
 def test_adamw_cuda_emulated_matches_cpp_under_any_geometry(emulated_cuda, dtype, geometry):
     if NO_EXT:
         pytest.skip("no extension")

@@ -210,7 +210,7 @@ def lion_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], 
 # Emulation build: the kernels' memory traffic (csrc/cuda_emu.h counts every global access)
 # ----------------------------------------------------------------------------------------------
 _COUNTERS = ("launches", "blocks", "occupancy_queries", "bytes_read", "bytes_written",
-             "bytes_vector", "arg_reads")  # the order of torch.ops.ema_kernels_emu.emu_stats()
+             "bytes_vector", "arg_reads", "table_uploads")  # emu_stats()'s order
 _counter_base: Optional[List[int]] = None
 
 
@@ -232,8 +232,10 @@ def emulation_counters() -> Dict[str, int]:
     emulation build was loaded): ``launches``, ``bytes_read`` and ``bytes_written`` (global
     memory, every load and store of the kernels), ``bytes_vector`` (the part of both moved by
     16-byte accesses), plus ``blocks`` and ``arg_reads`` (per-thread reads of launch arguments
-    kept in device memory: found_inf, grad_scale, the capturable lr/step/EMA weights -- the same
-    few bytes for every thread, not part of the update's bytes).
+    kept in device memory: found_inf, grad_scale, the capturable lr/step/EMA weights, the list
+    kernels' work table -- the same few bytes for every thread, not part of the update's bytes)
+    and ``table_uploads`` (list launches that copied their work table to the device: only when
+    a set's pointers changed, csrc/list_tables.cpp).
 
     The emulation build only (``ema_kernels._C_emu``; ``EMA_KERNELS_CUDA_EMULATION=1`` runs the
     ``cuda`` backend on CPU tensors through it). Counts are process-wide."""
