@@ -162,7 +162,7 @@ struct LambArgs {
   SrArgs sr;  // pass 2
 };
 
-inline double* lamb_sums_row(const TensorPtrs& t) { return reinterpret_cast<double*>(t.s2); }
+EK_HD double* lamb_sums_row(const TensorPtrs& t) { return reinterpret_cast<double*>(t.s2); }
 
 // CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.
 void adam_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a);
