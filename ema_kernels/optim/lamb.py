@@ -18,6 +18,9 @@ which has the measured times).
 Kernels: ``cpp`` and ``cuda`` fuse each pass (csrc/fused_math.h ``lamb_moments_update`` and
 ``lamb_ema_element``, r from the one ``lamb_direction``); the per-tensor sums are accumulated in
 float64 by every backend (CUDA: one atomicAdd per thread and sum) and returned as float32.
+Measured (``bench``, 2-core CPU VM, fp32, 4M parameters in 16 tensors, one EMA): cpp 5.63 ms,
+4.5× the foreach implementation + ``_foreach_lerp_``, 62 % of an in-place stream of the same
+48 B.
 
 State: ``exp_avg``, ``exp_avg_sq``, ``step`` (apex/timm/torch-optimizer's LAMB keys).
 """
