@@ -619,6 +619,230 @@ void lion_ema_capturable_cuda_impl(EK_LION_CAPT_ARGS) {
 #endif
 
 // ------------------------------------------------------------------------------------------
+// LARS and LAMB (issue 25).  One op per pass; the per-step values are host numbers, or device
+// tensors where given (lr_tensor / bias_corrections / ema_weight: the capturable and tensor-lr
+// steps, read by the kernels).  The per-tensor vectors (LARS' coefs, LAMB's sums accumulator and
+// step sizes) reach the kernels as one pointer per tensor in the pointer table (kernels.h).
+// ------------------------------------------------------------------------------------------
+// A per-tensor vector: `per` elements of `want` per parameter, contiguous, on the call's device.
+const void* per_tensor(const Checker& c, const Tensor& t, const char* name, size_t n, int64_t per,
+                       c10::ScalarType want) {
+  TORCH_CHECK(t.device() == c.device, c.op, ": ", name, " is on ", t.device(),
+              " but the parameters are on ", c.device);
+  TORCH_CHECK_TYPE(t.scalar_type() == want, c.op, ": ", name, " must be ", dtype_name(want),
+                   ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.is_contiguous() && t.numel() == int64_t(n) * per, c.op, ": ", name,
+              " must be a contiguous tensor of ", per, " element(s) per parameter (",
+              int64_t(n) * per, "), got ", t.numel(), " elements");
+  return t.const_data_ptr();
+}
+
+// The EMA count and weights of a call: host numbers, or the device tensor `ema_weight`.
+int64_t emas_of(const Checker& c, const std::vector<double>& ema_weights,
+                const c10::optional<Tensor>& ema_weight) {
+  const bool dev = ema_weight.has_value() && ema_weight->defined();
+  TORCH_CHECK(!(dev && !ema_weights.empty()), c.op, ": give ema_weights (numbers) or ema_weight "
+              "(a device tensor), not both");
+  return dev ? ema_weight->numel() : int64_t(ema_weights.size());
+}
+
+struct LarsCall {
+  Checker c;
+  LarsArgs a;
+  std::vector<TensorPtrs> ts;
+};
+
+#define EK_LARS_ARGS                                                                          \
+  at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,               \
+      at::TensorList emas, const Tensor& coefs, double lr, double momentum, double dampening, \
+      bool nesterov, bool maximize, bool first_step, std::vector<double> ema_weights,         \
+      const c10::optional<Tensor>& lr_tensor, const c10::optional<Tensor>& ema_weight,        \
+      const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf,       \
+      bool stochastic_rounding, int64_t sr_seed, int64_t sr_step,                             \
+      at::OptionalIntArrayRef sr_offsets
+
+LarsCall lars_prepare(EK_LARS_ARGS) {
+  LarsCall call{Checker{"lars_ema_"}, LarsArgs(), {}};
+  Checker& c = call.c;
+  c.params(params);
+  c.list(grads, params, "grads", true);
+  const bool has_buf = momentum != 0.0;
+  if (has_buf) c.list(momentum_buffers, params, "momentum_buffers", false);
+  const int64_t n_emas = emas_of(c, ema_weights, ema_weight);
+  c.ema_lists(emas, params, n_emas);
+  LarsArgs& a = call.a;
+  a.lr = lr;
+  a.n_emas = int(n_emas);
+  set_ema_weights(a.ema_w, ema_weights.data(), ema_weights.size());
+  a.momentum = momentum;
+  a.dampening = dampening;
+  a.nesterov = nesterov;
+  a.maximize = maximize;
+  a.first_step = first_step;
+  a.grad_scale = c.scalar(grad_scale, "grad_scale");
+  a.found_inf = c.scalar(found_inf, "found_inf");
+  call.ts = sgd_ptrs(params, grads, momentum_buffers, emas, has_buf, int(n_emas));
+  if (params.empty()) return call;
+  const float* rows = static_cast<const float*>(
+      per_tensor(c, coefs, "coefs", params.size(), 2, c10::ScalarType::Float));
+  for (size_t i = 0; i < call.ts.size(); ++i) call.ts[i].s1 = const_cast<float*>(rows + 2 * i);
+  a.sr = sr_prepare(c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    a.capturable = true;
+    a.cap.lr = c.scalar(*lr_tensor, "lr_tensor");
+    a.cap.ema_w = c.weights(ema_weight, n_emas);
+  } else {
+    TORCH_CHECK(!(ema_weight.has_value() && ema_weight->defined()), c.op, ": a device "
+                "ema_weight goes with a device lr (lr_tensor)");
+  }
+  return call;
+}
+
+struct LambCall {
+  Checker c;
+  LambArgs a;
+  std::vector<TensorPtrs> ts;
+};
+
+// The parts of both LAMB passes' arguments that are the same.
+void lamb_common(LambCall& call, at::TensorList params, at::TensorList exp_avgs,
+                 at::TensorList exp_avg_sqs, double eps, double weight_decay, double bc1,
+                 double bc2_sqrt, const c10::optional<Tensor>& bias_corrections,
+                 const c10::optional<Tensor>& found_inf) {
+  Checker& c = call.c;
+  c.list(exp_avgs, params, "exp_avgs", false);
+  c.list(exp_avg_sqs, params, "exp_avg_sqs", false);
+  LambArgs& a = call.a;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.bc1 = bc1;
+  a.bc2_sqrt = bc2_sqrt;
+  a.found_inf = c.scalar(found_inf, "found_inf");
+  if (bias_corrections.has_value() && bias_corrections->defined() && !params.empty())
+    a.bc = static_cast<const float*>(per_tensor(c, *bias_corrections, "bias_corrections", 1, 2,
+                                                c10::ScalarType::Float));
+}
+
+#define EK_LAMB_MOMENTS_ARGS                                                                  \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,                       \
+      at::TensorList exp_avg_sqs, const Tensor& sums, double beta1, double beta2, double eps, \
+      double weight_decay, bool maximize, double bias_correction1,                            \
+      double bias_correction2_sqrt, const c10::optional<Tensor>& bias_corrections,            \
+      const c10::optional<Tensor>& grad_scale, const c10::optional<Tensor>& found_inf
+
+LambCall lamb_moments_prepare(EK_LAMB_MOMENTS_ARGS) {
+  LambCall call{Checker{"lamb_moments_"}, LambArgs(), {}};
+  Checker& c = call.c;
+  c.params(params);
+  c.list(grads, params, "grads", true);
+  lamb_common(call, params, exp_avgs, exp_avg_sqs, eps, weight_decay, bias_correction1,
+              bias_correction2_sqrt, bias_corrections, found_inf);
+  LambArgs& a = call.a;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.maximize = maximize;
+  a.grad_scale = c.scalar(grad_scale, "grad_scale");
+  const at::TensorList none;
+  call.ts = adam_ptrs(params, grads, exp_avgs, exp_avg_sqs, none, none, false, 0);
+  if (params.empty()) return call;
+  double* rows = static_cast<double*>(const_cast<void*>(
+      per_tensor(c, sums, "sums", params.size(), 2, c10::ScalarType::Double)));
+  for (size_t i = 0; i < call.ts.size(); ++i)
+    call.ts[i].s2 = reinterpret_cast<float*>(rows + 2 * i);  // kernels.h lamb_sums_row
+  return call;
+}
+
+#define EK_LAMB_EMA_ARGS                                                                      \
+  at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,                 \
+      at::TensorList emas, const Tensor& step_sizes, double eps, double weight_decay,         \
+      double bias_correction1, double bias_correction2_sqrt, std::vector<double> ema_weights, \
+      const c10::optional<Tensor>& bias_corrections, const c10::optional<Tensor>& ema_weight, \
+      const c10::optional<Tensor>& found_inf, bool stochastic_rounding, int64_t sr_seed,      \
+      int64_t sr_step, at::OptionalIntArrayRef sr_offsets
+
+LambCall lamb_ema_prepare(EK_LAMB_EMA_ARGS) {
+  LambCall call{Checker{"lamb_ema_"}, LambArgs(), {}};
+  Checker& c = call.c;
+  c.params(params);
+  lamb_common(call, params, exp_avgs, exp_avg_sqs, eps, weight_decay, bias_correction1,
+              bias_correction2_sqrt, bias_corrections, found_inf);
+  const int64_t n_emas = emas_of(c, ema_weights, ema_weight);
+  c.ema_lists(emas, params, n_emas);
+  LambArgs& a = call.a;
+  a.n_emas = int(n_emas);
+  set_ema_weights(a.ema_w, ema_weights.data(), ema_weights.size());
+  // params stand in for the gradients (not read by pass 2)
+  call.ts = adam_ptrs(params, params, exp_avgs, exp_avg_sqs, at::TensorList(), emas, false,
+                      int(n_emas));
+  if (params.empty()) return call;
+  const float* steps = static_cast<const float*>(
+      per_tensor(c, step_sizes, "step_sizes", params.size(), 1, c10::ScalarType::Float));
+  for (size_t i = 0; i < call.ts.size(); ++i) {
+    call.ts[i].g = nullptr;
+    call.ts[i].s2 = const_cast<float*>(steps + i);
+  }
+  a.cap_ema_w = c.weights(ema_weight, n_emas);
+  a.sr = sr_prepare(c, call.ts, stochastic_rounding, sr_seed, sr_step, sr_offsets);
+  return call;
+}
+
+#define EK_LARS_FWD                                                                           \
+  params, grads, momentum_buffers, emas, coefs, lr, momentum, dampening, nesterov, maximize,  \
+      first_step, ema_weights, lr_tensor, ema_weight, grad_scale, found_inf,                  \
+      stochastic_rounding, sr_seed, sr_step, sr_offsets
+#define EK_LAMB_MOMENTS_FWD                                                                   \
+  params, grads, exp_avgs, exp_avg_sqs, sums, beta1, beta2, eps, weight_decay, maximize,      \
+      bias_correction1, bias_correction2_sqrt, bias_corrections, grad_scale, found_inf
+#define EK_LAMB_EMA_FWD                                                                       \
+  params, exp_avgs, exp_avg_sqs, emas, step_sizes, eps, weight_decay, bias_correction1,       \
+      bias_correction2_sqrt, ema_weights, bias_corrections, ema_weight, found_inf,            \
+      stochastic_rounding, sr_seed, sr_step, sr_offsets
+
+#ifndef EK_CUDA_EMULATION
+void lars_ema_cpu_impl(EK_LARS_ARGS) {
+  LarsCall call = lars_prepare(EK_LARS_FWD);
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  lars_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
+}
+void lamb_moments_cpu_impl(EK_LAMB_MOMENTS_ARGS) {
+  LambCall call = lamb_moments_prepare(EK_LAMB_MOMENTS_FWD);
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  lamb_moments_cpu(call.ts, call.c.kernel_dtype(), call.a);
+}
+void lamb_ema_cpu_impl(EK_LAMB_EMA_ARGS) {
+  LambCall call = lamb_ema_prepare(EK_LAMB_EMA_FWD);
+  if (call.ts.empty()) return;
+  expect_device(call.c, c10::kCPU, "CPU");
+  lamb_ema_cpu(call.ts, call.c.kernel_dtype(), call.a);
+}
+#endif
+#ifdef EK_CUDA_KERNELS
+void lars_ema_cuda_impl(EK_LARS_ARGS) {
+  LarsCall call = lars_prepare(EK_LARS_FWD);
+  if (call.ts.empty()) return;
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return lars_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, device, stream);
+  });
+}
+void lamb_moments_cuda_impl(EK_LAMB_MOMENTS_ARGS) {
+  LambCall call = lamb_moments_prepare(EK_LAMB_MOMENTS_FWD);
+  if (call.ts.empty()) return;
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return lamb_moments_cuda(call.ts, call.c.kernel_dtype(), call.a, device, stream);
+  });
+}
+void lamb_ema_cuda_impl(EK_LAMB_EMA_ARGS) {
+  LambCall call = lamb_ema_prepare(EK_LAMB_EMA_FWD);
+  if (call.ts.empty()) return;
+  cuda_launch(call.c, [&](int device, void* stream) {
+    return lamb_ema_cuda(call.ts, call.c.kernel_dtype(), call.a, device, stream);
+  });
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
 // EMA only
 // ------------------------------------------------------------------------------------------
 struct EmaCall {
@@ -691,7 +915,8 @@ void emu_configure_op(int64_t chunk, int64_t sm_count, int64_t blocks_per_sm, in
 std::vector<int64_t> emu_stats_op() {
   const EmuStats s = emu_stats();
   return {s.launches,   s.blocks,        s.occupancy_queries, s.bytes_read,
-          s.bytes_written, s.bytes_vector, s.arg_reads,        s.table_uploads};
+          s.bytes_written, s.bytes_vector, s.arg_reads,        s.table_uploads,
+          s.atomics};
 }
 
 std::vector<int64_t> emu_flat_walk_op(int64_t n, int64_t elem_bytes, bool aligned, int64_t grid,
@@ -815,6 +1040,25 @@ EK_TORCH_LIBRARY(EK_OPS_NS, m) {
       "bool maximize, Tensor? ema_weight, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "bool stochastic_rounding=False, int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) "
       "-> ()");
+  m.def(
+      "lars_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] emas, *, Tensor coefs, float lr, float momentum, float dampening, "
+      "bool nesterov, bool maximize, bool first_step, float[] ema_weights, "
+      "Tensor? lr_tensor=None, Tensor? ema_weight=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, bool stochastic_rounding=False, int sr_seed=0, int sr_step=0, "
+      "int[]? sr_offsets=None) -> ()");
+  m.def(
+      "lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, "
+      "Tensor(b!)[] exp_avg_sqs, Tensor(c!) sums, *, float beta1, float beta2, float eps, "
+      "float weight_decay, bool maximize, float bias_correction1, float bias_correction2_sqrt, "
+      "Tensor? bias_corrections=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "lamb_ema_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor(b!)[] emas, *, Tensor step_sizes, float eps, float weight_decay, "
+      "float bias_correction1, float bias_correction2_sqrt, float[] ema_weights, "
+      "Tensor? bias_corrections=None, Tensor? ema_weight=None, Tensor? found_inf=None, "
+      "bool stochastic_rounding=False, int sr_seed=0, int sr_step=0, int[]? sr_offsets=None) "
+      "-> ()");
   m.def("build_info() -> str", &ek::build_info);
   m.def("sr_round(Tensor x, bool half, int seed, int step, int base) -> Tensor",
         &ek::sr_round_op);
@@ -839,6 +1083,9 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
   m.impl("ema_only_", &ek::ema_only_cuda_impl);
   m.impl("lion_ema_", &ek::lion_ema_cuda_impl);
   m.impl("lion_ema_capturable_", &ek::lion_ema_capturable_cuda_impl);
+  m.impl("lars_ema_", &ek::lars_ema_cuda_impl);
+  m.impl("lamb_moments_", &ek::lamb_moments_cuda_impl);
+  m.impl("lamb_ema_", &ek::lamb_ema_cuda_impl);
 }
 #else
 EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
@@ -849,6 +1096,9 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CPU, m) {
   m.impl("ema_only_", &ek::ema_only_cpu_impl);
   m.impl("lion_ema_", &ek::lion_ema_cpu_impl);
   m.impl("lion_ema_capturable_", &ek::lion_ema_capturable_cpu_impl);
+  m.impl("lars_ema_", &ek::lars_ema_cpu_impl);
+  m.impl("lamb_moments_", &ek::lamb_moments_cpu_impl);
+  m.impl("lamb_ema_", &ek::lamb_ema_cpu_impl);
 }
 #endif
 
@@ -861,6 +1111,9 @@ EK_TORCH_LIBRARY_IMPL(EK_OPS_NS, CUDA, m) {
   m.impl("ema_only_", &ek::ema_only_cuda_impl);
   m.impl("lion_ema_", &ek::lion_ema_cuda_impl);
   m.impl("lion_ema_capturable_", &ek::lion_ema_capturable_cuda_impl);
+  m.impl("lars_ema_", &ek::lars_ema_cuda_impl);
+  m.impl("lamb_moments_", &ek::lamb_moments_cuda_impl);
+  m.impl("lamb_ema_", &ek::lamb_ema_cuda_impl);
 }
 #endif
 

@@ -180,13 +180,16 @@ struct Stats {
   std::atomic<int64_t> arg_reads{0};
   // List launches whose work table was copied host -> "device" (fused_cuda.cu's run_list).
   std::atomic<int64_t> table_uploads{0};
+  // atomicAdd calls (LAMB's per-tensor sums: a thread's partials into the tensor's row), counted
+  // apart from the update's bytes.
+  std::atomic<int64_t> atomics{0};
 };
 inline Stats stats;
 
 // The traffic of the launch running on this host thread, added to `stats` when it ends (one
 // atomic add per counter and launch, not per access).
 struct Traffic {
-  int64_t read = 0, written = 0, vector = 0, args = 0;
+  int64_t read = 0, written = 0, vector = 0, args = 0, atomics = 0;
 };
 inline thread_local Traffic traffic;
 inline void count_read(int64_t bytes, bool vector) {
@@ -198,6 +201,7 @@ inline void count_write(int64_t bytes, bool vector) {
   if (vector) traffic.vector += bytes;
 }
 inline void count_arg_read() { ++traffic.args; }
+inline void count_atomic() { ++traffic.atomics; }
 
 // 0: blocks and threads run in order.  Otherwise the seed of a random order of the blocks and
 // of the threads within each block (a fresh permutation per launch).
@@ -265,6 +269,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
       stats.bytes_written.fetch_add(traffic.written, std::memory_order_relaxed);
       stats.bytes_vector.fetch_add(traffic.vector, std::memory_order_relaxed);
       stats.arg_reads.fetch_add(traffic.args, std::memory_order_relaxed);
+      stats.atomics.fetch_add(traffic.atomics, std::memory_order_relaxed);
       traffic = Traffic();
     }
   } flush;
@@ -286,6 +291,15 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
 }
 
 }  // namespace ek_emu
+
+// atomicAdd on global memory: a launch runs on one host thread, one emulated thread at a time,
+// so a plain read-modify-write is atomic here; counted (ek_emu::stats.atomics).
+inline double atomicAdd(double* address, double val) {
+  ek_emu::count_atomic();
+  const double old = *address;
+  *address = old + val;
+  return old;
+}
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = ek_emu::last_error;

@@ -323,3 +323,220 @@ inline LionRangeFn lion_fn(DType dt, int nz, bool wd, bool scale, bool sr) {
   }
   return nullptr;
 }
+
+// ---- LARS (issue 25): SGD's loop on the trust-ratio-scaled direction ----
+template <bool SCALE, bool NESTEROV>
+struct StaticLarsCfg {
+  static constexpr bool has_scale = SCALE;
+  static constexpr bool nesterov = NESTEROV;
+};
+
+template <class S, int MODE, int NZ, bool SCALE, bool NESTEROV>
+void lars_loop(typename S::raw* __restrict p, const typename S::raw* __restrict g,
+               float* __restrict buf, float* __restrict z0, float* __restrict z1,
+               float* __restrict z2, float* __restrict z3, int64_t n, const SgdScalars s,
+               const LarsCoef c, const float scale, const uint64_t idx0) {
+  using R = typename S::raw;
+  const StaticLarsCfg<SCALE, NESTEROV> cfg;
+  const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
+  for (int64_t i = 0; i < n; ++i) {
+    R pi = p[i];
+    float bi = MODE == kMomentum ? buf[i] : 0.0f;
+    float zi[kMaxEmas];
+    if (NZ > 0) zi[0] = z0[i];
+    if (NZ > 1) zi[1] = z1[i];
+    if (NZ > 2) zi[2] = z2[i];
+    if (NZ > 3) zi[3] = z3[i];
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
+    lars_ema_element<S, MODE, NZ>(pi, g[i], bi, zi, s, c, scale, cfg, rb);
+    p[i] = pi;
+    if (MODE != kNoMomentum) buf[i] = bi;
+    if (NZ > 0) z0[i] = zi[0];
+    if (NZ > 1) z1[i] = zi[1];
+    if (NZ > 2) z2[i] = zi[2];
+    if (NZ > 3) z3[i] = zi[3];
+  }
+}
+
+template <class S, int MODE, int NZ, bool SCALE, bool NESTEROV>
+void lars_range(const TensorPtrs& t, int64_t a, int64_t b, const SgdScalars& s, float scale) {
+  using R = typename S::raw;
+  const LarsCoef c{t.s1[0], t.s1[1]};  // the tensor's row of coefs
+  lars_loop<S, MODE, NZ, SCALE, NESTEROV>(
+      static_cast<R*>(t.p) + a, static_cast<const R*>(t.g) + a,
+      MODE != kNoMomentum ? t.s0 + a : nullptr, ema_at<NZ>(t, 0, a), ema_at<NZ>(t, 1, a),
+      ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a, s, c, scale, uint64_t(t.sr_base + a));
+}
+
+template <class S, int MODE, bool NESTEROV, int NZ>
+SgdRangeFn lars_pick_nz(bool scale) {
+  return scale ? &lars_range<S, MODE, NZ, true, NESTEROV>
+               : &lars_range<S, MODE, NZ, false, NESTEROV>;
+}
+
+template <class S, int MODE, bool NESTEROV>
+SgdRangeFn lars_pick_mode(int nz, bool scale) {
+  switch (nz) {
+    case 0: return lars_pick_nz<S, MODE, NESTEROV, 0>(scale);
+    case 1: return lars_pick_nz<S, MODE, NESTEROV, 1>(scale);
+    case 2: return lars_pick_nz<S, MODE, NESTEROV, 2>(scale);
+    case 3: return lars_pick_nz<S, MODE, NESTEROV, 3>(scale);
+    case 4: return lars_pick_nz<S, MODE, NESTEROV, 4>(scale);
+  }
+  return nullptr;
+}
+
+template <class S>
+SgdRangeFn lars_pick(int mode, bool nesterov, int nz, bool scale) {
+  if (mode == kNoMomentum) return lars_pick_mode<S, kNoMomentum, false>(nz, scale);
+  if (mode == kFirstStep)
+    return nesterov ? lars_pick_mode<S, kFirstStep, true>(nz, scale)
+                    : lars_pick_mode<S, kFirstStep, false>(nz, scale);
+  return nesterov ? lars_pick_mode<S, kMomentum, true>(nz, scale)
+                  : lars_pick_mode<S, kMomentum, false>(nz, scale);
+}
+
+inline SgdRangeFn lars_fn(DType dt, int mode, bool nesterov, int nz, bool scale, bool sr) {
+  switch (dt) {
+    case DType::kF32: return lars_pick<F32>(mode, nesterov, nz, scale);
+    case DType::kBF16:
+      return sr ? lars_pick<BF16SR>(mode, nesterov, nz, scale)
+                : lars_pick<BF16>(mode, nesterov, nz, scale);
+    case DType::kF16:
+      return sr ? lars_pick<F16SR>(mode, nesterov, nz, scale)
+                : lars_pick<F16>(mode, nesterov, nz, scale);
+  }
+  return nullptr;
+}
+
+// ---- LAMB (issue 25) ----
+template <bool WD, bool SCALE>
+struct StaticLambCfg {
+  static constexpr bool wd = WD;
+  static constexpr bool has_scale = SCALE;
+};
+
+// Pass 1 over n elements: m, v updated in place; out[0] += sum theta^2, out[1] += sum r^2 of
+// these elements, in float64 (each square exact).  The summation order (fixed, whatever the
+// thread count): per sub-block of kLambBlock elements the elementwise loop (vectorised) keeps
+// theta and r, then element j of the range goes to partial sum j mod 4 (the range's last n mod 4
+// elements to partial 0), the partials combined as (p0 + p1) + (p2 + p3).
+constexpr int kLambBlock = 256;
+
+template <class S, bool WD, bool SCALE>
+void lamb_moments_loop(const typename S::raw* __restrict p, const typename S::raw* __restrict g,
+                       float* __restrict m, float* __restrict v, int64_t n,
+                       const LambScalars s, const float scale, double* out) {
+  const StaticLambCfg<WD, SCALE> cfg;
+  float th[kLambBlock], rr[kLambBlock];
+  double a[4] = {0.0, 0.0, 0.0, 0.0}, b[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t i0 = 0; i0 < n; i0 += kLambBlock) {
+    const int nb = int(n - i0 < kLambBlock ? n - i0 : kLambBlock);
+    for (int j = 0; j < nb; ++j) {
+      const float t = S::load(p[i0 + j]);
+      float mi = m[i0 + j], vi = v[i0 + j];
+      rr[j] = lamb_moments_update(t, S::load(g[i0 + j]), mi, vi, s, scale, cfg);
+      m[i0 + j] = mi;
+      v[i0 + j] = vi;
+      th[j] = t;
+    }
+    int j = 0;
+    for (; j + 4 <= nb; j += 4) {
+      for (int k = 0; k < 4; ++k) {
+        a[k] += double(th[j + k]) * double(th[j + k]);
+        b[k] += double(rr[j + k]) * double(rr[j + k]);
+      }
+    }
+    for (; j < nb; ++j) {
+      a[0] += double(th[j]) * double(th[j]);
+      b[0] += double(rr[j]) * double(rr[j]);
+    }
+  }
+  out[0] = (a[0] + a[1]) + (a[2] + a[3]);
+  out[1] = (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+template <class S, bool WD, bool SCALE>
+void lamb_moments_range(const TensorPtrs& t, int64_t a, int64_t b, const LambScalars& s,
+                        float scale, double* out) {
+  using R = typename S::raw;
+  lamb_moments_loop<S, WD, SCALE>(static_cast<const R*>(t.p) + a, static_cast<const R*>(t.g) + a,
+                                  t.s0 + a, t.s1 + a, b - a, s, scale, out);
+}
+
+template <class S>
+LambMomentsRangeFn lamb_moments_pick(bool wd, bool scale) {
+  switch ((wd << 1) | int(scale)) {
+#define EK_CASE(W, C) \
+  case (W << 1) | C: return &lamb_moments_range<S, W, C>;
+    EK_CASE(0, 0) EK_CASE(0, 1) EK_CASE(1, 0) EK_CASE(1, 1)
+#undef EK_CASE
+  }
+  return nullptr;
+}
+
+inline LambMomentsRangeFn lamb_moments_fn(DType dt, bool wd, bool scale) {
+  switch (dt) {
+    case DType::kF32: return lamb_moments_pick<F32>(wd, scale);
+    case DType::kBF16: return lamb_moments_pick<BF16>(wd, scale);
+    case DType::kF16: return lamb_moments_pick<F16>(wd, scale);
+  }
+  return nullptr;
+}
+
+// Pass 2.
+template <class S, int NZ, bool WD>
+void lamb_ema_loop(typename S::raw* __restrict p, const float* __restrict m,
+                   const float* __restrict v, float* __restrict z0, float* __restrict z1,
+                   float* __restrict z2, float* __restrict z3, int64_t n, const LambScalars s,
+                   const float neg_step, const uint64_t idx0) {
+  using R = typename S::raw;
+  const StaticLambCfg<WD, false> cfg;
+  const SrKey key = sr_key_of(s);
+  const SrRun run = sr_run(key, idx0);
+  for (int64_t i = 0; i < n; ++i) {
+    R pi = p[i];
+    float zi[kMaxEmas];
+    if (NZ > 0) zi[0] = z0[i];
+    if (NZ > 1) zi[1] = z1[i];
+    if (NZ > 2) zi[2] = z2[i];
+    if (NZ > 3) zi[3] = z3[i];
+    const uint32_t rb = S::kStochastic ? sr_bits_at(key, run, uint32_t(i)) : 0u;
+    lamb_ema_element<S, NZ>(pi, m[i], v[i], zi, s, neg_step, cfg, rb);
+    p[i] = pi;
+    if (NZ > 0) z0[i] = zi[0];
+    if (NZ > 1) z1[i] = zi[1];
+    if (NZ > 2) z2[i] = zi[2];
+    if (NZ > 3) z3[i] = zi[3];
+  }
+}
+
+template <class S, int NZ, bool WD>
+void lamb_ema_range(const TensorPtrs& t, int64_t a, int64_t b, const LambScalars& s) {
+  using R = typename S::raw;
+  const float neg_step = -t.s2[0];  // the tensor's lr * trust ratio
+  lamb_ema_loop<S, NZ, WD>(static_cast<R*>(t.p) + a, t.s0 + a, t.s1 + a, ema_at<NZ>(t, 0, a),
+                           ema_at<NZ>(t, 1, a), ema_at<NZ>(t, 2, a), ema_at<NZ>(t, 3, a), b - a,
+                           s, neg_step, uint64_t(t.sr_base + a));
+}
+
+template <class S>
+LambEmaRangeFn lamb_ema_pick(int nz, bool wd) {
+  switch (nz) {
+#define EK_CASE(N) \
+  case N: return wd ? &lamb_ema_range<S, N, true> : &lamb_ema_range<S, N, false>;
+    EK_CASE(0) EK_CASE(1) EK_CASE(2) EK_CASE(3) EK_CASE(4)
+#undef EK_CASE
+  }
+  return nullptr;
+}
+
+inline LambEmaRangeFn lamb_ema_fn(DType dt, int nz, bool wd, bool sr) {
+  switch (dt) {
+    case DType::kF32: return lamb_ema_pick<F32>(nz, wd);
+    case DType::kBF16: return sr ? lamb_ema_pick<BF16SR>(nz, wd) : lamb_ema_pick<BF16>(nz, wd);
+    case DType::kF16: return sr ? lamb_ema_pick<F16SR>(nz, wd) : lamb_ema_pick<F16>(nz, wd);
+  }
+  return nullptr;
+}

@@ -987,6 +987,7 @@ EmuStats emu_stats() {
   s.bytes_vector = ek_emu::stats.bytes_vector.load();
   s.arg_reads = ek_emu::stats.arg_reads.load();
   s.table_uploads = ek_emu::stats.table_uploads.load();
+  s.atomics = ek_emu::stats.atomics.load();
   return s;
 }
 
@@ -1232,6 +1233,385 @@ const char* lion_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
     case DType::kF16:
       return sr ? lion_dispatch<F16SR>(ts, k, a.n_emas, device, st)
                 : lion_dispatch<F16>(ts, k, a.n_emas, device, st);
+  }
+  return "unsupported dtype";
+}
+
+// ==========================================================================================
+// LARS and LAMB (issue 25).  Per-tensor values (LARS' (ratio, wd) row, LAMB's step size and
+// sums row) come through the pointer table's spare state slots (kernels.h LarsArgs/LambArgs),
+// read once per span through ld_arg: the list machinery (ListMeta, run<Op>) is Adam's as is.
+// ==========================================================================================
+namespace {
+
+// LARS: one pass, read theta g buf z, write theta buf z; SGD's scalars.
+struct LarsKArgs {
+  SgdScalars s;
+  LarsConfig cfg;
+  const float* grad_scale;
+  const float* found_inf;
+  CapturablePtrs cap;
+  double momentum, dampening;
+  bool maximize;
+};
+
+static_assert(sizeof(LarsKArgs) <= sizeof(AdamKArgs), "the Adam launch has the largest arguments");
+
+template <class S, int MODE, int NZ>
+struct LarsOp {
+  using Args = LarsKArgs;
+  using Scalars = SgdLaunch;
+  using R = typename S::raw;
+  static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = NZ;
+  static constexpr bool kSR = S::kStochastic;
+
+  __device__ static __forceinline__ bool prologue(const LarsKArgs& a, SgdLaunch& l) {
+    if (a.found_inf != nullptr && ld_arg(a.found_inf) != 0.0f) return false;
+    l.s = a.s;
+    if (a.cap.lr != nullptr) {
+      l.s = make_sgd_scalars(double(ld_arg(a.cap.lr)), a.momentum, a.dampening, 0.0, a.maximize,
+                             ema_weights_arg(a.cap.ema_w, NZ));
+      l.s.sr_k0 = a.s.sr_k0;
+      l.s.sr_k1 = a.s.sr_k1;
+    }
+    l.gs = a.grad_scale != nullptr ? ld_arg(a.grad_scale) : 1.0f;
+    return true;
+  }
+
+  __device__ static __forceinline__ void span(const Span& sp, const SgdLaunch& l,
+                                              const LarsKArgs& a) {
+    constexpr int N = kVec;
+    constexpr bool kBuf = MODE != kNoMomentum;
+    R* __restrict__ p = static_cast<R*>(sp.t.p);
+    const R* __restrict__ g = static_cast<const R*>(sp.t.g);
+    float* __restrict__ b = sp.t.s0;
+    float* const* z = sp.t.z;
+    const int64_t lo = sp.lo;
+    const LarsCoef c{ld_arg(sp.t.s1), ld_arg(sp.t.s1 + 1)};  // the tensor's (ratio, wd)
+    const bool vec = aligned16(p + lo) && aligned16(g + lo) && (!kBuf || aligned16(b + lo)) &&
+                     emas_aligned16<NZ>(sp.t, lo);
+    const SgdScalars& s = l.s;
+    const float gs = l.gs;
+    const LarsConfig& cfg = a.cfg;
+    const SrKey key = sr_key_of(s);
+    const uint64_t base = uint64_t(sp.t.sr_base);
+    walk<N>(
+        sp, vec,
+        [&](int64_t i) {
+          R rp[N], rg[N];
+          float rb[N], rz[kMaxEmas][N];
+          load_vec(rp, p + i);
+          load_vec(rg, g + i);
+          if (MODE == kMomentum) load_vec(rb, b + i);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) load_vec(rz[e], z[e] + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            float ze[kMaxEmas];
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
+            const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i + k)) : 0u;
+            lars_ema_element<S, MODE, NZ>(rp[k], rg[k], rb[k], ze, s, c, gs, cfg, rr);
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
+          }
+          store_vec(p + i, rp);
+          if (kBuf) store_vec(b + i, rb);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
+        },
+        [&](int64_t i) {
+          R rp = ld(p + i);
+          float rb = MODE == kMomentum ? ld(b + i) : 0.0f, ze[kMaxEmas];
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) ze[e] = ld(z[e] + i);
+          const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
+          lars_ema_element<S, MODE, NZ>(rp, ld(g + i), rb, ze, s, c, gs, cfg, rr);
+          st(p + i, rp);
+          if (kBuf) st(b + i, rb);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) st(z[e] + i, ze[e]);
+        });
+  }
+};
+
+template <class S, int MODE>
+const char* lars_dispatch_mode(const std::vector<TensorPtrs>& ts, const LarsKArgs& k, int nz,
+                               int device, cudaStream_t st) {
+  switch (nz) {
+    case 0: return run<LarsOp<S, MODE, 0>>(ts, k, device, st);
+    case 1: return run<LarsOp<S, MODE, 1>>(ts, k, device, st);
+    case 2: return run<LarsOp<S, MODE, 2>>(ts, k, device, st);
+    case 3: return run<LarsOp<S, MODE, 3>>(ts, k, device, st);
+    case 4: return run<LarsOp<S, MODE, 4>>(ts, k, device, st);
+  }
+  return "more EMAs than the kernels update in one pass (kMaxEmas)";
+}
+
+template <class S>
+const char* lars_dispatch(const std::vector<TensorPtrs>& ts, const LarsKArgs& k, int mode,
+                          int nz, int device, cudaStream_t st) {
+  switch (mode) {
+    case kNoMomentum: return lars_dispatch_mode<S, kNoMomentum>(ts, k, nz, device, st);
+    case kFirstStep: return lars_dispatch_mode<S, kFirstStep>(ts, k, nz, device, st);
+    default: return lars_dispatch_mode<S, kMomentum>(ts, k, nz, device, st);
+  }
+}
+
+// LAMB.
+struct LambKArgs {
+  LambScalars s;
+  LambConfig cfg;
+  const float* grad_scale;
+  const float* found_inf;
+  const float* bc;         // device (1 - beta1^t, sqrt(1 - beta2^t)), or nullptr
+  const float* cap_ema_w;  // device EMA weights (pass 2), or nullptr
+};
+
+static_assert(sizeof(LambKArgs) <= sizeof(AdamKArgs), "the Adam launch has the largest arguments");
+
+struct LambLaunch {
+  LambScalars s;
+  float gs;
+};
+
+template <int NZ>
+__device__ __forceinline__ bool lamb_prologue(const LambKArgs& a, LambLaunch& l) {
+  if (a.found_inf != nullptr && ld_arg(a.found_inf) != 0.0f) return false;
+  l.s = a.s;
+  if (a.bc != nullptr) {
+    l.s.bc1 = ld_arg(a.bc);
+    l.s.bc2_sqrt = ld_arg(a.bc + 1);
+  }
+  if (a.cap_ema_w != nullptr) l.s.ema = ema_weights_arg(a.cap_ema_w, NZ);
+  l.gs = a.grad_scale != nullptr ? ld_arg(a.grad_scale) : 1.0f;
+  return true;
+}
+
+// Pass 1: read theta g m v, write m v; each thread sums theta^2 and r^2 of its elements in
+// float64 (every square exact) and adds its two partials to the tensor's row of the float64
+// accumulator with one atomicAdd each (no block-level reduction: it would need __syncthreads,
+// which the emulation cannot honour, so the emulated kernel is the GPU's).  The order of the
+// atomics is the hardware's: the sums are exact to float64 rounding, not bit-reproducible;
+// rounded to float32 (the launcher's result) they agree with the CPU twin's except where a
+// float64 sum lies within its last bits of a float32 rounding boundary.
+template <class S>
+struct LambMomentsOp {
+  using Args = LambKArgs;
+  using Scalars = LambLaunch;
+  using R = typename S::raw;
+  static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = 0;
+  static constexpr bool kSR = false;
+
+  __device__ static __forceinline__ bool prologue(const LambKArgs& a, LambLaunch& l) {
+    return lamb_prologue<0>(a, l);
+  }
+
+  __device__ static __forceinline__ void span(const Span& sp, const LambLaunch& l,
+                                              const LambKArgs& a) {
+    constexpr int N = kVec;
+    const R* __restrict__ p = static_cast<const R*>(sp.t.p);
+    const R* __restrict__ g = static_cast<const R*>(sp.t.g);
+    float* __restrict__ m = sp.t.s0;
+    float* __restrict__ v = sp.t.s1;
+    const int64_t lo = sp.lo;
+    const bool vec = aligned16(p + lo) && aligned16(g + lo) && aligned16(m + lo) &&
+                     aligned16(v + lo);
+    const LambScalars& s = l.s;
+    const float gs = l.gs;
+    const LambConfig& cfg = a.cfg;
+    double sum_p = 0.0, sum_r = 0.0;
+    bool any = false;
+    walk<N>(
+        sp, vec,
+        [&](int64_t i) {
+          R rp[N], rg[N];
+          float rm[N], rv[N];
+          load_vec(rp, p + i);
+          load_vec(rg, g + i);
+          load_vec(rm, m + i);
+          load_vec(rv, v + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            const float th = S::load(rp[k]);
+            const float r = lamb_moments_update(th, S::load(rg[k]), rm[k], rv[k], s, gs, cfg);
+            sum_p += double(th) * double(th);
+            sum_r += double(r) * double(r);
+          }
+          store_vec(m + i, rm);
+          store_vec(v + i, rv);
+          any = true;
+        },
+        [&](int64_t i) {
+          float rm = ld(m + i), rv = ld(v + i);
+          const float th = S::load(ld(p + i));
+          const float r = lamb_moments_update(th, S::load(ld(g + i)), rm, rv, s, gs, cfg);
+          st(m + i, rm);
+          st(v + i, rv);
+          sum_p += double(th) * double(th);
+          sum_r += double(r) * double(r);
+          any = true;
+        });
+    if (any) {
+      double* row = lamb_sums_row(sp.t);
+      atomicAdd(row, sum_p);
+      atomicAdd(row + 1, sum_r);
+    }
+  }
+};
+
+// Pass 2: read theta m v z, write theta z; r recomputed (bit for bit pass 1's).
+template <class S, int NZ>
+struct LambEmaOp {
+  using Args = LambKArgs;
+  using Scalars = LambLaunch;
+  using R = typename S::raw;
+  static constexpr int kVec = 16 / int(sizeof(R));
+  static constexpr int kEmas = NZ;
+  static constexpr bool kSR = S::kStochastic;
+
+  __device__ static __forceinline__ bool prologue(const LambKArgs& a, LambLaunch& l) {
+    return lamb_prologue<NZ>(a, l);
+  }
+
+  __device__ static __forceinline__ void span(const Span& sp, const LambLaunch& l,
+                                              const LambKArgs& a) {
+    constexpr int N = kVec;
+    R* __restrict__ p = static_cast<R*>(sp.t.p);
+    const float* __restrict__ m = sp.t.s0;
+    const float* __restrict__ v = sp.t.s1;
+    float* const* z = sp.t.z;
+    const int64_t lo = sp.lo;
+    const float neg_step = -ld_arg(sp.t.s2);  // -(lr * the tensor's trust ratio)
+    const bool vec = aligned16(p + lo) && aligned16(m + lo) && aligned16(v + lo) &&
+                     emas_aligned16<NZ>(sp.t, lo);
+    const LambScalars& s = l.s;
+    const LambConfig& cfg = a.cfg;
+    const SrKey key = sr_key_of(s);
+    const uint64_t base = uint64_t(sp.t.sr_base);
+    walk<N>(
+        sp, vec,
+        [&](int64_t i) {
+          R rp[N];
+          float rm[N], rv[N], rz[kMaxEmas][N];
+          load_vec(rp, p + i);
+          load_vec(rm, m + i);
+          load_vec(rv, v + i);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) load_vec(rz[e], z[e] + i);
+#pragma unroll
+          for (int k = 0; k < N; ++k) {
+            float ze[kMaxEmas];
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) ze[e] = rz[e][k];
+            const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i + k)) : 0u;
+            lamb_ema_element<S, NZ>(rp[k], rm[k], rv[k], ze, s, neg_step, cfg, rr);
+#pragma unroll
+            for (int e = 0; e < NZ; ++e) rz[e][k] = ze[e];
+          }
+          store_vec(p + i, rp);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
+        },
+        [&](int64_t i) {
+          R rp = ld(p + i);
+          float ze[kMaxEmas];
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) ze[e] = ld(z[e] + i);
+          const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
+          lamb_ema_element<S, NZ>(rp, ld(m + i), ld(v + i), ze, s, neg_step, cfg, rr);
+          st(p + i, rp);
+#pragma unroll
+          for (int e = 0; e < NZ; ++e) st(z[e] + i, ze[e]);
+        });
+  }
+};
+
+template <class S>
+const char* lamb_ema_dispatch(const std::vector<TensorPtrs>& ts, const LambKArgs& k, int nz,
+                              int device, cudaStream_t st) {
+  switch (nz) {
+    case 0: return run<LambEmaOp<S, 0>>(ts, k, device, st);
+    case 1: return run<LambEmaOp<S, 1>>(ts, k, device, st);
+    case 2: return run<LambEmaOp<S, 2>>(ts, k, device, st);
+    case 3: return run<LambEmaOp<S, 3>>(ts, k, device, st);
+    case 4: return run<LambEmaOp<S, 4>>(ts, k, device, st);
+  }
+  return "more EMAs than the kernels update in one pass (kMaxEmas)";
+}
+
+LambKArgs lamb_kargs(const LambArgs& a) {
+  LambKArgs k;
+  k.s = make_lamb_scalars(a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize, a.bc1,
+                          a.bc2_sqrt, make_ema_weights(a.ema_w, a.n_emas));
+  k.cfg.wd = a.weight_decay != 0.0;
+  k.cfg.has_scale = a.grad_scale != nullptr;
+  k.grad_scale = a.grad_scale;
+  k.found_inf = a.found_inf;
+  k.bc = a.bc;
+  k.cap_ema_w = a.cap_ema_w;
+  set_sr_key(k.s, a.sr);
+  return k;
+}
+
+}  // namespace
+
+const char* lars_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const LarsArgs& a,
+                          int device, void* stream) {
+  LarsKArgs k;
+  k.s = make_sgd_scalars(a.lr, a.momentum, a.dampening, 0.0, a.maximize,
+                         make_ema_weights(a.ema_w, a.n_emas));
+  const int mode = a.momentum == 0.0 ? kNoMomentum : (a.first_step ? kFirstStep : kMomentum);
+  k.cfg.has_scale = a.grad_scale != nullptr;
+  k.cfg.nesterov = mode != kNoMomentum && a.nesterov;
+  k.grad_scale = a.grad_scale;
+  k.found_inf = a.found_inf;
+  k.cap = a.capturable ? a.cap : CapturablePtrs();
+  k.momentum = a.momentum;
+  k.dampening = a.dampening;
+  k.maximize = a.maximize;
+  set_sr_key(k.s, a.sr);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool sr = a.sr.on;
+  switch (dtype) {
+    case DType::kF32: return lars_dispatch<F32>(ts, k, mode, a.n_emas, device, st);
+    case DType::kBF16:
+      return sr ? lars_dispatch<BF16SR>(ts, k, mode, a.n_emas, device, st)
+                : lars_dispatch<BF16>(ts, k, mode, a.n_emas, device, st);
+    case DType::kF16:
+      return sr ? lars_dispatch<F16SR>(ts, k, mode, a.n_emas, device, st)
+                : lars_dispatch<F16>(ts, k, mode, a.n_emas, device, st);
+  }
+  return "unsupported dtype";
+}
+
+const char* lamb_moments_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const LambArgs& a,
+                              int device, void* stream) {
+  const LambKArgs k = lamb_kargs(a);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kF32: return run<LambMomentsOp<F32>>(ts, k, device, st);
+    case DType::kBF16: return run<LambMomentsOp<BF16>>(ts, k, device, st);
+    case DType::kF16: return run<LambMomentsOp<F16>>(ts, k, device, st);
+  }
+  return "unsupported dtype";
+}
+
+const char* lamb_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const LambArgs& a,
+                          int device, void* stream) {
+  const LambKArgs k = lamb_kargs(a);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool sr = a.sr.on;
+  switch (dtype) {
+    case DType::kF32: return lamb_ema_dispatch<F32>(ts, k, a.n_emas, device, st);
+    case DType::kBF16:
+      return sr ? lamb_ema_dispatch<BF16SR>(ts, k, a.n_emas, device, st)
+                : lamb_ema_dispatch<BF16>(ts, k, a.n_emas, device, st);
+    case DType::kF16:
+      return sr ? lamb_ema_dispatch<F16SR>(ts, k, a.n_emas, device, st)
+                : lamb_ema_dispatch<F16>(ts, k, a.n_emas, device, st);
   }
   return "unsupported dtype";
 }

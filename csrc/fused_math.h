@@ -372,6 +372,20 @@ EK_HD SgdScalars make_sgd_scalars(double lr, double momentum, double dampening, 
   return s;
 }
 
+// torch.optim.SGD's momentum, dampening, Nesterov and the parameter update on the direction d
+// (shared by SGD and LARS, whose d is the trust-ratio-scaled gradient).
+template <int MODE, class Cfg>
+EK_HD float sgd_momentum_step(float theta, float d, float& buf, const SgdScalars& s,
+                              const Cfg& cfg) {
+  if (MODE == kFirstStep) {
+    buf = d;                             // buf.copy_(d)
+  } else if (MODE == kMomentum) {
+    buf = ffma(d, s.one_minus_dampening, fmul(buf, s.momentum));  // buf.mul_(m).add_(d, alpha)
+  }
+  if (MODE != kNoMomentum) d = cfg.nesterov ? ffma(buf, s.momentum, d) : buf;
+  return ffma(d, s.neg_lr, theta);       // theta.add_(d, alpha=-lr)
+}
+
 // SGD on one element; `buf` is the momentum buffer (untouched for kNoMomentum).  Operation
 // order = reference.sgd_ema.
 template <int MODE, class Cfg>
@@ -381,13 +395,7 @@ EK_HD float sgd_update(float theta, float g, float& buf, const SgdScalars& s, fl
   if (cfg.has_scale) d = fdiv(d, grad_scale);
   d = fmul(d, s.gsign);
   if (cfg.l2) d = ffma(theta, s.l2, d);  // d.add_(theta, alpha=wd)
-  if (MODE == kFirstStep) {
-    buf = d;                             // buf.copy_(d)
-  } else if (MODE == kMomentum) {
-    buf = ffma(d, s.one_minus_dampening, fmul(buf, s.momentum));  // buf.mul_(m).add_(d, alpha)
-  }
-  if (MODE != kNoMomentum) d = cfg.nesterov ? ffma(buf, s.momentum, d) : buf;
-  return ffma(d, s.neg_lr, theta);       // theta.add_(d, alpha=-lr)
+  return sgd_momentum_step<MODE>(theta, d, buf, s, cfg);
 }
 
 // The EMA: zeta moves towards theta as stored.
@@ -623,6 +631,113 @@ EK_HD void lion_ema_element(typename S::raw& p, typename S::raw g, float& m, flo
                             const LionScalars& s, float grad_scale, const Cfg& cfg,
                             uint32_t rbits = 0) {
   const float th = lion_update(S::load(p), S::load(g), m, s, grad_scale, cfg);
+  p = S::store_r(th, rbits);
+  ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
+}
+
+// ------------------------------------------------------------------------------------------
+// LARS (issue 25; Lightning Bolts' LARS).  Operation order = _reference_rules.py lars_ema:
+// d = g (unscaled, sign-flipped); d.addcmul_(theta, wd_i).mul_(ratio_i); then SGD's momentum.
+// The per-tensor (ratio, wd) pair comes from the optimizer's norms pass (norms.lars_coefs) and
+// is a runtime value of the tensor, read once per span; the other scalars are SGD's.
+// ------------------------------------------------------------------------------------------
+struct LarsConfig {
+  bool has_scale;  // grad_scale given
+  bool nesterov;
+};
+
+struct LarsCoef {
+  float ratio, wd;  // the tensor's trust ratio and the weight decay applied (0: none)
+};
+
+template <int MODE, class Cfg>
+EK_HD float lars_update(float theta, float g, float& buf, const SgdScalars& s, LarsCoef c,
+                        float grad_scale, const Cfg& cfg) {
+  float d = g;
+  if (cfg.has_scale) d = fdiv(d, grad_scale);
+  d = fmul(d, s.gsign);
+  d = fmul(ffma(theta, c.wd, d), c.ratio);  // d.addcmul_(theta, wd).mul_(ratio)
+  return sgd_momentum_step<MODE>(theta, d, buf, s, cfg);
+}
+
+template <class S, int MODE, int NZ, class Cfg>
+EK_HD void lars_ema_element(typename S::raw& p, typename S::raw g, float& buf, float* z,
+                            const SgdScalars& s, LarsCoef c, float grad_scale, const Cfg& cfg,
+                            uint32_t rbits = 0) {
+  const float th = lars_update<MODE>(S::load(p), S::load(g), buf, s, c, grad_scale, cfg);
+  p = S::store_r(th, rbits);
+  ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
+}
+
+// ------------------------------------------------------------------------------------------
+// LAMB (issue 25; You et al. 2020), two passes as apex's FusedLAMB.  Operation order =
+// _reference_rules.py lamb_moments / _lamb_direction / lamb_ema.
+//   pass 1: m, v updated (Adam's ops); returns r = m/bc1 / (sqrt(v)/bc2_sqrt + eps) + wd*theta
+//           (the caller sums theta^2 and r^2 per tensor);
+//   pass 2: r recomputed from the stored m, v and the unchanged theta (the same ops: bit for
+//           bit pass 1's r), theta += (-lr*ratio_i) * r, the EMAs.
+// ------------------------------------------------------------------------------------------
+struct LambScalars {
+  float one_minus_beta1;  // float(1 - beta1)
+  float beta2;            // float(beta2)
+  float one_minus_beta2;  // float(1 - beta2)
+  float bc1;              // float(1 - beta1^t) (1 without bias correction)
+  float bc2_sqrt;         // float(sqrt(1 - beta2^t))
+  float eps;              // float(eps)
+  float wd;               // float(weight_decay)
+  float gsign;            // -1 if maximize else 1
+  EmaWeights ema;
+  uint32_t sr_k0, sr_k1;
+};
+
+struct LambConfig {
+  bool wd;         // weight_decay != 0
+  bool has_scale;  // grad_scale given
+};
+
+EK_HD LambScalars make_lamb_scalars(double beta1, double beta2, double eps, double wd,
+                                    bool maximize, double bc1, double bc2_sqrt,
+                                    const EmaWeights& ema) {
+  LambScalars s;
+  s.one_minus_beta1 = float(1.0 - beta1);
+  s.beta2 = float(beta2);
+  s.one_minus_beta2 = float(1.0 - beta2);
+  s.bc1 = float(bc1);
+  s.bc2_sqrt = float(bc2_sqrt);
+  s.eps = float(eps);
+  s.wd = float(wd);
+  s.gsign = maximize ? -1.0f : 1.0f;
+  s.ema = ema;
+  s.sr_k0 = s.sr_k1 = 0;
+  return s;
+}
+
+// r from the (new) moments: the one copy both passes use.
+template <class Cfg>
+EK_HD float lamb_direction(float theta, float m, float v, const LambScalars& s, const Cfg& cfg) {
+  const float den = fadd(fdiv(fsqrt(v), s.bc2_sqrt), s.eps);  // sqrt(v).div_(bc2).add_(eps)
+  float r = fdiv(fdiv(m, s.bc1), den);                         // div(m, bc1).div_(den)
+  if (cfg.wd) r = ffma(theta, s.wd, r);                        // .add_(theta, alpha=wd)
+  return r;
+}
+
+// Pass 1 on one element: updates m and v, returns r (theta is only read).
+template <class Cfg>
+EK_HD float lamb_moments_update(float theta, float g, float& m, float& v, const LambScalars& s,
+                                float grad_scale, const Cfg& cfg) {
+  if (cfg.has_scale) g = fdiv(g, grad_scale);
+  g = fmul(g, s.gsign);
+  m = lerp(m, g, s.one_minus_beta1);               // m.lerp_(g, 1 - beta1)
+  v = ffma(fmul(s.one_minus_beta2, g), g, fmul(v, s.beta2));  // v.mul_(b2).addcmul_(g, g, 1-b2)
+  return lamb_direction(theta, m, v, s, cfg);
+}
+
+// Pass 2 on one element; neg_step = -(lr * trust ratio) of the element's tensor.
+template <class S, int NZ, class Cfg>
+EK_HD void lamb_ema_element(typename S::raw& p, float m, float v, float* z, const LambScalars& s,
+                            float neg_step, const Cfg& cfg, uint32_t rbits = 0) {
+  const float theta = S::load(p);
+  const float th = ffma(lamb_direction(theta, m, v, s, cfg), neg_step, theta);  // addcmul_
   p = S::store_r(th, rbits);
   ema_update_all<NZ>(z, S::kRounds ? S::load(p) : th, s.ema);
 }

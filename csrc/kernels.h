@@ -129,6 +129,44 @@ struct LionArgs {
   SrArgs sr;
 };
 
+// LARS (issue 25): SGD's pointer table (s0: momentum_buffer, nullptr without momentum) plus, in
+// s1, the tensor's row of the (n, 2) float32 coefficient tensor (trust ratio, weight decay
+// applied) that norms.lars_coefs formed on the device: a per-tensor pointer, read once per span.
+struct LarsArgs {
+  double lr = 0;
+  double ema_w[kMaxEmas] = {};
+  int n_emas = 0;
+  double momentum = 0, dampening = 0;
+  bool nesterov = false, maximize = false, first_step = false;
+  bool capturable = false;  // lr and the EMA weights from cap (device tensors)
+  CapturablePtrs cap;
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
+  SrArgs sr;
+};
+
+// LAMB (issue 25), two passes.  s0: exp_avg, s1: exp_avg_sq; s2: the tensor's slot of a
+// per-tensor vector -- pass 1 (moments): its row of the (n, 2) float64 accumulator of
+// (sum theta^2, sum r^2), zeroed by the caller (a double*, stored in the float* slot);
+// pass 2 (ema): its element of the (n,) float32 step sizes lr * trust ratio.
+struct LambArgs {
+  double ema_w[kMaxEmas] = {};  // pass 2
+  int n_emas = 0;               // pass 2
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-6, weight_decay = 0;
+  double bc1 = 1, bc2_sqrt = 1;  // 1 - beta1^t, sqrt(1 - beta2^t) (host values)
+  bool maximize = false;
+  // Device values (capturable / tensor-lr steps): bc[0], bc[1] replace bc1, bc2_sqrt; ema_w the
+  // EMA weights (pass 2).  nullptr: the host values.
+  const float* bc = nullptr;
+  const float* cap_ema_w = nullptr;
+  bool capturable = false;
+  const float* grad_scale = nullptr;  // pass 1
+  const float* found_inf = nullptr;
+  SrArgs sr;  // pass 2
+};
+
+EK_HD double* lamb_sums_row(const TensorPtrs& t) { return reinterpret_cast<double*>(t.s2); }
+
 // CPU twin (fused_cpu.cpp): OpenMP over cache-sized chunks.
 void adam_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const AdamArgs& a);
 void sgd_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const SgdArgs& a);
@@ -136,6 +174,9 @@ void ema_only_cpu(const std::vector<TensorPtrs>& t, DType dtype, const double* e
                   int n_emas);
 const char* cpu_isa();  // which instruction-set variant of the CPU kernels runs here
 void lion_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const LionArgs& a);
+void lars_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const LarsArgs& a);
+void lamb_moments_cpu(const std::vector<TensorPtrs>& t, DType dtype, const LambArgs& a);
+void lamb_ema_cpu(const std::vector<TensorPtrs>& t, DType dtype, const LambArgs& a);
 
 #if defined(EK_WITH_CUDA) || defined(EK_CUDA_EMULATION)
 // CUDA (fused_cuda.cu).  `stream` is a cudaStream_t.  Return nullptr on success, else the CUDA
@@ -148,6 +189,12 @@ const char* sgd_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const Sg
 const char* ema_only_cuda(const std::vector<TensorPtrs>& t, DType dtype, const double* ema_w,
                           int n_emas, int device, void* stream);
 const char* lion_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const LionArgs& a,
+                          int device, void* stream);
+const char* lars_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const LarsArgs& a,
+                          int device, void* stream);
+const char* lamb_moments_cuda(const std::vector<TensorPtrs>& t, DType dtype, const LambArgs& a,
+                              int device, void* stream);
+const char* lamb_ema_cuda(const std::vector<TensorPtrs>& t, DType dtype, const LambArgs& a,
                           int device, void* stream);
 
 // The list kernels' work table in device memory.  fused_cuda.cu describes the table of a list
@@ -203,6 +250,8 @@ struct EmuStats {
   // the kernels' global-memory traffic (cuda_emu.h's ek_emu::Stats)
   int64_t bytes_read = 0, bytes_written = 0, bytes_vector = 0, arg_reads = 0;
   int64_t table_uploads = 0;  // list launches that copied their work table to the "device"
+
+  int64_t atomics = 0;  // atomicAdd calls (LAMB's per-tensor sums)
 };
 EmuStats emu_stats();
 

@@ -186,3 +186,71 @@ def test_the_counters_are_deltas_since_reset(cuda_emulation):
     assert after["launches"] == 1 and after["bytes_read"] == 12 * 64  # θ g ζ
     cuda.reset_emulation_counters()
     assert cuda.emulation_counters()["bytes_read"] == 0
+
+
+# ------------------------------------------------------------------ LARS and LAMB (issue 25) --
+def rule_bytes(rule: str, dtype, *, emas=1, first_step=False):
+    """(read, written) bytes per parameter of the kernels of one LARS or LAMB step, from the
+    roles they move (the per-tensor norms before LARS' pass are torch's ``_foreach_norm``, 8 B
+    more in fp32, outside the kernels).
+
+    LARS, one pass: reads θ g buf ζ, writes θ buf ζ (fp32 + 1 EMA: 16 + 12 = 28 B; the first
+    step writes buf without reading it). LAMB, two passes: pass 1 reads θ g m v and writes m v
+    (16 + 8), pass 2 reads θ m v ζ and writes θ ζ (16 + 8): 48 B."""
+    p = torch.empty((), dtype=dtype).element_size()
+    if rule == "lars":
+        return 2 * p + (0 if first_step else 4) + 4 * emas, p + 4 + 4 * emas
+    return (2 * p + 8) + (p + 8 + 4 * emas), 8 + (p + 4 * emas)
+
+
+RULE_VARIANTS = {
+    "lars_fp32": (ek.LARS, dict(momentum=0.9, weight_decay=1e-4), F32, dict(rule="lars")),
+    "lars_bf16_2emas_sr": (ek.LARS, dict(momentum=0.9, weight_decay=1e-4,
+                                         ema_decay=(0.99, 0.9), stochastic_rounding=True),
+                           BF16, dict(rule="lars", emas=2)),
+    "lamb_fp32": (ek.LAMB, dict(), F32, dict(rule="lamb")),
+    "lamb_bf16_2emas": (ek.LAMB, dict(ema_decay=(0.99, 0.9)), BF16, dict(rule="lamb", emas=2)),
+}
+_RULE_CASES = [(name, cap) for name in RULE_VARIANTS for cap in (False, True)
+               if not (cap and RULE_VARIANTS[name][1].get("stochastic_rounding"))]
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["list", "flat"])
+@pytest.mark.parametrize("name,capturable", _RULE_CASES,
+                         ids=[f"{n}-{'capturable' if c else 'host'}" for n, c in _RULE_CASES])
+def test_lars_and_lamb_move_the_designs_bytes(cuda_emulation, name, flatten, capturable):
+    """One launch per pass and set (LARS 1, LAMB 2), the design's bytes per parameter (the
+    list path over the parameters, flat buffers' views included: LARS' and LAMB's ratios need
+    each tensor's own norms), 16-byte accesses; LAMB's sums are atomics, counted apart."""
+    cls, kw, dtype, bkw = RULE_VARIANTS[name]
+    kw = {"ema_decay": 0.99, **kw}
+    params = _params(dtype)
+    n = sum(SIZES)
+    opt = cls(params, lr=1e-3, backend="cuda", flatten=flatten, capturable=capturable, **kw)
+    if flatten:
+        grads = [p.grad.clone() for p in params]
+        opt.zero_grad(set_to_none=False)
+        for p, g in zip(params, grads):
+            p.grad.copy_(g)
+    launches = 1 if bkw["rule"] == "lars" else 2
+    first = _counted_step(opt)
+    if bkw["rule"] == "lars":  # capturable: the momentum buffer is always read (see above)
+        _check(first, n, *rule_bytes(dtype=dtype, first_step=not capturable, **bkw), launches)
+    steady = _counted_step(opt)
+    _check(steady, n, *rule_bytes(dtype=dtype, **bkw), launches)
+    if bkw["rule"] == "lamb":
+        # each thread that walked elements adds its two partial sums: at most 2 per thread
+        assert 0 < steady["atomics"] <= 2 * 512 * steady["blocks"], steady
+    else:
+        assert steady["atomics"] == 0
+
+
+@pytest.mark.parametrize("cls", [ek.LARS, ek.LAMB], ids=["lars", "lamb"])
+def test_a_skipped_lars_or_lamb_step_moves_nothing(cuda_emulation, cls):
+    params = _params(F32)
+    opt = cls(params, lr=1e-3, weight_decay=1e-4, ema_decay=0.99, backend="cuda")
+    before = [p.detach().clone() for p in params]
+    c = _counted_step(opt, grad_scale=torch.ones(1), found_inf=torch.ones(1))
+    assert c["bytes_read"] == 0 and c["bytes_written"] == 0 and c["atomics"] == 0, c
+    assert c["launches"] == (1 if cls is ek.LARS else 2) and c["arg_reads"] > 0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -13,6 +13,8 @@ import ema_kernels as ek
 from ema_kernels import _ops
 from ema_kernels.backends import reference
 
+from backend_support import cpu_backends
+
 
 # ------------------------------------------------------------------ oracles (per tensor) -------
 def lars_oracle(params, grads, state, *, lr, momentum=0.9, dampening=0.0, weight_decay=0.0,
@@ -172,13 +174,28 @@ def _odd_views(sizes, dtype, seed, offset=1, scale=1.0):
     return out
 
 
+def _backend_module(name, request):
+    if name == "cuda":  # the CUDA kernels on CPU tensors (the emulation build), for this test
+        request.getfixturevalue("cuda_emulation")
+    return _ops.resolve(name, "cpu")
+
+
+_RULE_OPS = {"lars": ("lars_ema",), "lamb": ("lamb_moments", "lamb_ema"), "lion": ("lion_ema",)}
+# every CPU-tensor backend that has the rule's ops (a backend without them raises in step(),
+# test_backend_selection)
+_RULE_BACKENDS = [(rule, b) for rule, ops in _RULE_OPS.items() for b in cpu_backends()
+                  if all(hasattr(_ops._load(b)[0], op) for op in ops)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("rule", ["lars", "lamb", "lion"])
-def test_backend_ops_match_oracle_odd_sizes_and_views(rule, dtype):
-    """The reference ops on odd sizes (1, a chunk's tail: 2^16 + 3) and odd-offset views, for
+@pytest.mark.parametrize("rule,backend", _RULE_BACKENDS, ids=[f"{r}-{b}" for r, b in
+                                                              _RULE_BACKENDS])
+def test_backend_ops_match_oracle_odd_sizes_and_views(rule, dtype, backend, request):
+    """Each backend's ops on odd sizes (1, a chunk's tail: 2^16 + 3) and odd-offset views, for
     each storage dtype: one step against the oracle computed in float32 on the same values and
     rounded to the storage dtype (16-bit: within one ulp of that rounding)."""
+    mod = _backend_module(backend, request)
     sizes = [1, 4097, (1 << 16) + 3, 0]
     params = _odd_views(sizes, dtype, 1)
     grads = _odd_views(sizes, dtype, 2, offset=3, scale=0.1)
@@ -198,7 +215,7 @@ def test_backend_ops_match_oracle_odd_sizes_and_views(rule, dtype):
         coefs = norms.lars_coefs(params, grads, weight_decay=0.01, trust_coefficient=0.1,
                                  eps=1e-8, grad_scale=None, domain=None)
         bufs = [b.clone() for b in st_a]
-        reference.lars_ema(params, grads, bufs, emas, coefs=coefs, lr=0.7, momentum=0.9,
+        mod.lars_ema(params, grads, bufs, emas, coefs=coefs, lr=0.7, momentum=0.9,
                            dampening=0.1, nesterov=False, maximize=False, first_step=False,
                            ema_weight=w)
         new_state = [(bufs, [state[p]["momentum_buffer"] for p in p32])]
@@ -207,12 +224,12 @@ def test_backend_ops_match_oracle_odd_sizes_and_views(rule, dtype):
             state[p] = {"step": 2, "exp_avg": a.clone(), "exp_avg_sq": b.clone()}
         lamb_oracle(p32, g32, state, lr=0.05, weight_decay=0.02)
         ms, vs = [a.clone() for a in st_a], [b.clone() for b in st_b]
-        sums = reference.lamb_moments(params, grads, ms, vs, beta1=0.9, beta2=0.999, eps=1e-6,
+        sums = mod.lamb_moments(params, grads, ms, vs, beta1=0.9, beta2=0.999, eps=1e-6,
                                       weight_decay=0.02, maximize=False,
                                       bias_correction1=1 - 0.9 ** 3,
                                       bias_correction2_sqrt=(1 - 0.999 ** 3) ** 0.5)
         from ema_kernels.optim import norms
-        reference.lamb_ema(params, ms, vs, emas, step_sizes=norms.lamb_step_sizes(sums, 0.05,
+        mod.lamb_ema(params, ms, vs, emas, step_sizes=norms.lamb_step_sizes(sums, 0.05,
                                                                                   None),
                            eps=1e-6, weight_decay=0.02, bias_correction1=1 - 0.9 ** 3,
                            bias_correction2_sqrt=(1 - 0.999 ** 3) ** 0.5, ema_weight=w)
@@ -223,7 +240,7 @@ def test_backend_ops_match_oracle_odd_sizes_and_views(rule, dtype):
             state[p] = {"exp_avg": a.clone()}
         lion_oracle(p32, g32, state, lr=0.01, weight_decay=0.1)
         ms = [a.clone() for a in st_a]
-        reference.lion_ema(params, grads, ms, emas, lr=0.01, beta1=0.9, beta2=0.99,
+        mod.lion_ema(params, grads, ms, emas, lr=0.01, beta1=0.9, beta2=0.99,
                            weight_decay=0.1, maximize=False, ema_weight=w)
         new_state = [(ms, [state[p]["exp_avg"] for p in p32])]
     for got, want in new_state:

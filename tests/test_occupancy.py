@@ -100,6 +100,32 @@ def test_cuda_main_variants_access_memory_as_global():
     assert not bad, "\n".join(bad)
 
 
+_CUDA_RULES = re.compile(r"fused_kernel<ek::\(anonymous namespace\)::(LarsOp<ek::F32, 2, 1>|"
+                         r"LambMomentsOp<ek::F32>|LambEmaOp<ek::F32, 1>), ")
+
+
+def test_cuda_lars_and_lamb_main_variants_keep_an_sm_busy_without_spilling():
+    """LARS (momentum) and LAMB's two passes, fp32 with one EMA, flat and list layouts (issue
+    25): no spills, and the same occupancy rule as the main variants. LAMB's first pass keeps
+    two float64 partial sums per thread (4 registers more) and ends with two atomicAdds."""
+    lib = _cuda_library()
+    usage = occ.resource_usage(lib, ARCH)
+    names = occ.demangle(list(usage))
+    main = {k: v for k, v in usage.items() if _CUDA_RULES.search(names[k])}
+    assert len(main) == 6, sorted(names[k] for k in main)  # 3 kernels x 2 layouts
+    block = _kblock()
+    report, bad = [], []
+    for k, u in main.items():
+        label = names[k].replace("ek::(anonymous namespace)::", "").split("(")[0]
+        ok, line = _verdict(label, u.regs, u.spills, block,
+                            occ.vector_loads_before_use(lib, ARCH, k))
+        report.append(line)
+        if not ok:
+            bad.append(line)
+    print("\n".join(sorted(report)))
+    assert not bad, "\n".join(bad)
+
+
 # ------------------------------------------------------------------------------ Triton ------
 _TRITON_WORKER = r"""
 import json, os, sys

@@ -44,7 +44,7 @@ REBUILD_HINT = ("build it from the source tree with `pip install --no-build-isol
                 "--inplace` for a development build)")
 
 _OPS = ("adam_ema_", "adam_ema_capturable_", "sgd_ema_", "sgd_ema_capturable_", "ema_only_",
-        "lion_ema_", "lion_ema_capturable_")
+        "lion_ema_", "lion_ema_capturable_", "lars_ema_", "lamb_moments_", "lamb_ema_")
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -283,3 +283,72 @@ def lion(ops, params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, max
                   beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay),
                   maximize=bool(maximize), ema_weights=weights, grad_scale=grad_scale,
                   found_inf=found_inf, **_sr_kwargs(sr))
+
+
+def _device_emas(emas, ema_weight, n, what):
+    """``(lists, host weights, device weights)``: a float32 tensor ``ema_weight`` (the
+    capturable steps) is read by the kernels; numbers are passed as numbers."""
+    if isinstance(ema_weight, Tensor):
+        lists, dev = _emas.ema_lists_capturable(emas, ema_weight, n, what)
+        return lists, [], dev
+    lists, weights = _emas.ema_lists(emas, ema_weight, n, what)
+    return lists, weights, None
+
+
+def lars(ops, params, grads, momentum_buffers, emas, coefs, lr, momentum, dampening, nesterov,
+         maximize, first_step, ema_weight, grad_scale, found_inf, sr=None):
+    """LARS + EMA (issue 25): ``coefs`` the (n, 2) float32 per-tensor (trust ratio, weight decay
+    applied); ``lr`` a number, or a one-element float32 tensor read by the kernels (then
+    ``ema_weight`` is None or a float32 tensor with one element per EMA)."""
+    if momentum != 0 and momentum_buffers is None:
+        raise ValueError(f"lars_ema: momentum={momentum} needs momentum_buffers")
+    bufs = list(momentum_buffers) if momentum != 0 else []
+    if isinstance(lr, Tensor):
+        lists, weights, dev_w = _device_emas(emas, ema_weight, len(params), "lars_ema")
+        lr_host, lr_dev = 0.0, lr
+    else:
+        lists, weights = _emas.ema_lists(emas, ema_weight, len(params), "lars_ema")
+        dev_w, lr_host, lr_dev = None, float(lr), None
+    ops.lars_ema_(params, grads, bufs, _emas.flat(lists), coefs=coefs.contiguous(),
+                  lr=lr_host, momentum=float(momentum), dampening=float(dampening),
+                  nesterov=bool(nesterov), maximize=bool(maximize), first_step=bool(first_step),
+                  ema_weights=weights, lr_tensor=lr_dev, ema_weight=dev_w,
+                  grad_scale=grad_scale, found_inf=found_inf, **_sr_kwargs(sr))
+
+
+def _bias_corrections(bc1, bc2_sqrt, device):
+    """``(host bc1, host bc2, device tensor or None)``: device scalars (a device step count)
+    become one float32 (2,) tensor the kernels read; numbers stay host numbers."""
+    if not isinstance(bc1, Tensor) and not isinstance(bc2_sqrt, Tensor):
+        return float(bc1), float(bc2_sqrt), None
+    parts = [x.detach().reshape(()).to(device=device, dtype=torch.float64)
+             if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64,
+                                                        device=device)
+             for x in (bc1, bc2_sqrt)]
+    return 1.0, 1.0, torch.stack(parts).to(torch.float32)
+
+
+def lamb_moments(ops, params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps, weight_decay,
+                 maximize, bias_correction1, bias_correction2_sqrt, grad_scale, found_inf):
+    """LAMB pass 1: m, v updated; returns the (n, 2) float32 per-tensor (Σθ², Σr²), summed by
+    the kernels in float64 into a zeroed accumulator (no host read)."""
+    dev = params[0].device
+    acc = torch.zeros(len(params), 2, dtype=torch.float64, device=dev)
+    bc1, bc2, bc = _bias_corrections(bias_correction1, bias_correction2_sqrt, dev)
+    ops.lamb_moments_(params, grads, list(exp_avgs), list(exp_avg_sqs), acc, beta1=float(beta1),
+                      beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+                      maximize=bool(maximize), bias_correction1=bc1, bias_correction2_sqrt=bc2,
+                      bias_corrections=bc, grad_scale=grad_scale, found_inf=found_inf)
+    return acc.to(torch.float32)
+
+
+def lamb_ema(ops, params, exp_avgs, exp_avg_sqs, emas, step_sizes, eps, weight_decay,
+             bias_correction1, bias_correction2_sqrt, ema_weight, found_inf, sr=None):
+    """LAMB pass 2: θ -= step_sizes[i]·r (r recomputed), then the EMAs."""
+    lists, weights, dev_w = _device_emas(emas, ema_weight, len(params), "lamb_ema")
+    bc1, bc2, bc = _bias_corrections(bias_correction1, bias_correction2_sqrt, params[0].device)
+    ops.lamb_ema_(params, list(exp_avgs), list(exp_avg_sqs), _emas.flat(lists),
+                  step_sizes=step_sizes.to(torch.float32).contiguous(), eps=float(eps),
+                  weight_decay=float(weight_decay), bias_correction1=bc1,
+                  bias_correction2_sqrt=bc2, ema_weights=weights, bias_corrections=bc,
+                  ema_weight=dev_w, found_inf=found_inf, **_sr_kwargs(sr))

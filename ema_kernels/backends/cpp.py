@@ -141,3 +141,49 @@ def lion_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], 
         _ext.lion(ops, params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize,
                   ema_weight, grad_scale, found_inf,
                   (stochastic_rounding, sr_seed, sr_step, sr_offsets))
+
+
+def lars_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
+             emas, *, coefs: Tensor, lr, momentum: float, dampening: float, nesterov: bool,
+             maximize: bool, first_step: bool, ema_weight, grad_scale: Optional[Tensor] = None,
+             found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
+             sr_seed: int = 0, sr_step: int = 0, sr_offsets: Optional[List[int]] = None) -> None:
+    """LARS + EMA in one pass (issue 25; the reference's ``lars_ema`` interface): per tensor
+    ``d = ratio·(g + λθ)`` from ``coefs`` (n, 2), then SGD's momentum. ``lr`` a number, or a
+    one-element float32 tensor read by the kernel (then ``ema_weight`` is a float32 tensor with
+    one element per EMA, or None)."""
+    ops = _ops_for(params)
+    if params:
+        _ext.lars(ops, params, grads, momentum_buffers, emas, coefs, lr, momentum, dampening,
+                  nesterov, maximize, first_step, ema_weight, grad_scale, found_inf,
+                  (stochastic_rounding, sr_seed, sr_step, sr_offsets))
+
+
+def lamb_moments(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                 exp_avg_sqs: List[Tensor], *, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, maximize: bool, bias_correction1, bias_correction2_sqrt,
+                 grad_scale: Optional[Tensor] = None,
+                 found_inf: Optional[Tensor] = None) -> Tensor:
+    """LAMB's first pass (issue 25; the reference's interface): m, v updated; returns the
+    (n, 2) float32 per-tensor (Σθ², Σr²), accumulated in float64. A skipped step (found_inf)
+    moves nothing and returns zeros (the second pass then moves nothing either)."""
+    ops = _ops_for(params)
+    if not params:
+        return torch.zeros(0, 2)
+    return _ext.lamb_moments(ops, params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps,
+                             weight_decay, maximize, bias_correction1, bias_correction2_sqrt,
+                             grad_scale, found_inf)
+
+
+def lamb_ema(params: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], emas, *,
+             step_sizes: Tensor, eps: float, weight_decay: float, bias_correction1,
+             bias_correction2_sqrt, ema_weight, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
+             sr_offsets: Optional[List[int]] = None) -> None:
+    """LAMB's second pass (issue 25): ``θ -= step_sizes[i]·r``, r recomputed bit for bit from
+    the stored moments, then the EMAs. ``ema_weight`` numbers, or a float32 device tensor."""
+    ops = _ops_for(params)
+    if params:
+        _ext.lamb_ema(ops, params, exp_avgs, exp_avg_sqs, emas, step_sizes, eps, weight_decay,
+                      bias_correction1, bias_correction2_sqrt, ema_weight, found_inf,
+                      (stochastic_rounding, sr_seed, sr_step, sr_offsets))

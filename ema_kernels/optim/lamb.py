@@ -12,7 +12,15 @@ step is two passes, as apex's two-kernel FusedLAMB: pass 1 reads θ g m v, write
 θ² and r² per tensor (24 B per fp32 parameter); pass 2 reads θ m v ζ and writes θ ζ, r
 recomputed bit for bit (24 B with one EMA): 48 B. A foreach implementation (r in temporaries,
 foreach norms, then ``_foreach_lerp_``) moves 12 + 24 (moments) + 56 (r: m/bc, √v, /bc, +ε, ÷,
-+λθ) + 8 (norms of θ and r) + 20 (θ −= lr·ratio·r) + 12 (lerp) = 132 B (docs/optimizers.md).
++λθ) + 8 (norms of θ and r) + 20 (θ −= lr·ratio·r) + 12 (lerp) = 132 B (docs/optimizers.md,
+which has the measured times).
+
+Kernels: ``cpp`` and ``cuda`` fuse each pass (csrc/fused_math.h ``lamb_moments_update`` and
+``lamb_ema_element``, r from the one ``lamb_direction``); the per-tensor sums are accumulated in
+float64 by every backend (CUDA: one atomicAdd per thread and sum) and returned as float32.
+Measured (``bench``, 2-core CPU VM, fp32, 4M parameters in 16 tensors, one EMA): cpp 5.63 ms,
+4.5× the foreach implementation + ``_foreach_lerp_``, 62 % of an in-place stream of the same
+48 B.
 
 State: ``exp_avg``, ``exp_avg_sq``, ``step`` (apex/timm/torch-optimizer's LAMB keys).
 """

@@ -14,7 +14,13 @@ Bytes per parameter (fp32, one EMA, weight decay ≠ 0): the norm pass reads θ 
 ``torch._foreach_norm`` each), the fused pass reads θ g buf ζ and writes θ buf ζ (28): 36 B.
 A foreach implementation + ``_foreach_lerp_`` moves 8 (norms) + 12 (g + λθ, in a temporary) +
 8 (·ratio) + 8 + 12 (momentum: mul_, add_) + 12 (θ update) + 12 (lerp) = 72 B
-(docs/optimizers.md).
+(docs/optimizers.md, which has the measured times).
+
+Kernels: ``cpp`` and ``cuda`` fuse the pass (csrc/fused_math.h ``lars_update``: SGD's momentum
+step on ``d = ratio·(g + λθ)``, the tensor's (ratio, λ) read once per span from the (n, 2)
+``coefs`` of :func:`.norms.lars_coefs`); the reference is the oracle. Measured (``bench``, 2-core
+CPU VM, fp32, 4M parameters in 16 tensors, one EMA): cpp 3.91 ms, 3.6× the foreach
+implementation + ``_foreach_lerp_``, 66 % of an in-place stream of the same 36 B.
 """
 from __future__ import annotations
 

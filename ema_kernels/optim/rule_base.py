@@ -2,9 +2,9 @@
 (LARS, LAMB) per-tensor launches with the norms' reduction domain.
 
 - A backend runs a rule iff its module has the rule's update (``_BACKEND_OP``, e.g.
-  ``lars_ema``). ``backend="auto"`` (without ``EMA_KERNELS_BACKEND``) takes the best backend
-  for the device that has it — as for float64 parameters, "auto" means the best backend that can
-  run these tensors; a backend asked for by name that lacks it raises, saying which have it.
+  ``lars_ema``). ``backend="auto"`` takes the device's best backend as for every optimizer
+  (cpp on CPU, cuda on GPUs: both have every rule); a backend without the rule's kernels raises,
+  by name or under "auto", saying which have them — never a silent switch to a slower backend.
 - LARS and LAMB scale each tensor by norms of the whole tensor, so ``flatten=True``'s one-launch
   flat path (where the kernels see one buffer, not the tensors) is not taken: the flat buffers'
   per-parameter views are stepped as a list, one launch per set all the same.
@@ -38,15 +38,15 @@ class RuleOptimizer(EMAOptimizer):
             return mod
         mod = super()._backend_for(ts, env)
         if not hasattr(mod, self._BACKEND_OP):
-            if self.backend == "auto" and not env:
-                mod = _ops.resolve("reference", ts.device)
-            else:
-                have = [b for b in _ops.available_backends(ts.device)
-                        if hasattr(_ops._load(b)[0], self._BACKEND_OP)]
-                raise _ops.BackendUnavailableError(
-                    f"backend {mod.NAME!r} has no {type(self).__name__} kernels yet "
-                    f"({self._BACKEND_OP}); backends that run {type(self).__name__} on "
-                    f"{ts.device.type} tensors here: {have}. Use backend='auto' or one of those")
+            # No silent fallback to a slower backend, under "auto" either: the compiled backends
+            # (cpp, cuda) have every rule; a backend without this one is named in the error.
+            have = [b for b in _ops.available_backends(ts.device)
+                    if hasattr(_ops._load(b)[0], self._BACKEND_OP)]
+            raise _ops.BackendUnavailableError(
+                f"backend {mod.NAME!r} has no {type(self).__name__} kernels yet "
+                f"({self._BACKEND_OP}); backends that run {type(self).__name__} on "
+                f"{ts.device.type} tensors here: {have}. Use one of those "
+                f"(backend=..., or {_ops.ENV_VAR})")
         ts.backend_module, ts.backend_key = mod, key
         # No StepTable (its launches are Adam's and SGD's): step() plans these sets in Python,
         # one list launch per set. (_plan asks this right before tables.table_for.)
