@@ -16,7 +16,10 @@ mutates lists in place):
 Ops: ``adam_ema_`` / ``sgd_ema_`` (the interface of :mod:`ema_kernels.backends.reference`;
 the EMA lists concatenated EMA-major in ``emas``, one float per EMA in ``ema_weights``),
 ``adam_ema_capturable_`` / ``sgd_ema_capturable_`` (lr, step and the EMA weight read from
-one-element float32 tensors on the parameters' device), ``ema_only_``, ``build_info``; in
+one-element float32 tensors on the parameters' device), ``ema_only_``, the issue-25 rules'
+``lion_ema_`` / ``lion_ema_capturable_``, ``lars_ema_``, ``lamb_moments_`` and ``lamb_ema_``
+(these three take their device scalars as optional tensor arguments: ``lr_tensor``,
+``bias_corrections``, ``ema_weight``), ``build_info``; in
 ``_C_emu`` also the emulation-only ``emu_*`` probes used by tests/test_cuda_emulation.py.
 
 Importing this module loads nothing and queries no device: a library is imported on first use

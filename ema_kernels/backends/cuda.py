@@ -255,8 +255,9 @@ def lamb_ema(params: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Ten
 # ----------------------------------------------------------------------------------------------
 # Emulation build: the kernels' memory traffic (csrc/cuda_emu.h counts every global access)
 # ----------------------------------------------------------------------------------------------
+# the order of torch.ops.ema_kernels_emu.emu_stats()
 _COUNTERS = ("launches", "blocks", "occupancy_queries", "bytes_read", "bytes_written",
-             "bytes_vector", "arg_reads", "table_uploads", "atomics")  # emu_stats()'s order
+             "bytes_vector", "arg_reads", "table_uploads", "atomics")
 _counter_base: Optional[List[int]] = None
 
 
@@ -279,9 +280,10 @@ def emulation_counters() -> Dict[str, int]:
     memory, every load and store of the kernels), ``bytes_vector`` (the part of both moved by
     16-byte accesses), plus ``blocks`` and ``arg_reads`` (per-thread reads of launch arguments
     kept in device memory: found_inf, grad_scale, the capturable lr/step/EMA weights, the list
-    kernels' work table -- the same few bytes for every thread, not part of the update's bytes)
-    and ``table_uploads`` (list launches that copied their work table to the device: only when
-    a set's pointers changed, csrc/list_tables.cpp).
+    kernels' work table, LARS' and LAMB's per-tensor values -- the same few bytes for every
+    thread, not part of the update's bytes), ``table_uploads`` (list launches that copied their
+    work table to the device: only when a set's pointers changed, csrc/list_tables.cpp) and
+    ``atomics`` (atomicAdd calls: LAMB's per-tensor sums, one per thread and sum).
 
     The emulation build only (``ema_kernels._C_emu``; ``EMA_KERNELS_CUDA_EMULATION=1`` runs the
     ``cuda`` backend on CPU tensors through it). Counts are process-wide."""
