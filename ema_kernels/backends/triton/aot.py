@@ -8,6 +8,7 @@ from .._emas import MAX_EMAS
 from . import config
 from .config import triton
 from .kernels import (_adam_flat_kernel, _adam_list_kernel, _ema_flat_kernel,
+                      _ema_list_kernel,
                       _sgd_flat_kernel, _sgd_list_kernel)
 from .launch import _TL_DTYPES
 
@@ -22,7 +23,7 @@ def aot_variants():
     Variants: parameter dtype x {flat, list} x {AdamW/Adam, SGD} x the structural constexprs
     (the number of EMAs updated, 0..MAX_EMAS; AMSGrad or momentum; stochastic rounding for
     16-bit parameters; DEVICE_SCALARS, the capturable kernels, for the EMA counts in
-    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only flat kernel for 1..MAX_EMAS EMAs.  Flat
+    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only kernels (flat, list) for 1..MAX_EMAS EMAs.  Flat
     kernels get the 16-byte pointer alignment the JIT specialises on for ordinary (allocator-
     or flat-buffer-aligned) tensors; list kernels hint it themselves.
     """
@@ -85,6 +86,10 @@ def aot_variants():
             sig = dict(p_ptr=pt, **zs(k), n="i32", w0="fp32", w1="fp32", w2="fp32", w3="fp32")
             yield _variant(f"ema_flat[{ty},emas={k}]", _ema_flat_kernel, sig,
                            dict(N_EMAS=k, BLOCK=config.BLOCK))
+            sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", w0="fp32", w1="fp32",
+                       w2="fp32", w3="fp32")
+            yield _variant(f"ema_list[{ty},emas={k}]", _ema_list_kernel, sig,
+                           dict(N_EMAS=k, BLOCK=config.BLOCK, P_DTYPE=_TL_DTYPES[dtype]))
 
 
 def _sr_tag(sr: bool) -> str:

@@ -470,6 +470,24 @@ if triton is not None:
                               neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
                               sr_base + start, k0, k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
 
+    @triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
+    def _ema_list_kernel(table_ptr, n_tensors, n_chunks, w0, w1, w2, w3, P_DTYPE: tl.constexpr,
+                         N_EMAS: tl.constexpr, BLOCK: tl.constexpr):
+        """EMA only over a tensor list (WithEMA's one launch per set, the frozen parameters of a
+        fused step): rows θ, ζ0, ζ1, ζ2, ζ3, sizes, then the chunk rows."""
+        for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            t, start, numel = _chunk(table_ptr, 6 * n_tensors, 5 * n_tensors, n_chunks, c, BLOCK)
+            p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
+            z0_ptr, z1_ptr, z2_ptr, z3_ptr = _ema_roles(table_ptr, t, 1, n_tensors, p_ptr,
+                                                          N_EMAS)
+            offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+            if start + BLOCK <= numel:
+                _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, w0, w1, w2, w3,
+                          N_EMAS)
+            else:
+                _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < numel, w0, w1, w2,
+                          w3, N_EMAS)
+
     @triton.jit(do_not_specialize=["n", "sr_base", "k0", "k1"])
     def _sr_round_kernel(x_ptr, out_ptr, n, sr_base, k0, k1, BLOCK: tl.constexpr):
         """Stochastic rounding alone (the kernels' _store_param with SR): for the tests."""

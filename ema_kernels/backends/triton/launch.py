@@ -14,6 +14,7 @@ from . import config, grid
 from .checks import _check_lists, _device_scalar
 from .config import tl, triton
 from .kernels import (_adam_flat_kernel, _adam_list_kernel, _ema_flat_kernel,
+                      _ema_list_kernel,
                       _sgd_flat_kernel, _sgd_list_kernel, _sr_round_kernel)
 from .scalars import (_NO_WEIGHTS, _adam_device_scalars, _adam_scalars, _as_i32, _ema_roles,
                       _ema_roles_capturable, _sgd_scalars, _sr_scalars)
@@ -364,8 +365,8 @@ def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
 
 def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
     """ζ_k += w_k (θ − ζ_k) for parameters that took no optimizer step but whose EMA clock
-    ticked: one flat launch per parameter, θ read once for all its EMAs.  (This path serves
-    only the parameters without a gradient on a step, so it has no tensor-list kernel.)"""
+    ticked (and WithEMA's EMAs after any optimizer's step): θ read once for all its EMAs, one
+    list launch per parameter dtype (misaligned tensors flat, as every op)."""
     if not params:
         return
     z_roles, ws, n_emas = _ema_roles("ema_only", emas, ema_weight, len(params))
@@ -374,14 +375,8 @@ def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> Non
     device = _check_lists("ema_only", params, params,
                           [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
                            enumerate(z_roles)], None, None)
-    with _DeviceGuard(device):
-        for i, p in enumerate(params):
-            n = p.numel()
-            if n == 0:
-                continue
-            _ema_flat_kernel[(triton.cdiv(n, config.BLOCK),)](
-                p, *[None if z is None else z[i] for z in z_roles], n, **ws, N_EMAS=n_emas,
-                BLOCK=config.BLOCK, num_warps=config.NUM_WARPS)
+    _launch(_ema_flat_kernel, _ema_list_kernel, [params] + z_roles, device, (), ws,
+            dict(N_EMAS=n_emas, BLOCK=config.BLOCK))
 
 
 def sr_round(x: Tensor, dtype: torch.dtype, seed: int, step: int, base: int = 0) -> Tensor:
