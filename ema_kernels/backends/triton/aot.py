@@ -11,6 +11,10 @@ from .kernels import (_adam_flat_kernel, _adam_list_kernel, _ema_flat_kernel,
                       _ema_list_kernel,
                       _sgd_flat_kernel, _sgd_list_kernel)
 from .launch import _TL_DTYPES
+from .rule_kernels import (_chunk_sums_kernel, _lamb_ema_flat_kernel, _lamb_ema_list_kernel,
+                           _lamb_moments_flat_kernel, _lamb_moments_list_kernel,
+                           _lion_flat_kernel, _lion_list_kernel)
+from .rule_launch import _SUM_ROWS
 
 
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -82,6 +86,7 @@ def aot_variants():
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
             yield _variant(f"{name}_list[{ty},emas={k},momentum={mom}{tag}]",
                            _sgd_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+        yield from _rule_variants(dtype, pt, ty, amp, srs, zs, device)
         for k in range(1, MAX_EMAS + 1):
             sig = dict(p_ptr=pt, **zs(k), n="i32", w0="fp32", w1="fp32", w2="fp32", w3="fp32")
             yield _variant(f"ema_flat[{ty},emas={k}]", _ema_flat_kernel, sig,
@@ -90,6 +95,51 @@ def aot_variants():
                        w2="fp32", w3="fp32")
             yield _variant(f"ema_list[{ty},emas={k}]", _ema_list_kernel, sig,
                            dict(N_EMAS=k, BLOCK=config.BLOCK, P_DTYPE=_TL_DTYPES[dtype]))
+
+
+def _rule_variants(dtype, pt, ty, amp, srs, zs, device):
+    """Lion's and LAMB's kernels (rule_kernels.py) for one parameter dtype: the EMA counts of
+    ``_AOT_RULE_EMAS`` x SR x DEVICE_SCALARS, flat and list (LARS: the SGD kernels with TRUST,
+    in aot_variants)."""
+    import itertools
+    list_head = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32")
+    p_dtype = dict(P_DTYPE=_TL_DTYPES[dtype])
+    for k, sr, dev in itertools.product(_AOT_RULE_EMAS, srs, (False, True)):
+        flags = dict(N_EMAS=k, SR=sr, DEVICE_SCALARS=dev, BLOCK=config.BLOCK)
+        tag = f"{_sr_tag(sr)}{_device_tag(dev)}"
+        ws = dict(w0="fp32", w1="fp32", w2="fp32", w3="fp32")
+        tail = dict({s: "fp32" for s in ("grad_sign", "beta1", "beta1_w", "beta2", "beta2_w",
+                                         "weight_decay", "decay", "neg_lr")}, **ws,
+                    has_scale="i32", k0="i32", k1="i32", **device(dev, k))
+        sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", **zs(k), **amp, n="i32", **tail,
+                   sr_base="i64")
+        yield _variant(f"lion_flat[{ty},emas={k}{tag}]", _lion_flat_kernel, sig, flags)
+        yield _variant(f"lion_list[{ty},emas={k}{tag}]", _lion_list_kernel,
+                       dict(list_head, **amp, **tail), dict(flags, **p_dtype))
+        tail = dict(eps="fp32", weight_decay="fp32", bc1="fp32", bc2_sqrt="fp32", **ws,
+                    k0="i32", k1="i32", **device(dev, k))
+        sig = dict(p_ptr=pt, m_ptr="*fp32", v_ptr="*fp32", **zs(k), found_inf_ptr="*fp32",
+                   n="i32", step_ptr="*fp32", **tail, sr_base="i64")
+        yield _variant(f"lamb_ema_flat[{ty},emas={k}{tag}]", _lamb_ema_flat_kernel, sig, flags)
+        sig = dict(list_head, found_inf_ptr="*fp32", step_ptr="*fp32", **tail)
+        yield _variant(f"lamb_ema_list[{ty},emas={k}{tag}]", _lamb_ema_list_kernel, sig,
+                       dict(flags, **p_dtype))
+    for dev in (False, True):
+        flags = dict(DEVICE_SCALARS=dev, BLOCK=config.BLOCK)
+        tail = dict({s: "fp32" for s in ("grad_sign", "beta1_w", "beta2", "beta2_w", "eps",
+                                         "weight_decay", "bc1", "bc2_sqrt")}, has_scale="i32",
+                    sc_ptr="*fp32" if dev else "constexpr")
+        sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", v_ptr="*fp32", **amp, n="i32",
+                   part_ptr="*fp32", **tail)
+        yield _variant(f"lamb_moments_flat[{ty}{_device_tag(dev)}]", _lamb_moments_flat_kernel,
+                       sig, flags)
+        sig = dict(list_head, **amp, part_ptr="*fp32", **tail)
+        yield _variant(f"lamb_moments_list[{ty}{_device_tag(dev)}]", _lamb_moments_list_kernel,
+                       sig, dict(flags, **p_dtype))
+    if dtype == torch.float32:  # (not per dtype: it adds float32 sums)
+        sig = dict(list_head, part_ptr="*fp32", out_ptr="*fp32")
+        yield _variant("chunk_sums[fp32]", _chunk_sums_kernel, sig,
+                       dict(ROLES=4, BLOCK=config.BLOCK, RB=_SUM_ROWS))
 
 
 def _sr_tag(sr: bool) -> str:
