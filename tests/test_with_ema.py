@@ -151,19 +151,27 @@ def test_every_backend_configs(backend, config):
     _run_against_oracle("nadam", torch.bfloat16, backend, config, seed=2)
 
 
-def test_one_launch_per_set(cuda_emulation):
-    """The EMAs of a step are one launch per (device, dtype, weights): two groups with the
-    same EMA settings share it, bf16 parameters get their own, a group with other weights its
-    own; no launch on a step that is not an EMA step."""
+def _launch_count_setup(backend):
+    """A WithEMA over four groups: two fp32 groups with the same EMA settings (5 tensors), a
+    bf16 one, one with other weights; every parameter with a gradient. Returns it and the
+    first group's parameters."""
     a = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 33)]
     b = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300)]
     c = [torch.nn.Parameter(torch.randn(9).bfloat16())]
     d = [torch.nn.Parameter(torch.randn(11))]
     inner = torch.optim.SGD([{"params": a}, {"params": b}, {"params": c},
                              {"params": d, "ema_decay": 0.5}], lr=0.1)
-    opt = ek.WithEMA(inner, ema_decay=(0.9, 0.99), backend="cuda")
+    opt = ek.WithEMA(inner, ema_decay=(0.9, 0.99), backend=backend)
     for p in a + b + c + d:
         p.grad = torch.randn_like(p)
+    return opt, a
+
+
+def test_one_launch_per_set(cuda_emulation):
+    """The EMAs of a step are one launch per (device, dtype, weights): two groups with the
+    same EMA settings share it, bf16 parameters get their own, a group with other weights its
+    own; no launch on a step that is not an EMA step."""
+    opt, a = _launch_count_setup("cuda")
     before = cuda_emulation.emu_stats()[0]
     opt.step()
     assert cuda_emulation.emu_stats()[0] - before == 3
@@ -198,15 +206,7 @@ def test_one_launch_per_set_triton(monkeypatch):
     counts = {}
     for name in ("_ema_flat_kernel", "_ema_list_kernel"):
         monkeypatch.setattr(launch, name, _LaunchCounter(getattr(launch, name), counts, name))
-    a = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 33)]
-    b = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300)]
-    c = [torch.nn.Parameter(torch.randn(9).bfloat16())]
-    d = [torch.nn.Parameter(torch.randn(11))]
-    inner = torch.optim.SGD([{"params": a}, {"params": b}, {"params": c},
-                             {"params": d, "ema_decay": 0.5}], lr=0.1)
-    opt = ek.WithEMA(inner, ema_decay=(0.9, 0.99), backend="triton")
-    for p in a + b + c + d:
-        p.grad = torch.randn_like(p)
+    opt, a = _launch_count_setup("triton")
     opt.step()
     assert counts == {"_ema_list_kernel": 1, "_ema_flat_kernel": 2}, counts
     counts.clear()

@@ -253,6 +253,7 @@ if triton is not None:
                           AMSGRAD: tl.constexpr, SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr,
                           BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK   # 64-bit offsets
+        sr_start = sr_base + start
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         # GradScaler's tensors (or the host's stand-ins), read on the device: no host sync
         scale = tl.load(grad_scale_ptr)
@@ -266,12 +267,12 @@ if triton is not None:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
             else:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, offs < n, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
 
     # LARS is SGD with TRUST: ``coefs_ptr`` holds the tensor's (trust ratio, weight decay)
     # (flat: the caller's row for this tensor; list: the (n, 2) tensor, indexed by the table's
@@ -285,6 +286,7 @@ if triton is not None:
                          HAS_MOMENTUM: tl.constexpr, TRUST: tl.constexpr, SR: tl.constexpr,
                          DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
+        sr_start = sr_base + start
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
@@ -298,12 +300,12 @@ if triton is not None:
             if start + BLOCK <= n:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                           grad_sign, weight_decay, ratio, momentum, dampening_w, neg_lr,
-                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0,
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_start, k0,
                           k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
             else:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n,
                           scale, grad_sign, weight_decay, ratio, momentum, dampening_w, neg_lr,
-                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0,
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_start, k0,
                           k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
 
     @triton.jit
@@ -343,11 +345,17 @@ if triton is not None:
     # kernel spilled on sm_80 otherwise).
 
     @triton.jit
-    def _chunk(table_ptr, chunk_rows, sizes_row, n_chunks, c, BLOCK: tl.constexpr):
-        """Chunk ``c`` of a list launch: (tensor index t, its first element, t's size)."""
+    def _chunk(table_ptr, roles, n_tensors, n_chunks, c, SR: tl.constexpr, BLOCK: tl.constexpr):
+        """Chunk ``c`` of a list launch over a table of ``roles`` address rows: (tensor index
+        t, the chunk's first element, t's size, the element index of the chunk's first element
+        for stochastic rounding: t's base from the SR row plus the start, or just the start)."""
+        chunk_rows = (roles + 1) * n_tensors
         t = tl.load(table_ptr + (chunk_rows + c)).to(tl.int32)
         start = tl.multiple_of(tl.load(table_ptr + (chunk_rows + n_chunks + c)), BLOCK)
-        return t, start, tl.load(table_ptr + (sizes_row + t))
+        sr_start = start
+        if SR:
+            sr_start += tl.load(table_ptr + (chunk_rows + 2 * n_chunks + t))
+        return t, start, tl.load(table_ptr + (roles * n_tensors + t)), sr_start
 
     @triton.jit
     def _role(table_ptr, t, k, n_tensors, DTYPE: tl.constexpr):
@@ -390,11 +398,8 @@ if triton is not None:
                 decay = tl.load(sc_ptr + 2)
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-                t, start, numel = _chunk(table_ptr, 10 * n_tensors, 9 * n_tensors, n_chunks, c,
-                                         BLOCK)
-                sr_base = 0
-                if SR:
-                    sr_base = tl.load(table_ptr + (10 * n_tensors + 2 * n_chunks + t))
+                t, start, numel, sr_start = _chunk(table_ptr, 9, n_tensors, n_chunks, c, SR,
+                                                   BLOCK)
                 p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
                 g_ptr = _role(table_ptr, t, 1, n_tensors, P_DTYPE)
                 m_ptr = _role(table_ptr, t, 2, n_tensors, tl.float32)
@@ -409,12 +414,12 @@ if triton is not None:
                     _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr,
                                z3_ptr, offs, None, scale, beta1_w, beta2, beta2_w, eps, decay,
                                l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
-                               has_scale, sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+                               has_scale, sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
                 else:
                     _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr,
                                z3_ptr, offs, offs < numel, scale, beta1_w, beta2, beta2_w, eps,
                                decay, l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
-                               has_scale, sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+                               has_scale, sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
 
     @triton.jit
     def _tensor_position(table_ptr, chunk_rows, n_tensors, n_chunks, t, SR: tl.constexpr):
@@ -440,11 +445,8 @@ if triton is not None:
                 neg_lr = -tl.load(sc_ptr)
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-                t, start, numel = _chunk(table_ptr, 8 * n_tensors, 7 * n_tensors, n_chunks, c,
-                                         BLOCK)
-                sr_base = 0
-                if SR:
-                    sr_base = tl.load(table_ptr + (8 * n_tensors + 2 * n_chunks + t))
+                t, start, numel, sr_start = _chunk(table_ptr, 7, n_tensors, n_chunks, c, SR,
+                                                   BLOCK)
                 wd = weight_decay
                 ratio = 1.0
                 if TRUST:
@@ -462,13 +464,13 @@ if triton is not None:
                 if start + BLOCK <= numel:
                     _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None,
                               scale, grad_sign, wd, ratio, momentum, dampening_w, neg_lr,
-                              nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base + start,
+                              nesterov, first_step, w0, w1, w2, w3, has_scale, sr_start,
                               k0, k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
                 else:
                     _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                               offs < numel, scale, grad_sign, wd, ratio, momentum, dampening_w,
                               neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
-                              sr_base + start, k0, k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
+                              sr_start, k0, k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
 
     @triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
     def _ema_list_kernel(table_ptr, n_tensors, n_chunks, w0, w1, w2, w3, P_DTYPE: tl.constexpr,
@@ -476,7 +478,8 @@ if triton is not None:
         """EMA only over a tensor list (WithEMA's one launch per set, the frozen parameters of a
         fused step): rows θ, ζ0, ζ1, ζ2, ζ3, sizes, then the chunk rows."""
         for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-            t, start, numel = _chunk(table_ptr, 6 * n_tensors, 5 * n_tensors, n_chunks, c, BLOCK)
+            t, start, numel, _ = _chunk(table_ptr, 5, n_tensors, n_chunks, c, False,
+                                        BLOCK)
             p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
             z0_ptr, z1_ptr, z2_ptr, z3_ptr = _ema_roles(table_ptr, t, 1, n_tensors, p_ptr,
                                                           N_EMAS)
@@ -493,6 +496,7 @@ if triton is not None:
         """Stochastic rounding alone (the kernels' _store_param with SR): for the tests."""
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
+        sr_start = sr_base + start
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
-        _store_param(out_ptr, offs, x, mask, sr_base + start, k0, k1, True)
+        _store_param(out_ptr, offs, x, mask, sr_start, k0, k1, True)

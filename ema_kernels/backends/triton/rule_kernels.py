@@ -62,6 +62,7 @@ if triton is not None:
                           k1, sc_ptr, ew_ptr, N_EMAS: tl.constexpr, SR: tl.constexpr,
                           DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
+        sr_start = sr_base + start
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
@@ -71,11 +72,11 @@ if triton is not None:
             if start + BLOCK <= n:  # a full chunk: unmasked, vectorised
                 _lion_math(p_ptr, g_ptr, m_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
                            has_scale, grad_sign, beta1, beta1_w, beta2, beta2_w, decay, neg_lr, w0,
-                           w1, w2, w3, sr_base + start, k0, k1, N_EMAS, SR)
+                           w1, w2, w3, sr_start, k0, k1, N_EMAS, SR)
             else:
                 _lion_math(p_ptr, g_ptr, m_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n,
                            scale, has_scale, grad_sign, beta1, beta1_w, beta2, beta2_w, decay,
-                           neg_lr, w0, w1, w2, w3, sr_base + start, k0, k1, N_EMAS, SR)
+                           neg_lr, w0, w1, w2, w3, sr_start, k0, k1, N_EMAS, SR)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _lion_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
@@ -90,11 +91,8 @@ if triton is not None:
             if DEVICE_SCALARS:
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-                t, start, numel = _chunk(table_ptr, 8 * n_tensors, 7 * n_tensors, n_chunks, c,
-                                         BLOCK)
-                sr_base = 0
-                if SR:
-                    sr_base = tl.load(table_ptr + (8 * n_tensors + 2 * n_chunks + t))
+                t, start, numel, sr_start = _chunk(table_ptr, 7, n_tensors, n_chunks, c, SR,
+                                                   BLOCK)
                 p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
                 g_ptr = _role(table_ptr, t, 1, n_tensors, P_DTYPE)
                 m_ptr = _role(table_ptr, t, 2, n_tensors, tl.float32)
@@ -104,11 +102,11 @@ if triton is not None:
                 if start + BLOCK <= numel:  # a full chunk: unmasked, vectorised
                     _lion_math(p_ptr, g_ptr, m_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None,
                                scale, has_scale, grad_sign, beta1, beta1_w, beta2, beta2_w, decay,
-                               neg_lr, w0, w1, w2, w3, sr_base + start, k0, k1, N_EMAS, SR)
+                               neg_lr, w0, w1, w2, w3, sr_start, k0, k1, N_EMAS, SR)
                 else:
                     _lion_math(p_ptr, g_ptr, m_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                                offs < numel, scale, has_scale, grad_sign, beta1, beta1_w, beta2,
-                               beta2_w, decay, neg_lr, w0, w1, w2, w3, sr_base + start, k0, k1,
+                               beta2_w, decay, neg_lr, w0, w1, w2, w3, sr_start, k0, k1,
                                N_EMAS, SR)
 
     # ------------------------------------------------------------------------------ LAMB ------
@@ -179,8 +177,8 @@ if triton is not None:
         if tl.load(found_inf_ptr) == 0.0:
             bc1, bc2_sqrt = _lamb_bias(sc_ptr, bc1, bc2_sqrt, DEVICE_SCALARS)
             for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-                t, start, numel = _chunk(table_ptr, 5 * n_tensors, 4 * n_tensors, n_chunks, c,
-                                         BLOCK)
+                t, start, numel, _ = _chunk(table_ptr, 4, n_tensors, n_chunks, c, False,
+                                            BLOCK)
                 p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
                 g_ptr = _role(table_ptr, t, 1, n_tensors, P_DTYPE)
                 m_ptr = _role(table_ptr, t, 2, n_tensors, tl.float32)
@@ -237,6 +235,7 @@ if triton is not None:
                               SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr,
                               BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
+        sr_start = sr_base + start
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         if tl.load(found_inf_ptr) == 0.0:
             bc1, bc2_sqrt = _lamb_bias(sc_ptr, bc1, bc2_sqrt, DEVICE_SCALARS)
@@ -246,11 +245,11 @@ if triton is not None:
             if start + BLOCK <= n:  # a full chunk: unmasked, vectorised
                 _lamb_ema_math(p_ptr, m_ptr, v_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None,
                                eps, weight_decay, bc1, bc2_sqrt, neg_step, w0, w1, w2, w3,
-                               sr_base + start, k0, k1, N_EMAS, SR)
+                               sr_start, k0, k1, N_EMAS, SR)
             else:
                 _lamb_ema_math(p_ptr, m_ptr, v_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                                offs < n, eps, weight_decay, bc1, bc2_sqrt, neg_step, w0, w1, w2,
-                               w3, sr_base + start, k0, k1, N_EMAS, SR)
+                               w3, sr_start, k0, k1, N_EMAS, SR)
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _lamb_ema_list_kernel(table_ptr, n_tensors, n_chunks, found_inf_ptr, step_ptr, eps,
@@ -264,11 +263,8 @@ if triton is not None:
             if DEVICE_SCALARS:
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
             for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-                t, start, numel = _chunk(table_ptr, 8 * n_tensors, 7 * n_tensors, n_chunks, c,
-                                         BLOCK)
-                sr_base = 0
-                if SR:
-                    sr_base = tl.load(table_ptr + (8 * n_tensors + 2 * n_chunks + t))
+                t, start, numel, sr_start = _chunk(table_ptr, 7, n_tensors, n_chunks, c, SR,
+                                                   BLOCK)
                 i = _tensor_position(table_ptr, 8 * n_tensors, n_tensors, n_chunks, t, SR)
                 neg_step = -tl.load(step_ptr + i)
                 p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
@@ -280,8 +276,8 @@ if triton is not None:
                 if start + BLOCK <= numel:  # a full chunk: unmasked, vectorised
                     _lamb_ema_math(p_ptr, m_ptr, v_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None,
                                    eps, weight_decay, bc1, bc2_sqrt, neg_step, w0, w1, w2, w3,
-                                   sr_base + start, k0, k1, N_EMAS, SR)
+                                   sr_start, k0, k1, N_EMAS, SR)
                 else:
                     _lamb_ema_math(p_ptr, m_ptr, v_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
                                    offs < numel, eps, weight_decay, bc1, bc2_sqrt, neg_step, w0,
-                                   w1, w2, w3, sr_base + start, k0, k1, N_EMAS, SR)
+                                   w1, w2, w3, sr_start, k0, k1, N_EMAS, SR)
