@@ -181,6 +181,55 @@ def test_lars_and_lamb_steps_read_nothing_on_the_host(backend, name, flatten):
     test_step_reads_nothing_on_the_host(backend, name, flatten)
 
 
+# LARS, LAMB, Lion (issue 25) on the backends that have their kernels (RuleOptimizer refuses
+# the others by name): the same loop, every path of their launchers (GradScaler with a
+# grad-less head, clipping, a tensor lr, capturable, SR, two EMAs with ema_every).
+RULE_CASES = {
+    "lion_scaler_gradless": (ek.Lion, dict(lr=1e-3, weight_decay=0.1, ema_decay=0.9),
+                             {"scaler", "gradless", "teacher"}),
+    "lion_capturable_clip": (ek.Lion, dict(lr=1e-3, ema_decay=(0.9, 0.99), capturable=True),
+                             {"clip"}),
+    "lion_bf16_sr_found_inf": (ek.Lion, dict(lr=1e-3, ema_decay=0.9, stochastic_rounding=True),
+                               {"bf16", "found_inf", "gradless"}),
+    "lars_scaler_gradless": (ek.LARS, dict(lr=0.1, weight_decay=1e-2, ema_decay=0.9),
+                             {"scaler", "gradless"}),
+    "lars_tensor_lr_clip": (ek.LARS, dict(lr=None, weight_decay=1e-2, ema_decay=0.9),
+                            {"clip", "teacher"}),
+    "lars_capturable_scaler": (ek.LARS, dict(lr=0.1, weight_decay=1e-2, ema_decay=0.9,
+                                             capturable=True), {"scaler"}),
+    "lamb_scaler_gradless": (ek.LAMB, dict(lr=1e-2, ema_decay=(0.9, 0.5), ema_every=2),
+                             {"scaler", "gradless", "teacher"}),
+    "lamb_capturable_clip": (ek.LAMB, dict(lr=1e-2, ema_decay=0.9, capturable=True), {"clip"}),
+    "lamb_bf16_sr_found_inf": (ek.LAMB, dict(lr=1e-2, ema_decay=0.9, stochastic_rounding=True),
+                               {"bf16", "found_inf"}),
+}
+
+
+def _rule_params():
+    out = []
+    for name, (cls, _, _) in RULE_CASES.items():
+        for b in BACKENDS:
+            if hasattr(_ops._load(b)[0], cls._BACKEND_OP):
+                out.append((b, name))
+    return out
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["list", "flat"])
+@pytest.mark.parametrize("backend,name", _rule_params(), indirect=["backend"])
+def test_rules_read_nothing_on_the_host(backend, name, flatten):
+    CASES[name] = RULE_CASES[name]
+    try:
+        test_step_reads_nothing_on_the_host(backend, name, flatten)
+    finally:
+        del CASES[name]
+
+
+def test_rule_cases_cover_triton():
+    """The triton backend has all three rules (where it runs at all here)."""
+    if "triton" in BACKENDS:
+        assert {n for b, n in _rule_params() if b == "triton"} == set(RULE_CASES)
+
+
 def test_the_counter_sees_a_scalar_bound_zero_dim_tensor():
     """The mistake this file guards against, made on purpose: a 0-dim tensor weight through
     ``_foreach_lerp_`` binds the Scalar overload (a host read); the tensor-list form does not."""

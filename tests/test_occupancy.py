@@ -1,7 +1,8 @@
 """Occupancy budget of the main kernel variants for sm_90, read from the compilers' output
 (tests/occupancy.py says how): fp32 / bf16 AdamW and SGD with momentum, 1 and 2 EMAs, flat and
 list layouts, for the CUDA kernels (the built extension's sm_90 cubins) and the Triton kernels
-(compiled ahead of time, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``).
+(compiled ahead of time, ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``),
+plus the fp32 one-EMA variants of Triton's Lion, LARS and LAMB (both passes).
 
 Each must not spill, and must keep an H100 busy: at least 32 resident warps per SM, or -- the
 rule of DESIGN.md for a variant below that -- at least twice the bytes in flight per SM that
@@ -152,6 +153,10 @@ def _triton_labels():
             for layout in ("flat", "list"):
                 labels.append(f"adam_{layout}[{ty},emas={k},amsgrad=False]")
                 labels.append(f"sgd_{layout}[{ty},emas={k},momentum=True]")
+    # the issue-25 rules' main variants: fp32 with one EMA (LAMB: both passes)
+    for layout in ("flat", "list"):
+        labels += [f"lion_{layout}[fp32,emas=1]", f"lars_{layout}[fp32,emas=1,momentum=True]",
+                   f"lamb_moments_{layout}[fp32]", f"lamb_ema_{layout}[fp32,emas=1]"]
     return labels
 
 

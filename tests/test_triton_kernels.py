@@ -779,21 +779,38 @@ def _expected_vectors(label):
     dtype, *flags = rest.rstrip("]").split(",")
     on = {k: (int(v) if v.isdigit() else v == "True") for k, v in (f.split("=") for f in flags)}
     runs = PROD_BLOCK // (PROD_WARPS * 32) // 4
+    emas = on.get("emas", 0)
+    reads, writes = 2, 1                                 # θ g read, θ written
     if kind.startswith("adam"):
-        state = 2 + on["amsgrad"] + on["emas"]       # m v [vmax] z_0..z_k-1: read and written
-    elif kind.startswith("sgd"):
-        state = on["momentum"] + on["emas"]          # [buf] z_0..z_k-1
+        state_in = state_out = 2 + on["amsgrad"] + emas  # m v [vmax] z_0..z_k-1
+    elif kind.startswith(("sgd", "lars")):
+        state_in = state_out = on["momentum"] + emas     # [buf] z_0..z_k-1
+    elif kind.startswith("lion"):
+        state_in = state_out = 1 + emas                  # m z_0..z_k-1
+    elif kind.startswith("lamb_moments"):
+        state_in = state_out = 2                         # m v; θ read, not written
+        reads, writes = 2, 0
+    elif kind.startswith("lamb_ema"):
+        state_in, state_out = 2 + emas, emas             # m v read; z_0..z_k-1; no g
+        reads, writes = 1, 1
+    elif kind.startswith("chunk_sums"):
+        state_in = state_out = reads = writes = 0        # scalar rows of partial sums
     else:
-        state = on["emas"]                           # EMA only: z_0..z_k-1
-    fp32_in, fp32_out = state, state
+        state_in = state_out = emas                      # EMA only: z_0..z_k-1, θ read
+        reads, writes = 1, 0
+    fp32_in, fp32_out = state_in, state_out
     half_in, half_out = 0, 0
-    reads, writes = (1, 0) if kind.startswith("ema") else (2, 1)  # θ [g] read, [θ] written
     if dtype == "fp32":
         fp32_in, fp32_out = fp32_in + reads, fp32_out + writes
     else:
         half_in, half_out = reads, writes
     return dict(ld_v4=runs * fp32_in, st_v4=runs * fp32_out, ld_v2=runs * half_in,
                 st_v2=runs * half_out)
+
+
+# Kernels that reduce across the block (LAMB's per-chunk sums): their tl.sum goes through
+# shared memory, which the others must not touch.
+_REDUCING = ("lamb_moments", "chunk_sums")
 
 
 @pytest.mark.parametrize("arch", AOT_ARCHS, ids=lambda a: f"sm_{a}")
@@ -816,7 +833,8 @@ def test_aot_compile_every_variant(arch):
             assert r["i64_offsets"], f"{r['label']}: offsets are not computed in 64 bits"
         want = _expected_vectors(r["label"])
         assert {k: r[k] for k in want} == want, (r["label"], r, want)
-        assert r["shared"] == 0 and r["convert_layout"] == 0, f"{r['label']}: layout conversion"
+        assert r["convert_layout"] == 0, f"{r['label']}: layout conversion"
+        assert r["shared"] == 0 or r["label"].startswith(_REDUCING), f"{r['label']}: shared"
         report.append(f"sm_{arch} {r['label']}: {r['regs']} regs, {r['local']} B local, "
                       f"ld v4/v2 {r['ld_v4']}/{r['ld_v2']}, st v4/v2 {r['st_v4']}/{r['st_v2']},"
                       f" {r['seconds']} s")
@@ -829,3 +847,69 @@ def test_aot_compile_every_variant(arch):
     assert ema["ld_v4"] >= 5 and ema["st_v4"] >= 4 and ema["ld_v2"] == 0
     assert ema["ld_v4"] * 4 == no_ema["ld_v4"] * 5 and ema["st_v4"] * 3 == no_ema["st_v4"] * 4
     assert two["ld_v4"] * 5 == ema["ld_v4"] * 6 and two["st_v4"] * 4 == ema["st_v4"] * 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistent list launches (grid.py)
+# ----------------------------------------------------------------------------------------------
+def test_persistent_grid_gives_the_same_bits(monkeypatch):
+    """A list launch's grid (1 program, 2, 3, one per chunk) changes which program runs a chunk,
+    never the result: the same bits, SR and several EMAs included."""
+    from ema_kernels.backends.triton import grid as tgrid
+    sizes = (3 * TEST_BLOCK + 5, 7, TEST_BLOCK, 2 * TEST_BLOCK - 1)
+    n_chunks = sum(-(-n // TEST_BLOCK) for n in sizes)
+    base = _Problem(sizes, torch.bfloat16, ("exp_avg", "exp_avg_sq"), seed=11, n_emas=2)
+    results = []
+    for programs in (1, 2, n_chunks, None):
+        monkeypatch.setattr(tcfg, "PROGRAMS", programs)
+        if programs is not None:
+            assert tgrid.programs("k", torch.device(DEVICE), n_chunks) == min(programs, n_chunks)
+        prob = base.clone()
+        tk.adam_ema(prob.params, prob.grads, prob.state["exp_avg"], prob.state["exp_avg_sq"],
+                    None, prob.ema_lists(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                    weight_decay=0.1, decoupled=True, maximize=False, step_size=1e-2,
+                    bias_correction2_sqrt=0.5, ema_weight=[0.25, 0.75], stochastic_rounding=True,
+                    sr_seed=99, sr_step=3)
+        results.append(prob.tensors())
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    assert not all(torch.equal(a, b) for a, b in zip(results[0], base.tensors()))
+
+
+def test_grid_is_a_whole_number_of_resident_waves(monkeypatch):
+    """grid.py's occupancy arithmetic (NVIDIA's calculator for sm_90: 64K registers, 2048
+    threads, 228 KB shared memory per SM), and its cache: the first launch of a variant on a
+    device runs one program per chunk, later ones one wave of the resident programs."""
+    from ema_kernels.backends.triton import grid as tgrid
+    h100 = dict(regs_per_sm=65536, threads_per_sm=2048, shared_per_sm=233472)
+    assert tgrid.resident_programs(88, 8, 0, **h100) == 2      # 88 regs x 256 threads
+    assert tgrid.resident_programs(56, 8, 0, **h100) == 4
+    assert tgrid.resident_programs(32, 8, 0, **h100) == 8      # the thread limit
+    assert tgrid.resident_programs(32, 1, 0, **h100) == 32     # the block limit
+    assert tgrid.resident_programs(32, 8, 100_000, **h100) == 2  # shared memory
+    assert tgrid.resident_programs(255, 32, 0, **h100) == 1    # never 0
+
+    class Props:
+        regs_per_multiprocessor, max_threads_per_multi_processor = 65536, 2048
+        shared_memory_per_multiprocessor, warp_size, multi_processor_count = 233472, 32, 132
+
+    class Compiled:
+        n_regs = 56
+
+        class metadata:
+            num_warps, shared = 8, 0
+
+    monkeypatch.setattr(tcfg, "PROGRAMS", None)
+    monkeypatch.setattr(tgrid, "_capacity", {})
+    monkeypatch.setattr(tgrid, "_is_interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props)
+    dev = torch.device("cuda", 0)
+    assert tgrid.programs("v", dev, 10_000) == 10_000  # not launched yet: one per chunk
+    tgrid.record("v", dev, None)  # (the interpreter returns no kernel: nothing learnt)
+    assert tgrid.programs("v", dev, 10_000) == 10_000
+    tgrid.record("v", dev, Compiled)
+    assert tgrid.programs("v", dev, 10_000) == 132 * 4
+    assert tgrid.programs("v", dev, 100) == 100
+    assert tgrid.programs("other", dev, 10_000) == 10_000
+    monkeypatch.setattr(tcfg, "PROGRAMS", 7)
+    assert tgrid.programs("v", dev, 10_000) == 7

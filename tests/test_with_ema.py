@@ -151,19 +151,27 @@ def test_every_backend_configs(backend, config):
     _run_against_oracle("nadam", torch.bfloat16, backend, config, seed=2)
 
 
-def test_one_launch_per_set(cuda_emulation):
-    """The EMAs of a step are one launch per (device, dtype, weights): two groups with the
-    same EMA settings share it, bf16 parameters get their own, a group with other weights its
-    own; no launch on a step that is not an EMA step."""
+def _launch_count_setup(backend):
+    """A WithEMA over four groups: two fp32 groups with the same EMA settings (5 tensors), a
+    bf16 one, one with other weights; every parameter with a gradient. Returns it and the
+    first group's parameters."""
     a = [torch.nn.Parameter(torch.randn(n)) for n in (5, 4097, 33)]
     b = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300)]
     c = [torch.nn.Parameter(torch.randn(9).bfloat16())]
     d = [torch.nn.Parameter(torch.randn(11))]
     inner = torch.optim.SGD([{"params": a}, {"params": b}, {"params": c},
                              {"params": d, "ema_decay": 0.5}], lr=0.1)
-    opt = ek.WithEMA(inner, ema_decay=(0.9, 0.99), backend="cuda")
+    opt = ek.WithEMA(inner, ema_decay=(0.9, 0.99), backend=backend)
     for p in a + b + c + d:
         p.grad = torch.randn_like(p)
+    return opt, a
+
+
+def test_one_launch_per_set(cuda_emulation):
+    """The EMAs of a step are one launch per (device, dtype, weights): two groups with the
+    same EMA settings share it, bf16 parameters get their own, a group with other weights its
+    own; no launch on a step that is not an EMA step."""
+    opt, a = _launch_count_setup("cuda")
     before = cuda_emulation.emu_stats()[0]
     opt.step()
     assert cuda_emulation.emu_stats()[0] - before == 3
@@ -173,6 +181,49 @@ def test_one_launch_per_set(cuda_emulation):
     assert cuda_emulation.emu_stats()[0] == before
     opt2.step()
     assert cuda_emulation.emu_stats()[0] - before == 1
+
+
+class _LaunchCounter:
+    """Stands in for a Triton kernel in launch.py: counts its launches (``kernel[grid]``)."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton runs on CPU only under "
+                                                     "TRITON_INTERPRET=1")
+def test_one_launch_per_set_triton(monkeypatch):
+    """As test_one_launch_per_set on the triton backend: one list launch per (dtype, weights),
+    a flat launch for a set of one tensor (and for an odd-offset view), none off the EMA
+    clock."""
+    from triton_support import triton_backend
+    triton_backend()
+    from ema_kernels.backends.triton import launch
+    counts = {}
+    for name in ("_ema_flat_kernel", "_ema_list_kernel"):
+        monkeypatch.setattr(launch, name, _LaunchCounter(getattr(launch, name), counts, name))
+    opt, a = _launch_count_setup("triton")
+    opt.step()
+    assert counts == {"_ema_list_kernel": 1, "_ema_flat_kernel": 2}, counts
+    counts.clear()
+    opt2 = ek.WithEMA(torch.optim.SGD(a, lr=0.1), ema_every=2, backend="triton")
+    opt2.step()
+    assert counts == {}
+    opt2.step()
+    assert counts == {"_ema_list_kernel": 1}
+    # an odd-offset view: its own flat launch beside the list launch of the others
+    counts.clear()
+    from ema_kernels.backends.triton import ema_only
+    ps = [torch.randn(4097), torch.randn(301)[1:], torch.randn(64)]
+    zs = [torch.zeros_like(p) for p in ps]
+    ema_only(ps, zs, 0.25)
+    assert counts == {"_ema_list_kernel": 1, "_ema_flat_kernel": 1}, counts
+    for p, z in zip(ps, zs):
+        assert torch.equal(z, torch.zeros_like(p).lerp(p, 0.25))
 
 
 def test_groups_without_ema_and_duplicates():

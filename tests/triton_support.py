@@ -5,7 +5,8 @@ import sys
 
 # the package's modules in import order: a kernel's decoration (interpreted or compiled) is
 # fixed when kernels.py runs, and the others bind its kernels by name at their own import
-_MODULES = ("config", "kernels", "checks", "tables", "scalars", "launch", "aot", "")
+_MODULES = ("config", "kernels", "rule_kernels", "checks", "tables", "scalars", "grid", "launch",
+            "rule_launch", "aot", "")
 
 
 def triton_backend():

@@ -50,9 +50,10 @@ from .aot import aot_compile, aot_variants
 from .checks import availability
 from .launch import (adam_ema, adam_ema_capturable, adam_ema_table, ema_only, sgd_ema,
                      sgd_ema_capturable, sgd_ema_table, sr_round)
+from .rule_launch import lamb_ema, lamb_moments, lars_ema, lion_ema
 
 NAME = "triton"
 
 __all__ = ["NAME", "availability", "adam_ema", "sgd_ema", "adam_ema_capturable",
            "sgd_ema_capturable", "adam_ema_table", "sgd_ema_table", "ema_only", "sr_round",
-           "aot_variants", "aot_compile"]
+           "lion_ema", "lars_ema", "lamb_moments", "lamb_ema", "aot_variants", "aot_compile"]

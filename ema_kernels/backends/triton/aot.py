@@ -8,8 +8,13 @@ from .._emas import MAX_EMAS
 from . import config
 from .config import triton
 from .kernels import (_adam_flat_kernel, _adam_list_kernel, _ema_flat_kernel,
+                      _ema_list_kernel,
                       _sgd_flat_kernel, _sgd_list_kernel)
 from .launch import _TL_DTYPES
+from .rule_kernels import (_chunk_sums_kernel, _lamb_ema_flat_kernel, _lamb_ema_list_kernel,
+                           _lamb_moments_flat_kernel, _lamb_moments_list_kernel,
+                           _lion_flat_kernel, _lion_list_kernel)
+from .rule_launch import _SUM_ROWS
 
 
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -22,7 +27,7 @@ def aot_variants():
     Variants: parameter dtype x {flat, list} x {AdamW/Adam, SGD} x the structural constexprs
     (the number of EMAs updated, 0..MAX_EMAS; AMSGrad or momentum; stochastic rounding for
     16-bit parameters; DEVICE_SCALARS, the capturable kernels, for the EMA counts in
-    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only flat kernel for 1..MAX_EMAS EMAs.  Flat
+    ``_AOT_DEVICE_SCALAR_EMAS``), and the EMA-only kernels (flat, list) for 1..MAX_EMAS EMAs.  Flat
     kernels get the 16-byte pointer alignment the JIT specialises on for ordinary (allocator-
     or flat-buffer-aligned) tensors; list kernels hint it themselves.
     """
@@ -61,25 +66,80 @@ def aot_variants():
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
             yield _variant(f"adam_list[{ty},emas={k},amsgrad={ams}{tag}]",
                            _adam_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
-        for mom, k, sr, dev in itertools.product((False, True), counts, srs, (False, True)):
-            if dev and k not in _AOT_DEVICE_SCALAR_EMAS:
+        # SGD, and LARS (TRUST: the per-tensor coefs) for the EMA counts of _AOT_RULE_EMAS
+        for trust, mom, k, sr, dev in itertools.product((False, True), (False, True), counts,
+                                                        srs, (False, True)):
+            if (dev and k not in _AOT_DEVICE_SCALAR_EMAS) or \
+                    (trust and k not in _AOT_RULE_EMAS):
                 continue
-            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, SR=sr, DEVICE_SCALARS=dev, BLOCK=config.BLOCK)
+            flags = dict(N_EMAS=k, HAS_MOMENTUM=mom, TRUST=trust, SR=sr, DEVICE_SCALARS=dev,
+                         BLOCK=config.BLOCK)
             tail = dict({s: "fp32" for s in sgd_scalars}, nesterov="i32", first_step="i32",
                         w0="fp32", w1="fp32", w2="fp32", w3="fp32", has_scale="i32", k0="i32",
-                        k1="i32", **device(dev, k))
+                        k1="i32", **device(dev, k), coefs_ptr="*fp32" if trust else "constexpr")
             tag = f"{_sr_tag(sr)}{_device_tag(dev)}"
+            name = "lars" if trust else "sgd"
             sig = dict(p_ptr=pt, g_ptr=pt, b_ptr="*fp32" if mom else "constexpr", **zs(k),
                        **amp, n="i32", **tail, sr_base="i64")
-            yield _variant(f"sgd_flat[{ty},emas={k},momentum={mom}{tag}]",
+            yield _variant(f"{name}_flat[{ty},emas={k},momentum={mom}{tag}]",
                            _sgd_flat_kernel, sig, flags)
             sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", **amp, **tail)
-            yield _variant(f"sgd_list[{ty},emas={k},momentum={mom}{tag}]",
+            yield _variant(f"{name}_list[{ty},emas={k},momentum={mom}{tag}]",
                            _sgd_list_kernel, sig, dict(flags, P_DTYPE=_TL_DTYPES[dtype]))
+        yield from _rule_variants(dtype, pt, ty, amp, srs, zs, device)
         for k in range(1, MAX_EMAS + 1):
             sig = dict(p_ptr=pt, **zs(k), n="i32", w0="fp32", w1="fp32", w2="fp32", w3="fp32")
             yield _variant(f"ema_flat[{ty},emas={k}]", _ema_flat_kernel, sig,
                            dict(N_EMAS=k, BLOCK=config.BLOCK))
+            sig = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32", w0="fp32", w1="fp32",
+                       w2="fp32", w3="fp32")
+            yield _variant(f"ema_list[{ty},emas={k}]", _ema_list_kernel, sig,
+                           dict(N_EMAS=k, BLOCK=config.BLOCK, P_DTYPE=_TL_DTYPES[dtype]))
+
+
+def _rule_variants(dtype, pt, ty, amp, srs, zs, device):
+    """Lion's and LAMB's kernels (rule_kernels.py) for one parameter dtype: the EMA counts of
+    ``_AOT_RULE_EMAS`` x SR x DEVICE_SCALARS, flat and list (LARS: the SGD kernels with TRUST,
+    in aot_variants)."""
+    import itertools
+    list_head = dict(table_ptr="*i64", n_tensors="i32", n_chunks="i32")
+    p_dtype = dict(P_DTYPE=_TL_DTYPES[dtype])
+    for k, sr, dev in itertools.product(_AOT_RULE_EMAS, srs, (False, True)):
+        flags = dict(N_EMAS=k, SR=sr, DEVICE_SCALARS=dev, BLOCK=config.BLOCK)
+        tag = f"{_sr_tag(sr)}{_device_tag(dev)}"
+        ws = dict(w0="fp32", w1="fp32", w2="fp32", w3="fp32")
+        tail = dict({s: "fp32" for s in ("grad_sign", "beta1", "beta1_w", "beta2", "beta2_w",
+                                         "weight_decay", "decay", "neg_lr")}, **ws,
+                    has_scale="i32", k0="i32", k1="i32", **device(dev, k))
+        sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", **zs(k), **amp, n="i32", **tail,
+                   sr_base="i64")
+        yield _variant(f"lion_flat[{ty},emas={k}{tag}]", _lion_flat_kernel, sig, flags)
+        yield _variant(f"lion_list[{ty},emas={k}{tag}]", _lion_list_kernel,
+                       dict(list_head, **amp, **tail), dict(flags, **p_dtype))
+        tail = dict(eps="fp32", weight_decay="fp32", bc1="fp32", bc2_sqrt="fp32", **ws,
+                    k0="i32", k1="i32", **device(dev, k))
+        sig = dict(p_ptr=pt, m_ptr="*fp32", v_ptr="*fp32", **zs(k), found_inf_ptr="*fp32",
+                   n="i32", step_ptr="*fp32", **tail, sr_base="i64")
+        yield _variant(f"lamb_ema_flat[{ty},emas={k}{tag}]", _lamb_ema_flat_kernel, sig, flags)
+        sig = dict(list_head, found_inf_ptr="*fp32", step_ptr="*fp32", **tail)
+        yield _variant(f"lamb_ema_list[{ty},emas={k}{tag}]", _lamb_ema_list_kernel, sig,
+                       dict(flags, **p_dtype))
+    for dev in (False, True):
+        flags = dict(DEVICE_SCALARS=dev, BLOCK=config.BLOCK)
+        tail = dict({s: "fp32" for s in ("grad_sign", "beta1_w", "beta2", "beta2_w", "eps",
+                                         "weight_decay", "bc1", "bc2_sqrt")}, has_scale="i32",
+                    sc_ptr="*fp32" if dev else "constexpr")
+        sig = dict(p_ptr=pt, g_ptr=pt, m_ptr="*fp32", v_ptr="*fp32", **amp, n="i32",
+                   part_ptr="*fp32", **tail)
+        yield _variant(f"lamb_moments_flat[{ty}{_device_tag(dev)}]", _lamb_moments_flat_kernel,
+                       sig, flags)
+        sig = dict(list_head, **amp, part_ptr="*fp32", **tail)
+        yield _variant(f"lamb_moments_list[{ty}{_device_tag(dev)}]", _lamb_moments_list_kernel,
+                       sig, dict(flags, **p_dtype))
+    if dtype == torch.float32:  # (not per dtype: it adds float32 sums)
+        sig = dict(list_head, part_ptr="*fp32", out_ptr="*fp32")
+        yield _variant("chunk_sums[fp32]", _chunk_sums_kernel, sig,
+                       dict(ROLES=4, BLOCK=config.BLOCK, RB=_SUM_ROWS))
 
 
 def _sr_tag(sr: bool) -> str:
@@ -99,6 +159,12 @@ def _device_tag(dev: bool) -> str:
 # axis (dtype, AMSGrad / momentum, SR, flat / list), at 3/5 of the compile time that all five
 # counts would add to the AOT tests (~1 s per variant and architecture).
 _AOT_DEVICE_SCALAR_EMAS = (0, 1, MAX_EMAS)
+
+# The EMA counts of the issue-25 rules' variants (LARS, Lion, LAMB): their one dependence on
+# N_EMAS is the EMA loads and updates of kernels.py's _load_emas / _store_emas, which Adam's and
+# SGD's variants compile for every count; 0, 1 and MAX_EMAS cover the rules' own code over every
+# other axis at 3/5 of the compile time.
+_AOT_RULE_EMAS = (0, 1, MAX_EMAS)
 
 
 def _variant(label, kernel, sig, flags):

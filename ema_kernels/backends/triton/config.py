@@ -25,4 +25,13 @@ except Exception as _e:  # pragma: no cover - exercised only where triton is mis
 BLOCK = 2048
 NUM_WARPS = 8
 
+# Persistent list launches (grid.py sizes them).  ``PROGRAMS``: None sizes the grid from the
+# device (a whole number of resident waves); an int caps every list launch at that many
+# programs on any device (tests force grids smaller than the chunk count with it).
+PROGRAMS = None
+# Under TRITON_INTERPRET=1 there is no device to size a wave from: this many programs, few on
+# purpose, so that every interpreted list launch of more chunks runs the persistent loop several
+# times per program (what the compiled kernels do on a GPU).
+INTERPRETER_PROGRAMS = 3
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -93,21 +93,24 @@ if triton is not None:
 
     # Several EMAs: up to MAX_EMAS (4) pointer arguments z0..z3 and weights w0..w3; N_EMAS
     # (constexpr) says how many are real, the others are never touched.  Every ζ_k moves
-    # towards the one stored θ with ATen's two-sided lerp (exact at weight 1).
+    # towards the one stored θ with ATen's two-sided lerp (exact at weight 1).  Every kernel
+    # issues all its loads before any math (stores cannot be proven not to alias later loads,
+    # so loads issued up front keep every stream's requests in flight together): the EMAs are
+    # loaded by _load_emas at the top and moved by _store_emas at the end.
 
     @triton.jit
-    def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
-                   mask, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
-                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, sr_start, k0, k1,
-                   N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr):
-        # All loads first: stores cannot be proven not to alias later loads, so issuing the
-        # loads up front keeps every stream's requests in flight together.
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask)
-        v = tl.load(v_ptr + offs, mask=mask)
-        if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask)
+    def _lerp(a, b, w):
+        """``a.lerp_(b, w)``: ATen's two-sided formula (exact at w = 1)."""
+        d = b - a
+        return tl.where(tl.abs(w) < 0.5, a + w * d, b - d * (1.0 - w))
+
+    @triton.jit
+    def _load_emas(z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, like, N_EMAS: tl.constexpr):
+        """ζ_0..ζ_{N_EMAS-1} (``like`` for the others: never used)."""
+        z0 = like
+        z1 = like
+        z2 = like
+        z3 = like
         if N_EMAS > 0:
             z0 = tl.load(z0_ptr + offs, mask=mask)
         if N_EMAS > 1:
@@ -116,17 +119,53 @@ if triton is not None:
             z2 = tl.load(z2_ptr + offs, mask=mask)
         if N_EMAS > 3:
             z3 = tl.load(z3_ptr + offs, mask=mask)
+        return z0, z1, z2, z3
 
-        if has_scale != 0:                      # a uniform branch: no division without AMP
+    @triton.jit
+    def _store_emas(theta, z0, z1, z2, z3, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1,
+                    w2, w3, N_EMAS: tl.constexpr):
+        """ζ_k.lerp_(θ as stored, w_k) for the N_EMAS EMAs, stored."""
+        if N_EMAS > 0:
+            tl.store(z0_ptr + offs, _lerp(z0, theta, w0), mask=mask)
+        if N_EMAS > 1:
+            tl.store(z1_ptr + offs, _lerp(z1, theta, w1), mask=mask)
+        if N_EMAS > 2:
+            tl.store(z2_ptr + offs, _lerp(z2, theta, w2), mask=mask)
+        if N_EMAS > 3:
+            tl.store(z3_ptr + offs, _lerp(z3, theta, w3), mask=mask)
+
+    @triton.jit
+    def _unscaled(g, scale, has_scale, grad_sign):
+        """The gradient unscaled (GradScaler's scale, a uniform branch: no division without
+        AMP) and negated for maximize (±1: exact)."""
+        if has_scale != 0:
             g = tl.div_rn(g, scale)
-        g = g * grad_sign                       # ±1: exact negation for maximize
+        return g * grad_sign
+
+    @triton.jit
+    def _moments(g, m, v, beta1_w, beta2, beta2_w):
+        """Adam's moments as torch forms them: ``m.lerp_(g, 1 − β1)``,
+        ``v.mul_(β2).addcmul_(g, g, value=1 − β2)``."""
+        return _lerp(m, g, beta1_w), v * beta2 + (beta2_w * g) * g
+
+    @triton.jit
+    def _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
+                   mask, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd, grad_sign,
+                   neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale, sr_start, k0, k1,
+                   N_EMAS: tl.constexpr, AMSGRAD: tl.constexpr, SR: tl.constexpr):
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask)
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=mask)
+        z0, z1, z2, z3 = _load_emas(z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, m, N_EMAS)
+
+        g = _unscaled(g, scale, has_scale, grad_sign)
         theta = theta * decay                   # decoupled: 1 − lr·λ; otherwise exactly 1
         if l2_wd != 0.0:
             g = g + l2_wd * theta
-        # m.lerp_(g, 1 − β1), ATen's two-sided formula (exact at weight 1)
-        diff = g - m
-        m = tl.where(tl.abs(beta1_w) < 0.5, m + beta1_w * diff, g - diff * (1.0 - beta1_w))
-        v = v * beta2 + (beta2_w * g) * g
+        m, v = _moments(g, m, v, beta1_w, beta2, beta2_w)
         if AMSGRAD:
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
             denom = tl.sqrt_rn(vmax)
@@ -140,45 +179,25 @@ if triton is not None:
         if AMSGRAD:
             tl.store(vmax_ptr + offs, vmax, mask=mask)
         stored = _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR)
-        # ζ_k.lerp_(θ as stored, 1 − ρ̂_k)
-        if N_EMAS > 0:
-            d = stored - z0
-            z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, stored - d * (1.0 - w0))
-            tl.store(z0_ptr + offs, z0, mask=mask)
-        if N_EMAS > 1:
-            d = stored - z1
-            z1 = tl.where(tl.abs(w1) < 0.5, z1 + w1 * d, stored - d * (1.0 - w1))
-            tl.store(z1_ptr + offs, z1, mask=mask)
-        if N_EMAS > 2:
-            d = stored - z2
-            z2 = tl.where(tl.abs(w2) < 0.5, z2 + w2 * d, stored - d * (1.0 - w2))
-            tl.store(z2_ptr + offs, z2, mask=mask)
-        if N_EMAS > 3:
-            d = stored - z3
-            z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, stored - d * (1.0 - w3))
-            tl.store(z3_ptr + offs, z3, mask=mask)
+        _store_emas(stored, z0, z1, z2, z3, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1,
+                    w2, w3, N_EMAS)
 
     @triton.jit
     def _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, scale,
-                  grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov, first_step,
-                  w0, w1, w2, w3, has_scale, sr_start, k0, k1, N_EMAS: tl.constexpr,
-                  HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr):
+                  grad_sign, weight_decay, ratio, momentum, dampening_w, neg_lr, nesterov,
+                  first_step, w0, w1, w2, w3, has_scale, sr_start, k0, k1, N_EMAS: tl.constexpr,
+                  HAS_MOMENTUM: tl.constexpr, TRUST: tl.constexpr, SR: tl.constexpr):
+        """SGD, and LARS (``TRUST``: the direction g + λθ times the tensor's trust ratio
+        before the momentum, Lightning Bolts' order)."""
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
         theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        if N_EMAS > 0:
-            z0 = tl.load(z0_ptr + offs, mask=mask)
-        if N_EMAS > 1:
-            z1 = tl.load(z1_ptr + offs, mask=mask)
-        if N_EMAS > 2:
-            z2 = tl.load(z2_ptr + offs, mask=mask)
-        if N_EMAS > 3:
-            z3 = tl.load(z3_ptr + offs, mask=mask)
+        z0, z1, z2, z3 = _load_emas(z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, theta, N_EMAS)
 
-        if has_scale != 0:
-            g = tl.div_rn(g, scale)
-        g = g * grad_sign
+        g = _unscaled(g, scale, has_scale, grad_sign)
         if weight_decay != 0.0:
             g = g + weight_decay * theta
+        if TRUST:
+            g = g * ratio
         if HAS_MOMENTUM:
             if first_step != 0:                 # the buffer holds nothing yet: not read
                 buf = g
@@ -193,22 +212,8 @@ if triton is not None:
         theta = theta + neg_lr * g
 
         stored = _store_param(p_ptr, offs, theta, mask, sr_start, k0, k1, SR)
-        if N_EMAS > 0:
-            d = stored - z0
-            z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, stored - d * (1.0 - w0))
-            tl.store(z0_ptr + offs, z0, mask=mask)
-        if N_EMAS > 1:
-            d = stored - z1
-            z1 = tl.where(tl.abs(w1) < 0.5, z1 + w1 * d, stored - d * (1.0 - w1))
-            tl.store(z1_ptr + offs, z1, mask=mask)
-        if N_EMAS > 2:
-            d = stored - z2
-            z2 = tl.where(tl.abs(w2) < 0.5, z2 + w2 * d, stored - d * (1.0 - w2))
-            tl.store(z2_ptr + offs, z2, mask=mask)
-        if N_EMAS > 3:
-            d = stored - z3
-            z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, stored - d * (1.0 - w3))
-            tl.store(z3_ptr + offs, z3, mask=mask)
+        _store_emas(stored, z0, z1, z2, z3, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1,
+                    w2, w3, N_EMAS)
 
     @triton.jit
     def _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS: tl.constexpr):
@@ -248,6 +253,7 @@ if triton is not None:
                           AMSGRAD: tl.constexpr, SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr,
                           BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK   # 64-bit offsets
+        sr_start = sr_base + start
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         # GradScaler's tensors (or the host's stand-ins), read on the device: no host sync
         scale = tl.load(grad_scale_ptr)
@@ -261,65 +267,54 @@ if triton is not None:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
             else:
                 _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
                            offs, offs < n, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
                            grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+                           sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
+
+    # LARS is SGD with TRUST: ``coefs_ptr`` holds the tensor's (trust ratio, weight decay)
+    # (flat: the caller's row for this tensor; list: the (n, 2) tensor, indexed by the table's
+    # per-tensor position row), replacing the ``weight_decay`` argument.
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_flat_kernel(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, grad_scale_ptr,
                          found_inf_ptr, n, grad_sign, weight_decay, momentum, dampening_w,
                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base, k0,
-                         k1, sc_ptr, ew_ptr, N_EMAS: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                         SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
+                         k1, sc_ptr, ew_ptr, coefs_ptr, N_EMAS: tl.constexpr,
+                         HAS_MOMENTUM: tl.constexpr, TRUST: tl.constexpr, SR: tl.constexpr,
+                         DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BLOCK
+        sr_start = sr_base + start
         offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             if DEVICE_SCALARS:
                 neg_lr = -tl.load(sc_ptr)
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
+            ratio = 1.0
+            if TRUST:
+                ratio = tl.load(coefs_ptr)
+                weight_decay = tl.load(coefs_ptr + 1)
             if start + BLOCK <= n:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
-                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                          first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0, k1, N_EMAS,
-                          HAS_MOMENTUM, SR)
+                          grad_sign, weight_decay, ratio, momentum, dampening_w, neg_lr,
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_start, k0,
+                          k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
             else:
                 _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < n,
-                          scale, grad_sign, weight_decay, momentum, dampening_w, neg_lr,
-                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0,
-                          k1, N_EMAS, HAS_MOMENTUM, SR)
+                          scale, grad_sign, weight_decay, ratio, momentum, dampening_w, neg_lr,
+                          nesterov, first_step, w0, w1, w2, w3, has_scale, sr_start, k0,
+                          k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
 
     @triton.jit
     def _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1, w2, w3,
                   N_EMAS: tl.constexpr):
         theta = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        if N_EMAS > 0:
-            z0 = tl.load(z0_ptr + offs, mask=mask)
-        if N_EMAS > 1:
-            z1 = tl.load(z1_ptr + offs, mask=mask)
-        if N_EMAS > 2:
-            z2 = tl.load(z2_ptr + offs, mask=mask)
-        if N_EMAS > 3:
-            z3 = tl.load(z3_ptr + offs, mask=mask)
-        if N_EMAS > 0:
-            d = theta - z0
-            z0 = tl.where(tl.abs(w0) < 0.5, z0 + w0 * d, theta - d * (1.0 - w0))
-            tl.store(z0_ptr + offs, z0, mask=mask)
-        if N_EMAS > 1:
-            d = theta - z1
-            z1 = tl.where(tl.abs(w1) < 0.5, z1 + w1 * d, theta - d * (1.0 - w1))
-            tl.store(z1_ptr + offs, z1, mask=mask)
-        if N_EMAS > 2:
-            d = theta - z2
-            z2 = tl.where(tl.abs(w2) < 0.5, z2 + w2 * d, theta - d * (1.0 - w2))
-            tl.store(z2_ptr + offs, z2, mask=mask)
-        if N_EMAS > 3:
-            d = theta - z3
-            z3 = tl.where(tl.abs(w3) < 0.5, z3 + w3 * d, theta - d * (1.0 - w3))
-            tl.store(z3_ptr + offs, z3, mask=mask)
+        z0, z1, z2, z3 = _load_emas(z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, theta, N_EMAS)
+        _store_emas(theta, z0, z1, z2, z3, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, mask, w0, w1,
+                    w2, w3, N_EMAS)
 
     @triton.jit(do_not_specialize=["n"])
     def _ema_flat_kernel(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, n, w0, w1, w2, w3,
@@ -338,6 +333,54 @@ if triton is not None:
     # sizes, then n_chunks chunk tensor indices and n_chunks chunk starts (multiples of BLOCK).
     # The host sends only tensors whose addresses are all 16-byte aligned (the others take the
     # flat kernel), so the pointers are hinted 16-byte aligned and the accesses vectorise.
+    #
+    # Persistent grid (issue 24 §2): program p runs chunks p, p + P, p + 2P, ... (P programs,
+    # a whole number of resident waves, sized by grid.py), so a launch of any size is one wave
+    # of long-lived programs instead of a queue of short ones; a chunk's work does not depend on
+    # the program that runs it, so every grid gives the same bits.
+
+    # Table indices are formed in 32 bits (tensor index + row offset) before they meet the
+    # 64-bit table pointer: the loop-invariant row offsets then cost one register each across
+    # the persistent loop instead of a 64-bit byte offset each (the fp16 AMSGrad SR 3-EMA
+    # kernel spilled on sm_80 otherwise).
+
+    @triton.jit
+    def _chunk(table_ptr, roles, n_tensors, n_chunks, c, SR: tl.constexpr, BLOCK: tl.constexpr):
+        """Chunk ``c`` of a list launch over a table of ``roles`` address rows: (tensor index
+        t, the chunk's first element, t's size, the element index of the chunk's first element
+        for stochastic rounding: t's base from the SR row plus the start, or just the start)."""
+        chunk_rows = (roles + 1) * n_tensors
+        t = tl.load(table_ptr + (chunk_rows + c)).to(tl.int32)
+        start = tl.multiple_of(tl.load(table_ptr + (chunk_rows + n_chunks + c)), BLOCK)
+        sr_start = start
+        if SR:
+            sr_start += tl.load(table_ptr + (chunk_rows + 2 * n_chunks + t))
+        return t, start, tl.load(table_ptr + (roles * n_tensors + t)), sr_start
+
+    @triton.jit
+    def _role(table_ptr, t, k, n_tensors, DTYPE: tl.constexpr):
+        """Role ``k``'s address of table column ``t``, as a 16-byte aligned ``DTYPE`` pointer
+        (the host checked the alignment)."""
+        return tl.multiple_of(tl.load(table_ptr + (t + k * n_tensors)).to(
+            tl.pointer_type(DTYPE)), 16)
+
+    @triton.jit
+    def _ema_roles(table_ptr, t, first, n_tensors, like, N_EMAS: tl.constexpr):
+        """The ζ pointers of table column ``t`` (rows ``first`` ..), ``like`` where the EMA is
+        absent (never dereferenced)."""
+        z0_ptr = like
+        z1_ptr = like
+        z2_ptr = like
+        z3_ptr = like
+        if N_EMAS > 0:
+            z0_ptr = _role(table_ptr, t, first, n_tensors, tl.float32)
+        if N_EMAS > 1:
+            z1_ptr = _role(table_ptr, t, first + 1, n_tensors, tl.float32)
+        if N_EMAS > 2:
+            z2_ptr = _role(table_ptr, t, first + 2, n_tensors, tl.float32)
+        if N_EMAS > 3:
+            z3_ptr = _role(table_ptr, t, first + 3, n_tensors, tl.float32)
+        return z0_ptr, z1_ptr, z2_ptr, z3_ptr
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _adam_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
@@ -347,13 +390,6 @@ if triton is not None:
                           SR: tl.constexpr, DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         # rows: θ, g, m, v, vmax, ζ0, ζ1, ζ2, ζ3, sizes; with SR a row of element-index bases
         # after the chunk rows
-        pid = tl.program_id(0)
-        t = tl.load(table_ptr + 10 * n_tensors + pid)
-        start = tl.multiple_of(tl.load(table_ptr + 10 * n_tensors + n_chunks + pid), BLOCK)
-        numel = tl.load(table_ptr + 9 * n_tensors + t)
-        sr_base = 0
-        if SR:
-            sr_base = tl.load(table_ptr + 10 * n_tensors + 2 * n_chunks + t)
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             if DEVICE_SCALARS:
@@ -361,111 +397,106 @@ if triton is not None:
                 bc2_sqrt = tl.load(sc_ptr + 1)
                 decay = tl.load(sc_ptr + 2)
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
-            row = table_ptr + t
-            p_ptr = tl.multiple_of(
-                tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
-            g_ptr = tl.multiple_of(
-                tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
-            m_ptr = tl.multiple_of(
-                tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            v_ptr = tl.multiple_of(
-                tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            vmax_ptr = m_ptr
-            if AMSGRAD:
-                vmax_ptr = tl.multiple_of(
-                    tl.load(row + 4 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            z0_ptr = m_ptr
-            z1_ptr = m_ptr
-            z2_ptr = m_ptr
-            z3_ptr = m_ptr
-            if N_EMAS > 0:
-                z0_ptr = tl.multiple_of(
-                    tl.load(row + 5 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            if N_EMAS > 1:
-                z1_ptr = tl.multiple_of(
-                    tl.load(row + 6 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            if N_EMAS > 2:
-                z2_ptr = tl.multiple_of(
-                    tl.load(row + 7 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            if N_EMAS > 3:
-                z3_ptr = tl.multiple_of(
-                    tl.load(row + 8 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
-            if start + BLOCK <= numel:
-                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
-                           offs, None, scale, beta1_w, beta2, beta2_w, eps, decay, l2_wd,
-                           grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3, has_scale,
-                           sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
-            else:
-                _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr,
-                           offs, offs < numel, scale, beta1_w, beta2, beta2_w, eps, decay,
-                           l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
-                           has_scale, sr_base + start, k0, k1, N_EMAS, AMSGRAD, SR)
+            for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+                t, start, numel, sr_start = _chunk(table_ptr, 9, n_tensors, n_chunks, c, SR,
+                                                   BLOCK)
+                p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
+                g_ptr = _role(table_ptr, t, 1, n_tensors, P_DTYPE)
+                m_ptr = _role(table_ptr, t, 2, n_tensors, tl.float32)
+                v_ptr = _role(table_ptr, t, 3, n_tensors, tl.float32)
+                vmax_ptr = m_ptr
+                if AMSGRAD:
+                    vmax_ptr = _role(table_ptr, t, 4, n_tensors, tl.float32)
+                z0_ptr, z1_ptr, z2_ptr, z3_ptr = _ema_roles(table_ptr, t, 5, n_tensors, m_ptr,
+                                                              N_EMAS)
+                offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+                if start + BLOCK <= numel:
+                    _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr,
+                               z3_ptr, offs, None, scale, beta1_w, beta2, beta2_w, eps, decay,
+                               l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
+                               has_scale, sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
+                else:
+                    _adam_math(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, z0_ptr, z1_ptr, z2_ptr,
+                               z3_ptr, offs, offs < numel, scale, beta1_w, beta2, beta2_w, eps,
+                               decay, l2_wd, grad_sign, neg_step_size, bc2_sqrt, w0, w1, w2, w3,
+                               has_scale, sr_start, k0, k1, N_EMAS, AMSGRAD, SR)
+
+    @triton.jit
+    def _tensor_position(table_ptr, chunk_rows, n_tensors, n_chunks, t, SR: tl.constexpr):
+        """Table column ``t``'s position in the caller's lists (the per-tensor kernels' row
+        after the chunk rows and, with SR, the element-index bases)."""
+        row = chunk_rows + 2 * n_chunks
+        if SR:
+            row += n_tensors
+        return tl.load(table_ptr + (row + t))
 
     @triton.jit(do_not_specialize=_NO_SPEC)
     def _sgd_list_kernel(table_ptr, n_tensors, n_chunks, grad_scale_ptr, found_inf_ptr,
                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
                          first_step, w0, w1, w2, w3, has_scale, k0, k1, sc_ptr, ew_ptr,
-                         P_DTYPE: tl.constexpr, N_EMAS: tl.constexpr,
-                         HAS_MOMENTUM: tl.constexpr, SR: tl.constexpr,
+                         coefs_ptr, P_DTYPE: tl.constexpr, N_EMAS: tl.constexpr,
+                         HAS_MOMENTUM: tl.constexpr, TRUST: tl.constexpr, SR: tl.constexpr,
                          DEVICE_SCALARS: tl.constexpr, BLOCK: tl.constexpr):
         # rows: θ, g, momentum buffer, ζ0, ζ1, ζ2, ζ3, sizes; with SR a row of element-index
-        # bases after the chunk rows
-        pid = tl.program_id(0)
-        t = tl.load(table_ptr + 8 * n_tensors + pid)
-        start = tl.multiple_of(tl.load(table_ptr + 8 * n_tensors + n_chunks + pid), BLOCK)
-        numel = tl.load(table_ptr + 7 * n_tensors + t)
-        sr_base = 0
-        if SR:
-            sr_base = tl.load(table_ptr + 8 * n_tensors + 2 * n_chunks + t)
+        # bases after the chunk rows; with TRUST the positions and first chunks after those
         scale = tl.load(grad_scale_ptr)
         if tl.load(found_inf_ptr) == 0.0:
             if DEVICE_SCALARS:
                 neg_lr = -tl.load(sc_ptr)
                 w0, w1, w2, w3 = _device_weights(ew_ptr, w0, w1, w2, w3, N_EMAS)
-            row = table_ptr + t
-            p_ptr = tl.multiple_of(
-                tl.load(row).to(tl.pointer_type(P_DTYPE)), 16)
-            g_ptr = tl.multiple_of(
-                tl.load(row + n_tensors).to(tl.pointer_type(P_DTYPE)), 16)
-            b_ptr = p_ptr
-            if HAS_MOMENTUM:
-                b_ptr = tl.multiple_of(
-                    tl.load(row + 2 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            z0_ptr = p_ptr
-            z1_ptr = p_ptr
-            z2_ptr = p_ptr
-            z3_ptr = p_ptr
-            if N_EMAS > 0:
-                z0_ptr = tl.multiple_of(
-                    tl.load(row + 3 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            if N_EMAS > 1:
-                z1_ptr = tl.multiple_of(
-                    tl.load(row + 4 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            if N_EMAS > 2:
-                z2_ptr = tl.multiple_of(
-                    tl.load(row + 5 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
-            if N_EMAS > 3:
-                z3_ptr = tl.multiple_of(
-                    tl.load(row + 6 * n_tensors).to(tl.pointer_type(tl.float32)), 16)
+            for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+                t, start, numel, sr_start = _chunk(table_ptr, 7, n_tensors, n_chunks, c, SR,
+                                                   BLOCK)
+                wd = weight_decay
+                ratio = 1.0
+                if TRUST:
+                    i = _tensor_position(table_ptr, 8 * n_tensors, n_tensors, n_chunks, t, SR)
+                    ratio = tl.load(coefs_ptr + 2 * i)
+                    wd = tl.load(coefs_ptr + 2 * i + 1)
+                p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
+                g_ptr = _role(table_ptr, t, 1, n_tensors, P_DTYPE)
+                b_ptr = p_ptr
+                if HAS_MOMENTUM:
+                    b_ptr = _role(table_ptr, t, 2, n_tensors, tl.float32)
+                z0_ptr, z1_ptr, z2_ptr, z3_ptr = _ema_roles(table_ptr, t, 3, n_tensors, p_ptr,
+                                                              N_EMAS)
+                offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
+                if start + BLOCK <= numel:
+                    _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None,
+                              scale, grad_sign, wd, ratio, momentum, dampening_w, neg_lr,
+                              nesterov, first_step, w0, w1, w2, w3, has_scale, sr_start,
+                              k0, k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
+                else:
+                    _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
+                              offs < numel, scale, grad_sign, wd, ratio, momentum, dampening_w,
+                              neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
+                              sr_start, k0, k1, N_EMAS, HAS_MOMENTUM, TRUST, SR)
+
+    @triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
+    def _ema_list_kernel(table_ptr, n_tensors, n_chunks, w0, w1, w2, w3, P_DTYPE: tl.constexpr,
+                         N_EMAS: tl.constexpr, BLOCK: tl.constexpr):
+        """EMA only over a tensor list (WithEMA's one launch per set, the frozen parameters of a
+        fused step): rows θ, ζ0, ζ1, ζ2, ζ3, sizes, then the chunk rows."""
+        for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+            t, start, numel, _ = _chunk(table_ptr, 5, n_tensors, n_chunks, c, False,
+                                        BLOCK)
+            p_ptr = _role(table_ptr, t, 0, n_tensors, P_DTYPE)
+            z0_ptr, z1_ptr, z2_ptr, z3_ptr = _ema_roles(table_ptr, t, 1, n_tensors, p_ptr,
+                                                          N_EMAS)
             offs = tl.max_contiguous(start + tl.arange(0, BLOCK), 4)
             if start + BLOCK <= numel:
-                _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, scale,
-                          grad_sign, weight_decay, momentum, dampening_w, neg_lr, nesterov,
-                          first_step, w0, w1, w2, w3, has_scale, sr_base + start, k0, k1, N_EMAS,
-                          HAS_MOMENTUM, SR)
+                _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, None, w0, w1, w2, w3,
+                          N_EMAS)
             else:
-                _sgd_math(p_ptr, g_ptr, b_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs,
-                          offs < numel, scale, grad_sign, weight_decay, momentum, dampening_w,
-                          neg_lr, nesterov, first_step, w0, w1, w2, w3, has_scale,
-                          sr_base + start, k0, k1, N_EMAS, HAS_MOMENTUM, SR)
-
+                _ema_math(p_ptr, z0_ptr, z1_ptr, z2_ptr, z3_ptr, offs, offs < numel, w0, w1, w2,
+                          w3, N_EMAS)
 
     @triton.jit(do_not_specialize=["n", "sr_base", "k0", "k1"])
     def _sr_round_kernel(x_ptr, out_ptr, n, sr_base, k0, k1, BLOCK: tl.constexpr):
         """Stochastic rounding alone (the kernels' _store_param with SR): for the tests."""
         start = tl.program_id(0).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
+        sr_start = sr_base + start
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
-        _store_param(out_ptr, offs, x, mask, sr_base + start, k0, k1, True)
+        _store_param(out_ptr, offs, x, mask, sr_start, k0, k1, True)

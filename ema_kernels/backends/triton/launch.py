@@ -10,10 +10,11 @@ import torch
 
 from .. import _sr
 from .._emas import MAX_EMAS
-from . import config
+from . import config, grid
 from .checks import _check_lists, _device_scalar
 from .config import tl, triton
 from .kernels import (_adam_flat_kernel, _adam_list_kernel, _ema_flat_kernel,
+                      _ema_list_kernel,
                       _sgd_flat_kernel, _sgd_list_kernel, _sr_round_kernel)
 from .scalars import (_NO_WEIGHTS, _adam_device_scalars, _adam_scalars, _as_i32, _ema_roles,
                       _ema_roles_capturable, _sgd_scalars, _sr_scalars)
@@ -74,63 +75,100 @@ if triton is not None:
                   torch.float16: tl.float16}
 
 
+def _run_list(kernel, table, n_tensors: int, n_chunks: int, device, dtype, amp: tuple,
+              scalars: dict, flags: dict) -> None:
+    """One persistent list launch over ``table`` (``n_tensors`` tensors, ``n_chunks`` chunks):
+    its grid from grid.py (a whole number of resident waves), learnt from the first launch of
+    the variant on the device."""
+    key = (device, kernel, dtype, config.NUM_WARPS, tuple(flags.items()))
+    n_prog = grid.programs(key, device, n_chunks)
+    compiled = kernel[(n_prog,)](table, n_tensors, n_chunks, *amp, **scalars,
+                                 P_DTYPE=_TL_DTYPES[dtype], **flags, num_warps=config.NUM_WARPS)
+    if n_prog == n_chunks:
+        grid.record(key, device, compiled)
+
+
+def _split(roles: List[Optional[Sequence[Tensor]]]):
+    """``(flat, groups)`` of a call over ``roles`` = [params, ...]: the non-empty tensors
+    launched flat (an address of any role not 16-byte aligned: the list kernels assume it, so
+    their accesses vectorise) and the others by parameter dtype."""
+    params = roles[0]
+    addrs = [None if r is None else [t.data_ptr() for t in r] for r in roles]
+    flat: List[int] = []
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        if all(a is None or a[i] % 16 == 0 for a in addrs):
+            groups.setdefault(p.dtype, []).append(i)
+        else:
+            flat.append(i)
+    return flat, groups, addrs
+
+
+def _list_table(addrs, params, idx, device, sr_offsets, positions: bool):
+    """The device table of the list launch over tensors ``idx`` (see tables._table)."""
+    sub = [[0] * len(idx) if a is None else [a[i] for i in idx] for a in addrs]
+    return _table(sub, [params[i].numel() for i in idx], device,
+                  None if sr_offsets is None else [sr_offsets[i] for i in idx],
+                  idx if positions else None)
+
+
 def _launch(flat_kernel, list_kernel, roles: List[Optional[Sequence[Tensor]]], device,
-            grad_scale, found_inf, scalars: dict, flags: dict,
-            sr_offsets: Optional[List[int]] = None) -> None:
+            amp: tuple, scalars: dict, flags: dict,
+            sr_offsets: Optional[List[int]] = None, per_tensor=None) -> None:
     """Run the update over ``roles`` = [params, grads, state..., emas] (``None``: role absent).
 
-    One tensor: the flat kernel.  Several: one tensor-list launch per parameter dtype for the
-    tensors whose every address is 16-byte aligned (the list kernel assumes it, so its accesses
-    vectorise); a tensor with a misaligned address (an odd-offset view) gets its own flat launch.
+    ``amp``: the kernels' arguments after the roles (flat) or the table (list): ``(grad_scale,
+    found_inf)``, or what the kernel takes there.  One tensor: the flat kernel.  Several: one
+    tensor-list launch per parameter dtype, a flat launch for a tensor with a misaligned
+    address (an odd-offset view) or alone in its dtype (:func:`_split`).
 
     ``sr_offsets`` (stochastic rounding on, ``flags["SR"]``): each tensor's element-index base,
     passed to a flat launch as ``sr_base`` and to a list launch in its table.
+
+    ``per_tensor`` (the per-tensor kernels, LARS and LAMB): ``(flat_args, list_args)``:
+    ``flat_args(i)`` the flat launch of tensor ``i``'s extra keyword arguments (its row of a
+    per-tensor tensor), ``list_args`` a list launch's (the whole tensor), whose table then
+    carries each tensor's position ``i`` in these lists.
     """
     params = roles[0]
 
     def flat(i):
         n = params[i].numel()
+        extra = {} if per_tensor is None else per_tensor[0](i)
+        if "SR" in flags:
+            extra["sr_base"] = sr_offsets[i] if sr_offsets is not None else 0
         flat_kernel[(triton.cdiv(n, config.BLOCK),)](
-            *[None if r is None else r[i] for r in roles], grad_scale, found_inf, n,
-            **scalars, sr_base=sr_offsets[i] if sr_offsets is not None else 0, **flags,
-            num_warps=config.NUM_WARPS)
+            *[None if r is None else r[i] for r in roles], *amp, n, **scalars, **extra,
+            **flags, num_warps=config.NUM_WARPS)
 
     with _DeviceGuard(device):
         if len(params) == 1:
             if params[0].numel() > 0:
                 flat(0)
             return
-        addrs = [None if r is None else [t.data_ptr() for t in r] for r in roles]
-        numels = [p.numel() for p in params]
-        groups: Dict[torch.dtype, List[int]] = {}
-        for i, p in enumerate(params):
-            if numels[i] == 0:
-                continue
-            if all(a is None or a[i] % 16 == 0 for a in addrs):
-                groups.setdefault(p.dtype, []).append(i)
-            else:
-                flat(i)
+        singles, groups, addrs = _split(roles)
+        for i in singles:
+            flat(i)
         for dtype, idx in groups.items():
             if len(idx) == 1:
                 flat(idx[0])
                 continue
-            sub = [[0] * len(idx) if a is None else [a[i] for i in idx] for a in addrs]
-            table, n_chunks = _table(sub, [numels[i] for i in idx], device,
-                                     None if sr_offsets is None else
-                                     [sr_offsets[i] for i in idx])
-            list_kernel[(n_chunks,)](table, len(idx), n_chunks, grad_scale, found_inf,
-                                     **scalars, P_DTYPE=_TL_DTYPES[dtype], **flags,
-                                     num_warps=config.NUM_WARPS)
+            table, n_chunks = _list_table(addrs, params, idx, device, sr_offsets,
+                                          per_tensor is not None)
+            _run_list(list_kernel, table, len(idx), n_chunks, device, dtype, amp,
+                      scalars if per_tensor is None else dict(scalars, **per_tensor[1]), flags)
 
 
-def _launch_step(what, flat_kernel, list_kernel, roles, device, grad_scale, found_inf,
-                 scalars: dict, sr_args: tuple, **flags) -> None:
+def _launch_step(what, flat_kernel, list_kernel, roles, device, amp: tuple, scalars: dict,
+                 sr_args: tuple, per_tensor=None, **flags) -> None:
     """The tail every optimizer launcher shares: the stochastic-rounding key into ``scalars``
     (``sr_args`` = stochastic_rounding, sr_seed, sr_step, sr_offsets), then :func:`_launch`
     with the structural ``flags`` plus ``SR`` and ``BLOCK``."""
     sr_flag, sr_offsets = _sr_scalars(what, roles[0], scalars, *sr_args)
-    _launch(flat_kernel, list_kernel, roles, device, grad_scale, found_inf, scalars,
-            dict(flags, SR=sr_flag, BLOCK=config.BLOCK), sr_offsets)
+    _launch(flat_kernel, list_kernel, roles, device, amp, scalars,
+            dict(flags, SR=sr_flag, BLOCK=config.BLOCK), sr_offsets, per_tensor)
 
 
 def _table_common(dtype, device, ema_weight, grad_scale, found_inf, sr_seed, sr_step):
@@ -154,10 +192,9 @@ def _launch_table(kernel, table, state_rows, dtype, device, n_emas, sr, grad_sca
     if n_chunks == 0:
         return
     with _DeviceGuard(device):
-        kernel[(n_chunks,)](_device_table(host, key, device), len(table), n_chunks, grad_scale,
-                            found_inf, **scalars, P_DTYPE=_TL_DTYPES[dtype], N_EMAS=n_emas,
-                            SR=sr, DEVICE_SCALARS=False, BLOCK=config.BLOCK,
-                            num_warps=config.NUM_WARPS, **flags)
+        _run_list(kernel, _device_table(host, key, device), len(table), n_chunks, device, dtype,
+                  (grad_scale, found_inf), scalars,
+                  dict(N_EMAS=n_emas, **flags, SR=sr, DEVICE_SCALARS=False, BLOCK=config.BLOCK))
 
 
 def adam_ema_table(table, dtype: torch.dtype, device: torch.device, *, amsgrad: bool,
@@ -186,7 +223,7 @@ def sgd_ema_table(table, dtype: torch.dtype, device: torch.device, *, lr: float,
     scalars = _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize,
                            first_step, ws, has_scale)
     _launch_table(_sgd_list_kernel, table, 1, dtype, device, n_emas, sr, gs, fi, scalars,
-                  HAS_MOMENTUM=momentum != 0)
+                  HAS_MOMENTUM=momentum != 0, TRUST=False)
 
 
 def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -212,7 +249,7 @@ def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                             step_size, bias_correction2_sqrt, ws, has_scale)
     _launch_step("adam_ema", _adam_flat_kernel, _adam_list_kernel,
                  [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs] + z_roles,
-                 device, grad_scale, found_inf, scalars,
+                 device, (grad_scale, found_inf), scalars,
                  (stochastic_rounding, sr_seed, sr_step, sr_offsets),
                  N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, DEVICE_SCALARS=False)
 
@@ -241,9 +278,9 @@ def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optiona
                            first_step, ws, has_scale)
     _launch_step("sgd_ema", _sgd_flat_kernel, _sgd_list_kernel,
                  [params, grads, momentum_buffers] + z_roles,
-                 device, grad_scale, found_inf, scalars,
+                 device, (grad_scale, found_inf), scalars,
                  (stochastic_rounding, sr_seed, sr_step, sr_offsets),
-                 N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, DEVICE_SCALARS=False)
+                 N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, TRUST=False, DEVICE_SCALARS=False)
 
 
 def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -284,7 +321,7 @@ def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: Lis
                                                decoupled), ew_ptr=ew)
     _launch_step(what, _adam_flat_kernel, _adam_list_kernel,
                  [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs] + z_roles,
-                 device, grad_scale, found_inf, scalars,
+                 device, (grad_scale, found_inf), scalars,
                  (stochastic_rounding, sr_seed, sr_step, sr_offsets),
                  N_EMAS=n_emas, AMSGRAD=max_exp_avg_sqs is not None, DEVICE_SCALARS=True)
 
@@ -321,15 +358,15 @@ def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
     scalars.update(sc_ptr=lr, ew_ptr=ew)
     _launch_step(what, _sgd_flat_kernel, _sgd_list_kernel,
                  [params, grads, momentum_buffers] + z_roles,
-                 device, grad_scale, found_inf, scalars,
+                 device, (grad_scale, found_inf), scalars,
                  (stochastic_rounding, sr_seed, sr_step, sr_offsets),
-                 N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, DEVICE_SCALARS=True)
+                 N_EMAS=n_emas, HAS_MOMENTUM=has_momentum, TRUST=False, DEVICE_SCALARS=True)
 
 
 def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
     """ζ_k += w_k (θ − ζ_k) for parameters that took no optimizer step but whose EMA clock
-    ticked: one flat launch per parameter, θ read once for all its EMAs.  (This path serves
-    only the parameters without a gradient on a step, so it has no tensor-list kernel.)"""
+    ticked (and WithEMA's EMAs after any optimizer's step): θ read once for all its EMAs, one
+    list launch per parameter dtype (misaligned tensors flat, as every op)."""
     if not params:
         return
     z_roles, ws, n_emas = _ema_roles("ema_only", emas, ema_weight, len(params))
@@ -338,14 +375,8 @@ def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> Non
     device = _check_lists("ema_only", params, params,
                           [(f"emas[{k}]" if n_emas > 1 else "emas", z) for k, z in
                            enumerate(z_roles)], None, None)
-    with _DeviceGuard(device):
-        for i, p in enumerate(params):
-            n = p.numel()
-            if n == 0:
-                continue
-            _ema_flat_kernel[(triton.cdiv(n, config.BLOCK),)](
-                p, *[None if z is None else z[i] for z in z_roles], n, **ws, N_EMAS=n_emas,
-                BLOCK=config.BLOCK, num_warps=config.NUM_WARPS)
+    _launch(_ema_flat_kernel, _ema_list_kernel, [params] + z_roles, device, (), ws,
+            dict(N_EMAS=n_emas, BLOCK=config.BLOCK))
 
 
 def sr_round(x: Tensor, dtype: torch.dtype, seed: int, step: int, base: int = 0) -> Tensor:

@@ -88,5 +88,5 @@ def _sgd_scalars(lr, momentum, dampening, weight_decay, nesterov, maximize, firs
     return dict(grad_sign=-1.0 if maximize else 1.0, weight_decay=weight_decay,
                 momentum=momentum, dampening_w=1.0 - dampening, neg_lr=-lr,
                 nesterov=int(bool(nesterov)), first_step=int(bool(first_step)), **ws,
-                has_scale=has_scale, sc_ptr=None, ew_ptr=None)
+                has_scale=has_scale, sc_ptr=None, ew_ptr=None, coefs_ptr=None)
 

@@ -37,18 +37,21 @@ _table_cache: Dict[tuple, Tuple[Tensor, int]] = {}
 
 
 def _table(addrs: List[List[int]], numels: List[int], device: torch.device,
-           bases: Optional[List[int]] = None):
+           bases: Optional[List[int]] = None, index: Optional[List[int]] = None):
     """The address / size / chunk table of a tensor-list launch, on ``device``.
 
     Layout (int64): ``roles × n`` addresses (0 for an absent role), ``n`` sizes, ``C`` chunk
-    tensor indices, ``C`` chunk starts (multiples of config.BLOCK), and with stochastic rounding
-    ``n`` element-index bases (``bases``) at the end, where only the SR kernels look.  Built on the host with a few
-    vectorised torch ops and sent in one host→device copy; the device table is cached by its
-    content (addresses and sizes), so a steady-state step with the same tensors copies nothing.
+    tensor indices, ``C`` chunk starts (multiples of config.BLOCK); with stochastic rounding
+    ``n`` element-index bases (``bases``), where only the SR kernels look; and for the
+    per-tensor kernels (LARS, LAMB) ``n`` positions (``index``: each tensor's place in the
+    caller's lists, where its per-tensor values are) and ``n`` first chunks (the chunk rows'
+    first entry of each tensor).  Built on the host with a few vectorised torch ops and sent in
+    one host→device copy; the device table is cached by its content (addresses and sizes), so
+    a steady-state step with the same tensors copies nothing.
     """
     flat_addrs = [a for row in addrs for a in row]
     key = (device, config.BLOCK, tuple(flat_addrs), tuple(numels),
-           None if bases is None else tuple(bases))
+           None if bases is None else tuple(bases), None if index is None else tuple(index))
     hit = _table_cache.get(key)
     if hit is not None:
         return hit
@@ -62,6 +65,8 @@ def _table(addrs: List[List[int]], numels: List[int], device: torch.device,
     parts = [torch.tensor(flat_addrs + numels, dtype=torch.int64), chunk_t, chunk_start]
     if bases is not None:
         parts.append(torch.tensor(bases, dtype=torch.int64))
+    if index is not None:
+        parts += [torch.tensor(index, dtype=torch.int64), first]
     host = torch.cat(parts)
     if device.type != "cpu":
         _refuse_capture("its pointer tables")
