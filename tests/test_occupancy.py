@@ -101,7 +101,7 @@ def test_cuda_main_variants_access_memory_as_global():
     assert not bad, "\n".join(bad)
 
 
-_CUDA_RULES = re.compile(r"fused_kernel<ek::\(anonymous namespace\)::(LarsOp<ek::F32, 2, 1>|"
+_CUDA_RULES = re.compile(r"fused_kernel(_2bps)?<ek::\(anonymous namespace\)::(LarsOp<ek::F32, 2, 1>|"
                          r"LambMomentsOp<ek::F32>|LambEmaOp<ek::F32, 1>), ")
 
 
