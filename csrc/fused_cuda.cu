@@ -917,13 +917,16 @@ const char* adam_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const 
   return "unsupported dtype";
 }
 
-const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const SgdArgs& a,
-                         int device, void* stream) {
-  SgdKArgs k;
-  k.s = make_sgd_scalars(a.lr, a.momentum, a.dampening, a.weight_decay, a.maximize,
+namespace {
+
+// The launch arguments SGD and LARS share (LARS is SGD's momentum on its d; its weight decay is
+// inside d, so its scalars get none): scalars, flags, AMP and capturable pointers, the SR key.
+// Returns the momentum mode.
+template <class K, class A>
+int fill_momentum_kargs(K& k, const A& a, double weight_decay) {
+  k.s = make_sgd_scalars(a.lr, a.momentum, a.dampening, weight_decay, a.maximize,
                          make_ema_weights(a.ema_w, a.n_emas));
   const int mode = a.momentum == 0.0 ? kNoMomentum : (a.first_step ? kFirstStep : kMomentum);
-  k.cfg.l2 = a.weight_decay != 0.0;
   k.cfg.has_scale = a.grad_scale != nullptr;
   k.cfg.nesterov = mode != kNoMomentum && a.nesterov;
   k.grad_scale = a.grad_scale;
@@ -931,9 +934,19 @@ const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const S
   k.cap = a.capturable ? a.cap : CapturablePtrs();
   k.momentum = a.momentum;
   k.dampening = a.dampening;
-  k.wd = a.weight_decay;
   k.maximize = a.maximize;
   set_sr_key(k.s, a.sr);
+  return mode;
+}
+
+}  // namespace
+
+const char* sgd_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const SgdArgs& a,
+                         int device, void* stream) {
+  SgdKArgs k;
+  const int mode = fill_momentum_kargs(k, a, a.weight_decay);
+  k.cfg.l2 = a.weight_decay != 0.0;
+  k.wd = a.weight_decay;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool sr = a.sr.on;
   switch (dtype) {
@@ -1561,18 +1574,7 @@ LambKArgs lamb_kargs(const LambArgs& a) {
 const char* lars_ema_cuda(const std::vector<TensorPtrs>& ts, DType dtype, const LarsArgs& a,
                           int device, void* stream) {
   LarsKArgs k;
-  k.s = make_sgd_scalars(a.lr, a.momentum, a.dampening, 0.0, a.maximize,
-                         make_ema_weights(a.ema_w, a.n_emas));
-  const int mode = a.momentum == 0.0 ? kNoMomentum : (a.first_step ? kFirstStep : kMomentum);
-  k.cfg.has_scale = a.grad_scale != nullptr;
-  k.cfg.nesterov = mode != kNoMomentum && a.nesterov;
-  k.grad_scale = a.grad_scale;
-  k.found_inf = a.found_inf;
-  k.cap = a.capturable ? a.cap : CapturablePtrs();
-  k.momentum = a.momentum;
-  k.dampening = a.dampening;
-  k.maximize = a.maximize;
-  set_sr_key(k.s, a.sr);
+  const int mode = fill_momentum_kargs(k, a, 0.0);  // λθ is inside d, scaled by the ratio
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool sr = a.sr.on;
   switch (dtype) {

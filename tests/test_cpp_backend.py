@@ -511,3 +511,19 @@ def test_build_info_reports_cpu_kernels():
     assert info["built"] is True
     assert info["cpu_isa"] in ("avx2", "baseline")
     assert info["path"] and os.path.exists(info["path"])
+
+
+def test_compiled_backends_have_the_reference_interface():
+    """cpp and cuda export one CompiledBackend's methods (backends/_compiled.py): every fused op
+    of the reference, with the reference's parameter names and kinds."""
+    import inspect
+
+    from ema_kernels.backends import _reference_rules, cpp, cuda, reference
+    for name in ("adam_ema", "sgd_ema", "ema_only", "adam_ema_capturable",
+                 "sgd_ema_capturable", "lion_ema", "lars_ema", "lamb_moments", "lamb_ema"):
+        ref = getattr(reference, name, None) or getattr(_reference_rules, name)
+        want = [(p.name, p.kind) for p in inspect.signature(ref).parameters.values()]
+        for mod in (cpp, cuda):
+            got = [(p.name, p.kind)
+                   for p in inspect.signature(getattr(mod, name)).parameters.values()]
+            assert got == want, (mod.NAME, name)

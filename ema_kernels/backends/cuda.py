@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import _extension as _ext
+from ._compiled import CompiledBackend
 from ._extension import (EMULATION, EMULATION_ENV, REBUILD_HINT, ExtensionUnavailable,
                          load_extension)
 # Re-exported where they always were (the CLI and tests ask this module).
@@ -119,137 +120,16 @@ def _ops_for(params: List[Tensor]):
 # ----------------------------------------------------------------------------------------------
 # The backend interface (see ema_kernels.backends.reference)
 # ----------------------------------------------------------------------------------------------
-def adam_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-             exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
-             emas: Optional[List[Tensor]], *, lr: float, beta1: float, beta2: float, eps: float,
-             weight_decay: float, decoupled: bool, maximize: bool, step_size: float,
-             bias_correction2_sqrt: float, ema_weight: Optional[float],
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
-             sr_offsets: Optional[List[int]] = None) -> None:
-    """Adam / AdamW step followed by the EMA update, in one pass (CUDA kernels)."""
-    ops = _ops_for(params)
-    if params:
-        _ext.adam(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas, lr, beta1,
-                  beta2, eps, weight_decay, decoupled, maximize, step_size,
-                  bias_correction2_sqrt, ema_weight, grad_scale, found_inf,
-                  (stochastic_rounding, sr_seed, sr_step, sr_offsets))
-
-
-def sgd_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
-            emas: Optional[List[Tensor]], *, lr: float, momentum: float, dampening: float,
-            weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
-            ema_weight: Optional[float], grad_scale: Optional[Tensor] = None,
-            found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
-            sr_seed: int = 0, sr_step: int = 0, sr_offsets: Optional[List[int]] = None) -> None:
-    """SGD step followed by the EMA update, in one pass (CUDA kernels)."""
-    ops = _ops_for(params)
-    if params:
-        _ext.sgd(NAME, ops, params, grads, momentum_buffers, emas, lr, momentum, dampening,
-                 weight_decay, nesterov, maximize, first_step, ema_weight, grad_scale, found_inf,
-                 (stochastic_rounding, sr_seed, sr_step, sr_offsets))
-
-
-def ema_only(params: List[Tensor], emas: List[Tensor], ema_weight: float) -> None:
-    """ζ += w (θ − ζ) for parameters that took no optimizer step but whose EMA clock ticked."""
-    ops = _ops_for(params)
-    if params:
-        _ext.ema_only(ops, params, emas, ema_weight)
-
-
-def adam_ema_capturable(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                        exp_avg_sqs: List[Tensor], max_exp_avg_sqs: Optional[List[Tensor]],
-                        emas: Optional[List[Tensor]], *, lr: Tensor, step: Tensor,
-                        beta1: float, beta2: float, eps: float, weight_decay: float,
-                        decoupled: bool, maximize: bool, ema_weight: Optional[Tensor],
-                        grad_scale: Optional[Tensor] = None,
-                        found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
-                        sr_seed: int = 0, sr_step: int = 0,
-                        sr_offsets: Optional[List[int]] = None) -> None:
-    """Capturable Adam/AdamW + EMA: ``lr``, ``step`` (t, already incremented) and ``ema_weight``
-    (1 − ρ̂, or None for no EMA update) are one-element float32 device tensors."""
-    ops = _ops_for(params)
-    if params:
-        _ext.adam_capturable(ops, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas,
-                             lr, step, beta1, beta2, eps, weight_decay, decoupled, maximize,
-                             ema_weight, grad_scale, found_inf,
-                             (stochastic_rounding, sr_seed, sr_step, sr_offsets))
-
-
-def sgd_ema_capturable(params: List[Tensor], grads: List[Tensor],
-                       momentum_buffers: Optional[List[Tensor]], emas: Optional[List[Tensor]], *,
-                       lr: Tensor, momentum: float, dampening: float, weight_decay: float,
-                       nesterov: bool, maximize: bool, first_step: bool,
-                       ema_weight: Optional[Tensor], grad_scale: Optional[Tensor] = None,
-                       found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
-                       sr_seed: int = 0, sr_step: int = 0,
-                       sr_offsets: Optional[List[int]] = None) -> None:
-    """Capturable SGD + EMA: ``lr`` and ``ema_weight`` are one-element float32 device tensors."""
-    ops = _ops_for(params)
-    if params:
-        _ext.sgd_capturable(NAME, ops, params, grads, momentum_buffers, emas, lr, momentum,
-                            dampening, weight_decay, nesterov, maximize, first_step, ema_weight,
-                            grad_scale, found_inf, (stochastic_rounding, sr_seed, sr_step,
-                                                    sr_offsets))
-
-
-def lion_ema(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], emas, *, lr,
-             beta1: float, beta2: float, weight_decay: float, maximize: bool, ema_weight,
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
-             sr_offsets: Optional[List[int]] = None) -> None:
-    """Lion + EMA in one pass (issue 25; see :func:`ema_kernels.backends.cpp.lion_ema`)."""
-    ops = _ops_for(params)
-    if params:
-        _ext.lion(ops, params, grads, exp_avgs, emas, lr, beta1, beta2, weight_decay, maximize,
-                  ema_weight, grad_scale, found_inf,
-                  (stochastic_rounding, sr_seed, sr_step, sr_offsets))
-
-
-def lars_ema(params: List[Tensor], grads: List[Tensor], momentum_buffers: Optional[List[Tensor]],
-             emas, *, coefs: Tensor, lr, momentum: float, dampening: float, nesterov: bool,
-             maximize: bool, first_step: bool, ema_weight, grad_scale: Optional[Tensor] = None,
-             found_inf: Optional[Tensor] = None, stochastic_rounding: bool = False,
-             sr_seed: int = 0, sr_step: int = 0, sr_offsets: Optional[List[int]] = None) -> None:
-    """LARS + EMA in one pass (issue 25; see :func:`ema_kernels.backends.cpp.lars_ema`): per tensor
-    ``d = ratio·(g + λθ)`` from ``coefs`` (n, 2), then SGD's momentum. ``lr`` a number, or a
-    one-element float32 tensor read by the kernel (then ``ema_weight`` is a float32 tensor with
-    one element per EMA, or None)."""
-    ops = _ops_for(params)
-    if params:
-        _ext.lars(ops, params, grads, momentum_buffers, emas, coefs, lr, momentum, dampening,
-                  nesterov, maximize, first_step, ema_weight, grad_scale, found_inf,
-                  (stochastic_rounding, sr_seed, sr_step, sr_offsets))
-
-
-def lamb_moments(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                 exp_avg_sqs: List[Tensor], *, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, maximize: bool, bias_correction1, bias_correction2_sqrt,
-                 grad_scale: Optional[Tensor] = None,
-                 found_inf: Optional[Tensor] = None) -> Tensor:
-    """LAMB's first pass (issue 25; the reference's interface): m, v updated; returns the
-    (n, 2) float32 per-tensor (Σθ², Σr²), accumulated in float64. A skipped step (found_inf)
-    moves nothing and returns zeros (the second pass then moves nothing either)."""
-    ops = _ops_for(params)
-    if not params:
-        return torch.zeros(0, 2)
-    return _ext.lamb_moments(ops, params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, eps,
-                             weight_decay, maximize, bias_correction1, bias_correction2_sqrt,
-                             grad_scale, found_inf)
-
-
-def lamb_ema(params: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], emas, *,
-             step_sizes: Tensor, eps: float, weight_decay: float, bias_correction1,
-             bias_correction2_sqrt, ema_weight, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False, sr_seed: int = 0, sr_step: int = 0,
-             sr_offsets: Optional[List[int]] = None) -> None:
-    """LAMB's second pass (issue 25): ``θ -= step_sizes[i]·r``, r recomputed bit for bit from
-    the stored moments, then the EMAs. ``ema_weight`` numbers, or a float32 device tensor."""
-    ops = _ops_for(params)
-    if params:
-        _ext.lamb_ema(ops, params, exp_avgs, exp_avg_sqs, emas, step_sizes, eps, weight_decay,
-                      bias_correction1, bias_correction2_sqrt, ema_weight, found_inf,
-                      (stochastic_rounding, sr_seed, sr_step, sr_offsets))
+_compiled = CompiledBackend(NAME, _ops_for)
+adam_ema = _compiled.adam_ema
+sgd_ema = _compiled.sgd_ema
+ema_only = _compiled.ema_only
+adam_ema_capturable = _compiled.adam_ema_capturable
+sgd_ema_capturable = _compiled.sgd_ema_capturable
+lion_ema = _compiled.lion_ema
+lars_ema = _compiled.lars_ema
+lamb_moments = _compiled.lamb_moments
+lamb_ema = _compiled.lamb_ema
 
 
 # ----------------------------------------------------------------------------------------------
