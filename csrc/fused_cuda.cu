@@ -1192,16 +1192,16 @@ struct LionOp {
           for (int e = 0; e < NZ; ++e) store_vec(z[e] + i, rz[e]);
         },
         [&](int64_t i) {
-          R rp = p[i];
-          float rm = m[i], ze[kMaxEmas];
+          R rp = ld(p + i);
+          float rm = ld(m + i), ze[kMaxEmas];
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) ze[e] = z[e][i];
+          for (int e = 0; e < NZ; ++e) ze[e] = ld(z[e] + i);
           const uint32_t rr = kSR ? sr_bits(key, base + uint64_t(i)) : 0u;
-          lion_ema_element<S, NZ>(rp, g[i], rm, ze, s, gs, cfg, rr);
-          p[i] = rp;
-          m[i] = rm;
+          lion_ema_element<S, NZ>(rp, ld(g + i), rm, ze, s, gs, cfg, rr);
+          st(p + i, rp);
+          st(m + i, rm);
 #pragma unroll
-          for (int e = 0; e < NZ; ++e) z[e][i] = ze[e];
+          for (int e = 0; e < NZ; ++e) st(z[e] + i, ze[e]);
         });
   }
 };

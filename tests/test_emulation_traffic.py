@@ -90,6 +90,9 @@ VARIANTS = {
     "sgd_plain_fp32": (ek.SGD, dict(ema_decay=0.99), F32, dict(opt="sgd", momentum=0.0)),
     "sgd_momentum_bf16_2emas": (ek.SGD, dict(momentum=0.9, ema_decay=(0.99, 0.9)), BF16,
                                 dict(opt="sgd", emas=2)),
+    # Lion moves SGD-with-momentum's roles: θ g m ζ read, θ m ζ written
+    "lion_fp32": (ek.Lion, dict(ema_decay=0.99), F32, dict(opt="lion")),
+    "lion_bf16_2emas": (ek.Lion, dict(ema_decay=(0.99, 0.9)), BF16, dict(opt="lion", emas=2)),
 }
 
 
@@ -158,17 +161,22 @@ def test_a_skipped_step_moves_nothing_and_clipping_adds_no_kernel_bytes(cuda_emu
     _check(cuda.emulation_counters(), n, *design_bytes("adam", F32))
 
 
-def test_unaligned_tensors_fall_back_to_scalar_accesses_with_the_same_bytes(cuda_emulation):
-    """Odd-offset views (not 16-byte aligned): the same bytes, moved element by element."""
+@pytest.mark.parametrize("cls,opt_name", [(ek.AdamW, "adam"), (ek.SGD, "sgd"),
+                                          (ek.Lion, "lion")])
+def test_unaligned_tensors_fall_back_to_scalar_accesses_with_the_same_bytes(cuda_emulation, cls,
+                                                                            opt_name):
+    """Odd-offset views (not 16-byte aligned): the same bytes, moved element by element (every
+    scalar access counted too)."""
     base = [torch.randn(n + 1) for n in SIZES]
     params = [torch.nn.Parameter(b[1:]) for b in base]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
     n = sum(SIZES)
-    opt = ek.AdamW(params, lr=1e-3, ema_decay=0.99, backend="cuda")
+    kw = dict(momentum=0.9) if cls is ek.SGD else {}
+    opt = cls(params, lr=1e-3, ema_decay=0.99, backend="cuda", **kw)
     _counted_step(opt)
     c = _counted_step(opt)
-    _check(c, n, *design_bytes("adam", F32), vector_share=0.0)
+    _check(c, n, *design_bytes(opt_name, F32), vector_share=0.0)
     # θ and g are unaligned; the state and EMA are fresh (aligned) but a span walks
     # vectorised only when every pointer is: all scalar
     assert c["bytes_vector"] == 0
